@@ -1,0 +1,207 @@
+"""Locks: per-session locks on ``sessions.d/`` and OpenClaw's ``sessions.json.lock``.
+
+Per-session locks are OFD byte-range locks (``F_OFD_SETLKW``) on one file,
+``sessions.d/.lock``, at an offset derived from the key.  Every acquisition opens
+its own file description, and OFD locks belong to the description, so the same
+lock excludes other threads of this process and other processes alike; nothing
+is kept per key, so nothing piles up.  Two keys sharing an offset (a 62-bit hash
+collision) would only make them wait for each other, never break exclusion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from .errors import LockTimeout, UnsafeEntry
+
+LOCK_FILE = ".lock"
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux
+
+
+def key_offset(key: str) -> int:
+    """The byte of the lock file that stands for *key*."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2  # stays a positive off_t
+
+
+class KeyLocks:
+    """Exclusive per-key locks shared by every thread and process using one store."""
+
+    def __init__(self, dir_fd: int) -> None:
+        self._dir_fd = dir_fd
+
+    def _open(self) -> int:
+        fd = os.open(
+            LOCK_FILE,
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=self._dir_fd,
+        )
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafeEntry(f"{LOCK_FILE} in the store is not a regular file")
+        return fd
+
+    @contextlib.contextmanager
+    def hold(self, *keys: str) -> Iterator[None]:
+        """Hold the locks of *keys*, blocking until they are free.
+
+        Several keys are taken in offset order so that two holders can never
+        wait for each other in a cycle.
+        """
+        fd = self._open()
+        try:
+            for offset in sorted({key_offset(key) for key in keys}):
+                fcntl.fcntl(
+                    fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+                )
+            yield
+        finally:
+            os.close(fd)  # closing the description releases its locks
+
+    def is_held(self, key: str) -> bool:
+        """Whether another holder has *key* locked right now (for tests and diagnostics)."""
+        fd = self._open()
+        try:
+            probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, key_offset(key), 1, 0)
+            result = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+            lock_type: int = _FLOCK.unpack(result)[0]
+            return lock_type != fcntl.F_UNLCK
+        finally:
+            os.close(fd)
+
+
+# --- OpenClaw's JSON-era store lock -------------------------------------------
+
+STORE_LOCK_TIMEOUT = 10.0
+STORE_LOCK_STALE_AFTER = 30.0
+
+
+def process_starttime(pid: int) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat``: tells a live pid from a recycled one."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after it.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[22 - 3])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_payload() -> bytes:
+    pid = os.getpid()
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return orjson.dumps(
+        {"pid": pid, "createdAt": now, "starttime": process_starttime(pid)},
+        option=orjson.OPT_INDENT_2,
+    )
+
+
+def lock_holder(lock_path: Path) -> dict[str, object] | None:
+    """The parsed payload of a store lock, or ``None`` if it cannot be read."""
+    try:
+        payload = orjson.loads(lock_path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def is_stale(lock_path: Path, stale_after: float = STORE_LOCK_STALE_AFTER) -> bool:
+    """OpenClaw's rules: dead or recycled pid, invalid createdAt, or older than *stale_after*."""
+    holder = lock_holder(lock_path)
+    if holder is None:
+        # The holder may be between its O_EXCL create and its write: only age counts.
+        try:
+            return time.time() - lock_path.lstat().st_mtime > stale_after
+        except FileNotFoundError:
+            return False
+    pid, created, starttime = holder.get("pid"), holder.get("createdAt"), holder.get("starttime")
+    if not isinstance(created, str):
+        return True
+    try:
+        created_at = dt.datetime.fromisoformat(created)
+    except ValueError:
+        return True
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=dt.UTC)
+    if (dt.datetime.now(dt.UTC) - created_at).total_seconds() > stale_after:
+        return True
+    if not isinstance(pid, int) or pid <= 0 or not _pid_alive(pid):
+        return True
+    return isinstance(starttime, int) and process_starttime(pid) not in (None, starttime)
+
+
+@contextlib.contextmanager
+def openclaw_store_lock(
+    sessions_json: Path,
+    timeout: float = STORE_LOCK_TIMEOUT,
+    stale_after: float = STORE_LOCK_STALE_AFTER,
+) -> Iterator[None]:
+    """Hold ``sessions.json.lock`` with OpenClaw's protocol, so a JSON-era gateway waits."""
+    lock_path = sessions_json.with_name(sessions_json.name + ".lock")
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        try:
+            fd = os.open(
+                lock_path,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except FileExistsError:
+            if is_stale(lock_path, stale_after):
+                _remove_stale(lock_path)
+                continue
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                holder = lock_holder(lock_path) or {}
+                raise LockTimeout(
+                    f"timeout acquiring session store lock {lock_path} "
+                    f"(held by pid {holder.get('pid', '?')} since {holder.get('createdAt', '?')}); "
+                    "is an OpenClaw gateway still writing this store? Stop it or retry later"
+                ) from None
+            time.sleep(min(min(1000, 50 * attempt) / 1000, remaining))
+            continue
+        break
+    try:
+        with os.fdopen(fd, "wb") as lock_file:
+            lock_file.write(_lock_payload())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+
+
+def _remove_stale(lock_path: Path) -> None:
+    try:
+        lock_path.unlink()
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise UnsafeEntry(f"{lock_path} is a directory, not a lock file") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

@@ -1,0 +1,140 @@
+"""Find the session stores under a SOURCE.
+
+A SOURCE is a state dir (every ``agents/<id>/sessions/``), one sessions dir (holding
+``sessions.json`` and/or ``sessions.d/``), a ``sessions.d/`` directory itself, or a
+``sessions.json`` path.  Agent and sessions dirs reached through a symlink are
+reported and skipped, never followed.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import NoStore
+
+LEGACY_FILE = "sessions.json"
+ENTRIES_DIR = "sessions.d"
+AGENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class SourceKind(enum.Enum):
+    STATE_DIR = "state dir"
+    SESSIONS_DIR = "sessions dir"
+    ENTRIES_DIR = "sessions.d dir"
+    LEGACY_FILE = "sessions.json file"
+
+
+@dataclass(frozen=True)
+class AgentStore:
+    """One agent's sessions dir and the two stores it may hold."""
+
+    sessions_dir: Path
+    agent_id: str | None = None
+
+    @property
+    def legacy(self) -> Path:
+        return self.sessions_dir / LEGACY_FILE
+
+    @property
+    def entries(self) -> Path:
+        return self.sessions_dir / ENTRIES_DIR
+
+    @property
+    def label(self) -> str:
+        return self.agent_id if self.agent_id is not None else str(self.sessions_dir)
+
+    def has_legacy(self) -> bool:
+        return self.legacy.is_file() and not self.legacy.is_symlink()
+
+    def has_entries(self) -> bool:
+        return self.entries.is_dir() and not self.entries.is_symlink()
+
+
+@dataclass
+class Source:
+    kind: SourceKind
+    path: Path
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def agents_dir(self) -> Path:
+        return self.path / "agents"
+
+    def stores(self) -> list[AgentStore]:
+        """The stores under this source right now (state dirs change while mounted)."""
+        if self.kind is SourceKind.STATE_DIR:
+            stores, self.skipped = scan_agents(self.agents_dir)
+            return stores
+        if self.kind is SourceKind.ENTRIES_DIR:
+            return [AgentStore(self.path.parent)]
+        if self.kind is SourceKind.LEGACY_FILE:
+            return [AgentStore(self.path.parent)]
+        return [AgentStore(self.path)]
+
+
+def default_source() -> Path:
+    state = os.environ.get("OPENCLAW_STATE_DIR")
+    return Path(state).expanduser() if state else Path.home() / ".openclaw"
+
+
+def resolve(source: str | os.PathLike[str] | None) -> Source:
+    """Classify *source*; raises :class:`NoStore` with advice when it holds no store."""
+    path = Path(source).expanduser() if source is not None else default_source()
+    path = path.absolute()
+    if path.is_file():
+        if path.name == LEGACY_FILE:
+            return Source(SourceKind.LEGACY_FILE, path)
+        raise NoStore(f"{path} is a file but not a {LEGACY_FILE}")
+    if not path.is_dir():
+        raise NoStore(
+            f"{path} does not exist; pass a state dir, a sessions dir or a sessions.json "
+            "(the default is $OPENCLAW_STATE_DIR, else ~/.openclaw)"
+        )
+    if (path / "agents").is_dir():
+        return Source(SourceKind.STATE_DIR, path)
+    if path.name == ENTRIES_DIR:
+        return Source(SourceKind.ENTRIES_DIR, path)
+    if (path / LEGACY_FILE).exists() or (path / ENTRIES_DIR).exists():
+        return Source(SourceKind.SESSIONS_DIR, path)
+    raise NoStore(
+        f"{path} holds no session store: expected agents/<id>/sessions/, "
+        f"{LEGACY_FILE} or {ENTRIES_DIR}/"
+    )
+
+
+def scan_agents(agents_dir: Path) -> tuple[list[AgentStore], list[tuple[str, str]]]:
+    """Every ``agents/<id>/sessions/`` that is a real directory, and what was skipped (why)."""
+    stores: list[AgentStore] = []
+    skipped: list[tuple[str, str]] = []
+    for agent_id, reason in _agent_dirs(agents_dir):
+        if reason is not None:
+            skipped.append((agent_id, reason))
+        else:
+            stores.append(AgentStore(agents_dir / agent_id / "sessions", agent_id))
+    return stores, skipped
+
+
+def _agent_dirs(agents_dir: Path) -> Iterator[tuple[str, str | None]]:
+    try:
+        entries = sorted(os.scandir(agents_dir), key=lambda d: d.name)
+    except FileNotFoundError:
+        return
+    for dirent in entries:
+        if dirent.is_symlink():
+            yield dirent.name, "agent dir is a symlink; not followed"
+            continue
+        if not dirent.is_dir(follow_symlinks=False):
+            continue
+        if not AGENT_ID_RE.match(dirent.name):
+            yield dirent.name, f"not an agent id ({AGENT_ID_RE.pattern})"
+            continue
+        sessions = Path(dirent.path) / "sessions"
+        if sessions.is_symlink():
+            yield dirent.name, "sessions dir is a symlink; not followed"
+        elif sessions.is_dir():
+            yield dirent.name, None

@@ -1,0 +1,441 @@
+"""``SessionStore``: one ``sessions.d/`` directory, one JSON file per session key.
+
+All disk I/O of sessionfs happens here.  Every path is opened relative to a file
+descriptor of the directory with ``O_NOFOLLOW``, so neither a symlink inside the
+store nor a directory swapped in behind it can redirect a read or a write.  A
+single-entry operation touches only that entry's file, so its cost does not grow
+with the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import logging
+import os
+import re
+import secrets
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import orjson
+import trio
+
+from . import entry as entry_rules
+from .errors import EntryExists, EntryNotFound, InvalidEntry, UnsafeEntry
+from .keys import filename_to_key, key_to_filename
+from .locking import KeyLocks
+
+log = logging.getLogger(__name__)
+
+# Temp files start with a dot and do not end in .json, so OpenClaw's loader and
+# our listing both skip them; the fixed shape lets cleanup remove only ours.
+_TEMP_RE = re.compile(r"^\.sfs-[0-9a-f]{16}\.tmp$")
+STRAY_TEMP_AGE = 60.0
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+_RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(dir_fd: int, old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), new)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One version of an entry: its bytes and the stat of the file they came from."""
+
+    data: bytes
+    stat: os.stat_result
+
+    @property
+    def version(self) -> Version:
+        return Version.of(self.stat)
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """Identifies one committed version of an entry file.
+
+    Every commit renames a fresh file into place, so the backing inode number
+    changes with each one; with mtime and size it tells versions apart.
+    """
+
+    ino: int
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Version:
+        return cls(st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _check_regular(st: os.stat_result, name: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = {
+            stat.S_IFDIR: "a directory",
+            stat.S_IFLNK: "a symlink",
+            stat.S_IFIFO: "a FIFO",
+            stat.S_IFSOCK: "a socket",
+            stat.S_IFCHR: "a device",
+            stat.S_IFBLK: "a device",
+        }.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise UnsafeEntry(f"{name} in the store is {kind}; sessionfs leaves it alone")
+
+
+class SessionStore:
+    """Read and atomically write the entries of one ``sessions.d/`` directory.
+
+    Thread-safe; safe to share with other processes (and other ``SessionStore``
+    objects) using the same directory, because the per-key locks live on disk.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        max_entry_bytes: int = entry_rules.DEFAULT_MAX_ENTRY_BYTES,
+    ) -> None:
+        self.path = Path(path)
+        self.max_entry_bytes = max_entry_bytes
+        if create:
+            with contextlib.suppress(FileExistsError):
+                self.path.mkdir(mode=DIR_MODE)
+        try:
+            self._dir_fd = os.open(
+                self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeEntry(f"{self.path} is not a directory (or is a symlink)") from None
+            raise
+        self.locks = KeyLocks(self._dir_fd)
+        self._reported: set[str] = set()
+        self.remove_stray_temps()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def __enter__(self) -> SessionStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def dir_fd(self) -> int:
+        return self._dir_fd
+
+    def remove_stray_temps(self, older_than: float = STRAY_TEMP_AGE) -> list[str]:
+        """Remove temp files that a crashed writer left behind; returns their names."""
+        removed = []
+        now = time.time()
+        for name in os.listdir(self._dir_fd):
+            if not _TEMP_RE.match(name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                    removed.append(name)
+        if removed:
+            log.info(
+                "%s: removed %d stray temp file(s) of a crashed writer", self.path, len(removed)
+            )
+        return removed
+
+    # -- reading -----------------------------------------------------------
+
+    def read(self, key: str) -> Snapshot:
+        """The current bytes of *key* and the stat of the file they were read from."""
+        name = key_to_filename(key)
+        try:
+            fd = os.open(
+                name,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                dir_fd=self._dir_fd,
+            )
+        except FileNotFoundError:
+            raise EntryNotFound(f"no session {key!r}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._unsafe(name, "a symlink") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            self._check_regular(st, name)
+            chunks = []
+            while chunk := os.read(fd, max(st.st_size + 1, 65536)):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return Snapshot(b"".join(chunks), st)
+
+    def stat(self, key: str) -> os.stat_result:
+        """The stat of *key*'s file; raises :class:`EntryNotFound` or :class:`UnsafeEntry`."""
+        name = key_to_filename(key)
+        try:
+            st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise EntryNotFound(f"no session {key!r}") from None
+        self._check_regular(st, name)
+        return st
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except EntryNotFound:
+            return False
+        return True
+
+    def scan(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """Stream ``(key, dir entry)`` for every entry without reading any entry.
+
+        Temps, dotfiles, other names, symlinks, FIFOs and directories are skipped;
+        foreign ones are logged once.
+        """
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        # scandir() on a dup of the store's fd would share its offset with
+        # concurrent scans; a fresh descriptor gives each scan its own.
+        try:
+            with os.scandir(fd) as it:
+                for dirent in it:
+                    name = dirent.name
+                    if name.startswith(".") or not name.endswith(".json"):
+                        continue
+                    key = filename_to_key(name)
+                    if key is None:
+                        self._report(name, "is not the canonical file name of any key")
+                        continue
+                    if not dirent.is_file(follow_symlinks=False):
+                        self._report(name, "is not a regular file")
+                        continue
+                    yield key, dirent
+        finally:
+            os.close(fd)
+
+    def keys(self) -> Iterator[str]:
+        """Stream the keys of every entry (see :meth:`scan`)."""
+        for key, _ in self.scan():
+            yield key
+
+    # -- writing -----------------------------------------------------------
+
+    def write(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        validate: bool = True,
+        durable: bool = True,
+        expected: Version | None = None,
+    ) -> os.stat_result:
+        """Atomically replace (or create) *key* with *data* under its lock.
+
+        *data* is stored byte for byte.  With *expected*, the commit only happens
+        if the entry is still that version (``ESTALE`` otherwise).  Returns the
+        stat of the new file.
+        """
+        name = key_to_filename(key)
+        if validate:
+            entry_rules.validate(data, self.max_entry_bytes)
+        with self.locks.hold(key):
+            if expected is not None:
+                self._check_expected(key, name, expected)
+            return self._commit(name, data, durable=durable)
+
+    def update(
+        self, key: str, change: Callable[[entry_rules.Entry | None], entry_rules.Entry]
+    ) -> entry_rules.Entry:
+        """Read-modify-write *key* under its lock; *change* gets ``None`` for a new key.
+
+        The new entry is validated and written the way OpenClaw writes entries.
+        """
+        name = key_to_filename(key)
+        with self.locks.hold(key):
+            try:
+                current = orjson.loads(self.read(key).data)
+            except EntryNotFound:
+                current = None
+            except orjson.JSONDecodeError as exc:
+                raise InvalidEntry(f"stored entry {key!r} is not valid JSON: {exc}") from None
+            new = change(current)
+            data = entry_rules.dumps(new)
+            entry_rules.validate(data, self.max_entry_bytes)
+            self._commit(name, data, durable=True)
+            return new
+
+    def delete(self, key: str, *, only_if: Callable[[Snapshot], bool] | None = None) -> bool:
+        """Remove *key* under its lock.
+
+        With *only_if*, the current version is read under the lock and removed only
+        if the predicate accepts it.  Returns whether the entry was removed.
+        """
+        name = key_to_filename(key)
+        with self.locks.hold(key):
+            if only_if is not None:
+                if not only_if(self.read(key)):
+                    return False
+            else:
+                self.stat(key)
+            os.unlink(name, dir_fd=self._dir_fd)
+            os.fsync(self._dir_fd)
+            return True
+
+    def rename(self, old: str, new: str, *, replace: bool = True) -> None:
+        """Give entry *old* the key *new* in one atomic rename.
+
+        Without *replace*, an existing *new* makes it fail with ``EEXIST``.
+        """
+        old_name, new_name = key_to_filename(old), key_to_filename(new)
+        with self.locks.hold(old, new):
+            self.stat(old)
+            if old_name == new_name:
+                return
+            try:
+                self.stat(new)
+            except EntryNotFound:
+                pass
+            else:
+                if not replace:
+                    raise EntryExists(f"session {new!r} exists")
+            try:
+                _renameat2(self._dir_fd, old_name, new_name, 0 if replace else _RENAME_NOREPLACE)
+            except FileExistsError:
+                raise EntryExists(f"session {new!r} exists") from None
+            os.fsync(self._dir_fd)
+
+    # -- internals ---------------------------------------------------------
+
+    def _commit(self, name: str, data: bytes, *, durable: bool) -> os.stat_result:
+        """Temp file, write, fsync, rename over *name*, fsync the directory."""
+        try:
+            target = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            self._check_regular(target, name)
+        temp = f".sfs-{secrets.token_hex(8)}.tmp"
+        fd = os.open(
+            temp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            FILE_MODE,
+            dir_fd=self._dir_fd,
+        )
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=self._dir_fd)
+            raise
+        if durable:
+            os.fsync(self._dir_fd)
+        return st
+
+    def _check_expected(self, key: str, name: str, expected: Version) -> None:
+        try:
+            current = Version.of(os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False))
+        except FileNotFoundError:
+            current = None
+        if current != expected:
+            raise EntryChanged(key, expected, current)
+
+    def _check_regular(self, st: os.stat_result, name: str) -> None:
+        try:
+            _check_regular(st, name)
+        except UnsafeEntry as exc:
+            self._report(name, str(exc))
+            raise
+
+    def _unsafe(self, name: str, kind: str) -> UnsafeEntry:
+        exc = UnsafeEntry(f"{name} in the store is {kind}; sessionfs leaves it alone")
+        self._report(name, str(exc))
+        return exc
+
+    def _report(self, name: str, reason: str) -> None:
+        if name not in self._reported:
+            self._reported.add(name)
+            log.warning("%s: %s %s", self.path, name, reason.removeprefix(f"{name} "))
+
+
+class EntryChanged(UnsafeEntry):
+    """The entry is no longer the version a writer started from (``ESTALE``)."""
+
+    default_errno = errno.ESTALE
+
+    def __init__(self, key: str, expected: Version, current: Version | None) -> None:
+        super().__init__(f"session {key!r} changed since it was opened")
+        self.key, self.expected, self.current = key, expected, current
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (EntryChanged, (self.key, self.expected, self.current))
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class AsyncSessionStore:
+    """The trio face of a :class:`SessionStore`.
+
+    Blocking work (lock waits, fsync) runs in worker threads, so one session's
+    commit never stalls requests for other sessions on the trio thread.
+    """
+
+    def __init__(self, store: SessionStore, limiter: trio.CapacityLimiter | None = None) -> None:
+        self.sync = store
+        self._limiter = limiter
+
+    async def _run(self, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self._limiter
+        )
+
+    async def read(self, key: str) -> Snapshot:
+        return await self._run(self.sync.read, key)
+
+    async def stat(self, key: str) -> os.stat_result:
+        return await self._run(self.sync.stat, key)
+
+    async def write(
+        self, key: str, data: bytes, *, validate: bool = True, expected: Version | None = None
+    ) -> os.stat_result:
+        return await self._run(self.sync.write, key, data, validate=validate, expected=expected)
+
+    async def update(
+        self, key: str, change: Callable[[entry_rules.Entry | None], entry_rules.Entry]
+    ) -> entry_rules.Entry:
+        return await self._run(self.sync.update, key, change)
+
+    async def delete(self, key: str, *, only_if: Callable[[Snapshot], bool] | None = None) -> bool:
+        return await self._run(self.sync.delete, key, only_if=only_if)
+
+    async def rename(self, old: str, new: str, *, replace: bool = True) -> None:
+        await self._run(self.sync.rename, old, new, replace=replace)
+
+    async def keys(self) -> list[str]:
+        return await self._run(lambda: list(self.sync.keys()))
