@@ -48,8 +48,13 @@ def make_entry(rng: random.Random, key: str, updated_at: int) -> Entry:
         "chatType": chat_type,
         "lastChannel": channel,
         "lastTo": f"{channel}:{peer}",
-        "origin": {"provider": channel, "surface": channel, "chatType": chat_type,
-                   "from": f"{channel}:{peer}", "to": f"{channel}:bot"},
+        "origin": {
+            "provider": channel,
+            "surface": channel,
+            "chatType": chat_type,
+            "from": f"{channel}:{peer}",
+            "to": f"{channel}:bot",
+        },
         "deliveryContext": {"channel": channel, "to": f"{channel}:{peer}"},
         "displayName": peer,
         "model": model,
@@ -59,7 +64,9 @@ def make_entry(rng: random.Random, key: str, updated_at: int) -> Entry:
         "totalTokens": inputs + outputs,
         "contextTokens": 200_000,
         "compactionCount": rng.randrange(0, 6),
-        "skillsSnapshot": {"prompt": "You can use these skills:\n" + "- skill\n" * rng.randrange(1, 12)},
+        "skillsSnapshot": {
+            "prompt": "You can use these skills:\n" + "- skill\n" * rng.randrange(1, 12)
+        },
     }
 
 
@@ -91,10 +98,15 @@ def write_legacy_store(
     for n, key in enumerate(demo_keys(agent, count, rng)):
         store[key] = make_entry(rng, key, BASE_TIME_MS + n * 60_000 + rng.randrange(60_000))
         if transcripts and n < 200:
-            header = {"type": "session", "id": store[key]["sessionId"], "cwd": "/home/u",
-                      "timestamp": "2026-11-01T10:00:00.000Z"}
+            header = {
+                "type": "session",
+                "id": store[key]["sessionId"],
+                "cwd": "/home/u",
+                "timestamp": "2026-11-01T10:00:00.000Z",
+            }
             (sessions_dir / f"{store[key]['sessionId']}.jsonl").write_bytes(
-                orjson.dumps(header) + b'\n{"type":"message","message":{"role":"user","content":"hi"}}\n'
+                orjson.dumps(header)
+                + b'\n{"type":"message","message":{"role":"user","content":"hi"}}\n'
             )
     (sessions_dir / "sessions.json").write_bytes(orjson.dumps(store, option=orjson.OPT_INDENT_2))
     return store

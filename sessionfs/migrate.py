@@ -1,0 +1,332 @@
+"""Migrate legacy ``sessions.json`` stores to ``sessions.d/``: safe, idempotent, crash-safe.
+
+The steps for one store, each leaving a state from which a new run completes:
+
+1. hold OpenClaw's ``sessions.json.lock``, so a JSON-era gateway cannot write meanwhile;
+2. parse ``sessions.json`` (empty, unparseable or not an object: stop, touch nothing);
+3. fold case variants onto the key the gateway looks up (newest ``updatedAt`` wins);
+4. stage every entry into ``sessions.d.migrating/`` (a leftover one is removed first),
+   then make it durable with one sync;
+5. go live: rename it to ``sessions.d/``, or merge into an existing ``sessions.d/``
+   without replacing anything there (the live directory wins);
+6. rename ``sessions.json`` to ``sessions.json.bak.<epoch-ms>``.
+
+Until step 6 the legacy file is untouched, so a crash anywhere earlier is repaired
+by running again; after it, nothing is left to do.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from . import entry as entry_rules
+from .errors import InvalidKey, SessionFSError
+from .keys import key_to_filename, normalize_key
+from .locking import STORE_LOCK_TIMEOUT, openclaw_store_lock
+from .sources import AgentStore, Source
+from .store import SessionStore
+
+STAGING_DIR = "sessions.d.migrating"
+BACKUP_PREFIX = "sessions.json.bak."
+PROGRESS_MIN_ENTRIES = 5000
+
+# Fault injection for the crash tests: SIGKILL ourselves when reaching this step.
+_CRASH_AT = os.environ.get("SESSIONFS_MIGRATE_CRASH_AT")
+
+
+def _step(name: str) -> None:
+    if name == _CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Outcome(enum.Enum):
+    MIGRATED = "migrated"
+    NOTHING_TO_DO = "nothing to do"
+    PLANNED = "would migrate"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @property
+    def ok(self) -> bool:
+        return self in (Outcome.MIGRATED, Outcome.NOTHING_TO_DO, Outcome.PLANNED)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """*loser*'s entry was folded away; *winner*'s entry lives on under *key*."""
+
+    key: str
+    winner: str
+    loser: str
+
+
+@dataclass
+class AgentReport:
+    label: str
+    outcome: Outcome
+    reason: str = ""
+    migrated: int = 0
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+    folded: list[Fold] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    kept_live: list[str] = field(default_factory=list)
+    backup: Path | None = None
+
+    def lines(self) -> list[str]:
+        """The readable summary printed by ``sessionfs migrate`` and ``mount``."""
+        head = f"{self.label}: {self.outcome.value}"
+        if self.outcome in (Outcome.MIGRATED, Outcome.PLANNED):
+            head += f" {self.migrated} entries"
+            if self.backup is not None:
+                verb = "backup would be" if self.outcome is Outcome.PLANNED else "backup"
+                head += f" ({verb} {self.backup})"
+        if self.reason:
+            head += f": {self.reason}"
+        out = [head]
+        out += [
+            f"  renamed: {old!r} -> {new!r} (the key the gateway looks up)"
+            for old, new in self.renamed
+        ]
+        out += [
+            f"  folded: {f.loser!r} into {f.key!r}: {f.winner!r} is newer and was kept;"
+            f" {f.loser!r} stays in the backup"
+            for f in self.folded
+        ]
+        out += [f"  skipped: {key!r}: {why}; it stays in the backup" for key, why in self.skipped]
+        out += [
+            f"  kept: {key!r} already in sessions.d/ (the live entry wins;"
+            " the legacy one stays in the backup)"
+            for key in self.kept_live
+        ]
+        return out
+
+
+@dataclass
+class Plan:
+    """What migrating one parsed ``sessions.json`` will write, and what it will not."""
+
+    entries: dict[str, Any] = field(default_factory=dict)
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+    folded: list[Fold] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _recency(value: object) -> tuple[bool, float]:
+    stamp = entry_rules.updated_at(value)
+    return (stamp is not None, stamp or 0.0)
+
+
+def plan(legacy: dict[str, Any]) -> Plan:
+    """Decide, for every legacy key, where its entry goes (pure; used by dry runs too)."""
+    result = Plan()
+    groups: dict[str, list[str]] = {}
+    for key, value in legacy.items():
+        if not isinstance(value, dict):
+            result.skipped.append((key, f"not an object ({type(value).__name__})"))
+            continue
+        groups.setdefault(normalize_key(key), []).append(key)
+    for target, members in groups.items():
+        try:
+            key_to_filename(target)
+        except InvalidKey as exc:
+            result.skipped += [(key, str(exc)) for key in members]
+            continue
+        winner = max(members, key=lambda k: _recency(legacy[k]))  # first wins a tie
+        result.entries[target] = legacy[winner]
+        result.folded += [Fold(target, winner, k) for k in members if k != winner]
+        if winner != target:
+            result.renamed.append((winner, target))
+    return result
+
+
+class _Progress:
+    """A self-overwriting progress line on a terminal; silent otherwise."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self.start = self.last = time.monotonic()
+        self.stream = stream if stream is not None and total >= PROGRESS_MIN_ENTRIES else None
+        if self.stream is not None and not self.stream.isatty():
+            self.stream = None
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if now - self.last >= 0.2 or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            self.stream.write(
+                f"\r{self.label}: {self.done:,}/{self.total:,} entries ({rate:,.0f}/s)"
+            )
+            if self.done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+def read_legacy(path: Path) -> dict[str, Any]:
+    """Parse a ``sessions.json``; raises :class:`SessionFSError` saying why it is unusable."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise SessionFSError("sessions.json is empty; nothing was migrated or renamed")
+    try:
+        legacy = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise SessionFSError(
+            f"sessions.json is not valid JSON ({exc}); nothing was migrated or renamed"
+        ) from None
+    if not isinstance(legacy, dict):
+        raise SessionFSError(
+            f"sessions.json holds {type(legacy).__name__}, not an object;"
+            " nothing was migrated or renamed"
+        )
+    return legacy
+
+
+def _remove_dir(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)  # fd-based: never follows a symlink inside
+
+
+def migrate_store(
+    agent: AgentStore,
+    *,
+    dry_run: bool = False,
+    lock_timeout: float = STORE_LOCK_TIMEOUT,
+    progress: TextIO | None = None,
+) -> AgentReport:
+    """Migrate one agent's ``sessions.json``; never raises for a store-level problem."""
+    report = AgentReport(agent.label, Outcome.NOTHING_TO_DO)
+    staging = agent.sessions_dir / STAGING_DIR
+    try:
+        if not agent.has_legacy():
+            if agent.legacy.is_symlink():
+                return _fail(report, "sessions.json is a symlink; not followed")
+            if not dry_run and (staging.exists() or staging.is_symlink()):
+                _remove_dir(staging)  # only ever a copy of data that now lives elsewhere
+            report.reason = "already migrated" if agent.has_entries() else "no sessions.json"
+            return report
+        if dry_run:
+            return _plan_only(agent, report)
+        with openclaw_store_lock(agent.legacy, timeout=lock_timeout):
+            _step("locked")
+            return _migrate_locked(agent, staging, report, progress)
+    except (SessionFSError, OSError) as exc:
+        return _fail(report, str(exc) if isinstance(exc, SessionFSError) else f"{exc}")
+
+
+def _fail(report: AgentReport, reason: str) -> AgentReport:
+    report.outcome, report.reason = Outcome.FAILED, reason
+    return report
+
+
+def _plan_only(agent: AgentStore, report: AgentReport) -> AgentReport:
+    decided = plan(read_legacy(agent.legacy))
+    existing = _live_keys(agent)
+    _fill(report, decided)
+    report.kept_live = sorted(k for k in decided.entries if k in existing)
+    report.migrated = len(decided.entries) - len(report.kept_live)
+    report.outcome = Outcome.PLANNED
+    report.backup = agent.sessions_dir / f"{BACKUP_PREFIX}<epoch-ms>"
+    return report
+
+
+def _live_keys(agent: AgentStore) -> set[str]:
+    if not agent.has_entries():
+        return set()
+    with SessionStore(agent.entries, create=False) as live:
+        return set(live.keys())
+
+
+def _fill(report: AgentReport, decided: Plan) -> None:
+    report.renamed, report.folded, report.skipped = decided.renamed, decided.folded, decided.skipped
+
+
+def _migrate_locked(
+    agent: AgentStore, staging: Path, report: AgentReport, progress: TextIO | None
+) -> AgentReport:
+    decided = plan(read_legacy(agent.legacy))
+    _fill(report, decided)
+    _step("parsed")
+
+    _remove_dir(staging)
+    _step("staging-cleared")
+    bar = _Progress(agent.label, len(decided.entries), progress)
+    with SessionStore(staging) as staged:
+        for n, (key, value) in enumerate(decided.entries.items()):
+            staged.create_unlocked(key, entry_rules.dumps(value))
+            bar.tick()
+            if n == len(decided.entries) // 2:
+                _step("staging-half")
+        staged.sync()
+        _step("staged")
+
+        if not agent.entries.exists() and not agent.entries.is_symlink():
+            os.rename(staging, agent.entries)
+            _fsync_dir(agent.sessions_dir)
+            report.migrated = len(decided.entries)
+            _step("live")
+        else:
+            with SessionStore(agent.entries, create=False) as live:
+                _step("merging")
+                moved, report.kept_live = staged.move_into(live)
+            report.migrated = len(moved)
+            _step("merged")
+            _remove_dir(staging)
+            _step("staging-removed")
+
+    backup = agent.sessions_dir / f"{BACKUP_PREFIX}{int(time.time() * 1000)}"
+    while backup.exists():  # two runs within one millisecond must not clobber a backup
+        backup = backup.with_name(f"{BACKUP_PREFIX}{int(backup.name.rsplit('.', 1)[1]) + 1}")
+    os.rename(agent.legacy, backup)
+    _fsync_dir(agent.sessions_dir)
+    _step("backed-up")
+    report.backup = backup
+    report.outcome = Outcome.MIGRATED
+    return report
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def migrate_source(
+    source: Source,
+    *,
+    dry_run: bool = False,
+    lock_timeout: float = STORE_LOCK_TIMEOUT,
+    progress: TextIO | None = sys.stderr,
+    only: Callable[[AgentStore], bool] | None = None,
+) -> list[AgentReport]:
+    """Migrate every store under *source*, each on its own."""
+    reports = []
+    for agent in source.stores():
+        if only is not None and not only(agent):
+            continue
+        reports.append(
+            migrate_store(agent, dry_run=dry_run, lock_timeout=lock_timeout, progress=progress)
+        )
+    reports += [AgentReport(name, Outcome.SKIPPED, why) for name, why in source.skipped]
+    return reports
+
+
+def all_ok(reports: list[AgentReport]) -> bool:
+    return all(r.outcome.ok for r in reports)
