@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sessionfs import sources
+from sessionfs import migrate, sources
 from sessionfs.cli import main as cli
 from sessionfs.demo import write_legacy_store
 from sessionfs.keys import key_to_filename, normalize_key
@@ -475,11 +475,14 @@ class _Terminal(io.StringIO):
 
 
 @pytest.mark.parametrize("on_terminal", [True, False])
-def test_progress_line_only_on_a_terminal(tmp_path: Path, on_terminal: bool) -> None:
+def test_progress_line_only_on_a_terminal(
+    tmp_path: Path, on_terminal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(migrate, "PROGRESS_MIN_ENTRIES", 100)
     sessions_dir = tmp_path / "sessions"
-    write_legacy_store(sessions_dir, "a", 6000, transcripts=False)
+    write_legacy_store(sessions_dir, "a", 300, transcripts=False)
     stream = _Terminal() if on_terminal else io.StringIO()
-    migrate_store(AgentStore(sessions_dir, "big"), progress=stream)
+    report = migrate_store(AgentStore(sessions_dir, "big"), progress=stream)
     out = stream.getvalue()
-    assert ("\rbig: 6,000/6,000 entries (" in out) is on_terminal
+    assert (f"\rbig: {report.migrated}/{report.migrated} entries (" in out) is on_terminal
     assert (out == "") is not on_terminal
