@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,6 +20,12 @@ SOURCE_HELP = (
     "a state dir, a sessions dir, a sessions.d/ or a sessions.json "
     "(default: $OPENCLAW_STATE_DIR, else ~/.openclaw)"
 )
+MOUNT_OPTIONS = {
+    "allow_other": "let other users see the mount (needs user_allow_other in /etc/fuse.conf)",
+    "no_auto_unmount": "leave a dead mount behind if the daemon dies (for debugging)",
+}
+DEMO_STATE = Path("~/.local/share/sessionfs/demo-state")
+DEMO_MOUNTPOINT = Path("~/sessionfs-demo")
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -43,34 +50,121 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     if not reports:
         print(f"{source.path}: no agents with a sessions dir")
     for report in reports:
-        for line in report.lines():
-            print(line)
+        print("\n".join(report.lines()))
     return 0 if migrate.all_ok(reports) else 1
 
 
+def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> set[str]:
+    options = {opt.strip() for value in values for opt in value.split(",") if opt.strip()}
+    unknown = options - set(MOUNT_OPTIONS)
+    if unknown:
+        known = ", ".join(sorted(MOUNT_OPTIONS))
+        parser.error(f"unknown mount option(s) {', '.join(sorted(unknown))}; known: {known}")
+    return options
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from .daemon import MountConfig, mount
+
+    if len(args.paths) > 2:
+        args.parser.error("give at most SOURCE and MOUNTPOINT")
+    source_arg, mountpoint = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    options = _parse_mount_options(args.parser, args.options)
+    config = MountConfig(
+        source=sources.resolve(source_arg),
+        mountpoint=Path(mountpoint).expanduser(),
+        foreground=args.foreground,
+        migrate=not args.no_migrate,
+        allow_other="allow_other" in options,
+        auto_unmount="no_auto_unmount" not in options,
+        debug=args.debug,
+        log_file=Path(args.log).expanduser() if args.log else None,
+    )
+    return mount(config)
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from .daemon import unmount
+
+    print(unmount(Path(args.mountpoint).expanduser(), lazy=args.lazy))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .daemon import FS_TYPE, MountConfig, find_mount, mount
     from .demo import build_demo_state
 
     state = Path(args.state).expanduser()
+    mountpoint = Path(args.mountpoint).expanduser()
     if not (state / "agents").exists():
         build_demo_state(state)
-    print(f"demo state: {state}")
-    for report in migrate.migrate_source(sources.resolve(state)):
-        print("\n".join(report.lines()))
-    return _cmd_ls(argparse.Namespace(source=str(state)))
+        print(f"built a JSON-era demo state (2 agents, 50 sessions) in {state}")
+    mounted = find_mount(mountpoint)
+    if mounted is not None and mounted.fstype == FS_TYPE:
+        print(f"the demo is already mounted at {mountpoint}")
+    else:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        code = mount(MountConfig(source=sources.resolve(state), mountpoint=mountpoint))
+        if code:
+            return code
+    m = shlex.quote(str(mountpoint))
+    print(f"""
+Every session is a file named by its key. Try:
+  ls {m}/main
+  cat {m}/main/agent:main:main.json
+  jq -r '.model' {m}/main/*.json | sort | uniq -c
+  grep -l telegram {m}/*/*.json
+  ls {state}/agents/main/sessions/sessions.d | head -3     # the store behind it
+When done:
+  sessionfs umount {m}""")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sessionfs",
-        description="OpenClaw's session store as plain files.",
+        description="OpenClaw's session store as plain files: sessions.d/ and a FUSE mount.",
     )
     parser.add_argument("--version", action="version", version=f"sessionfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ls = commands.add_parser("ls", help="list the sessions of every store under SOURCE")
-    ls.add_argument("source", nargs="?", help=SOURCE_HELP)
-    ls.set_defaults(func=_cmd_ls)
+    mnt = commands.add_parser(
+        "mount",
+        help="mount the sessions under SOURCE at MOUNTPOINT",
+        description="Mount every session under SOURCE as a JSON file named by its key. Legacy "
+        "sessions.json stores are migrated first. Returns once the mount is ready.",
+        epilog="mount options (-o): "
+        + "; ".join(f"{name}: {text}" for name, text in MOUNT_OPTIONS.items()),
+    )
+    mnt.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT", help=SOURCE_HELP)
+    mnt.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
+    )
+    mnt.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not migrate; show unmigrated agents read-only from sessions.json",
+    )
+    mnt.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="comma-separated mount options (see below)",
+    )
+    mnt.add_argument("--debug", action="store_true", help="log a line per request")
+    mnt.add_argument("--log", metavar="FILE", help="log here (default: ~/.local/state/sessionfs/)")
+    mnt.set_defaults(func=_cmd_mount, parser=mnt)
+
+    umnt = commands.add_parser(
+        "umount",
+        help="unmount and wait for the daemon to exit",
+        description="Unmount a sessionfs mount and wait for its daemon to exit.",
+    )
+    umnt.add_argument("mountpoint")
+    umnt.add_argument("--lazy", action="store_true", help="detach now even if the mount is busy")
+    umnt.set_defaults(func=_cmd_umount)
 
     mig = commands.add_parser(
         "migrate",
@@ -89,15 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mig.set_defaults(func=_cmd_migrate)
 
-    demo = commands.add_parser("demo", help="build a demo JSON-era state and show it")
-    demo.add_argument("--state", default="~/.local/share/sessionfs-demo/state")
+    demo = commands.add_parser(
+        "demo",
+        help="build a demo JSON-era state and mount it",
+        description="Build a realistic JSON-era OpenClaw state (2 agents, about 50 sessions), "
+        "migrate and mount it, and print commands to try.",
+    )
+    demo.add_argument(
+        "mountpoint",
+        nargs="?",
+        default=str(DEMO_MOUNTPOINT),
+        help=f"where to mount (default {DEMO_MOUNTPOINT})",
+    )
+    demo.add_argument(
+        "--state", default=str(DEMO_STATE), help=f"demo state dir (default {DEMO_STATE})"
+    )
     demo.set_defaults(func=_cmd_demo)
+
+    ls = commands.add_parser("ls", help="list the sessions of every store under SOURCE")
+    ls.add_argument("source", nargs="?", help=SOURCE_HELP)
+    ls.set_defaults(func=_cmd_ls)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="sessionfs: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="sessionfs: %(message)s")
     try:
         code: int = args.func(args)
     except SessionFSError as exc:

@@ -68,3 +68,7 @@ class NoStore(SessionFSError):
     """A SOURCE that holds no session store."""
 
     default_errno = _errno.ENOENT
+
+
+class ReadOnlyStore(SessionFSError):
+    default_errno = _errno.EROFS

@@ -106,6 +106,8 @@ class SessionStore:
     objects) using the same directory, because the per-key locks live on disk.
     """
 
+    writable = True
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -239,6 +241,16 @@ class SessionStore:
         """Stream the keys of every entry (see :meth:`scan`)."""
         for key, _ in self.scan():
             yield key
+
+    def stat_many(self, keys: list[str]) -> list[os.stat_result | None]:
+        """The stat of each key's entry, ``None`` where it is gone or not an entry."""
+        out: list[os.stat_result | None] = []
+        for key in keys:
+            try:
+                out.append(self.stat(key))
+            except (EntryNotFound, UnsafeEntry):
+                out.append(None)
+        return out
 
     # -- writing -----------------------------------------------------------
 

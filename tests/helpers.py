@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import orjson
+import pytest
 
 
 def entry(
@@ -15,3 +19,11 @@ def entry_bytes(
     session_id: str = "s1", updated_at: int = 1_700_000_000_000, **fields: object
 ) -> bytes:
     return orjson.dumps(entry(session_id, updated_at, **fields), option=orjson.OPT_INDENT_2)
+
+
+@contextlib.contextmanager
+def raises_errno(*codes: int) -> Iterator[None]:
+    """Expect an OSError whose errno is one of *codes*."""
+    with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is what is checked
+        yield
+    assert info.value.errno in codes, info.value

@@ -1,0 +1,97 @@
+"""Which stores a mount shows, opened on demand.
+
+A state dir shows one directory per agent, found anew on each lookup so agents can
+come and go while mounted; any other SOURCE shows one store at the top.  An agent
+whose ``sessions.d/`` does not exist yet is shown read-only from its
+``sessions.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from .entry import DEFAULT_MAX_ENTRY_BYTES
+from .errors import NoStore
+from .legacy import LegacyView
+from .sources import AGENT_ID_RE, AgentStore, Source, SourceKind, scan_agents
+from .store import SessionStore
+
+Backing = SessionStore | LegacyView
+
+
+class Catalog:
+    """Opens (and caches) the store behind each directory of the mount; blocking calls."""
+
+    def __init__(self, source: Source, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES) -> None:
+        self.source = source
+        self.max_entry_bytes = max_entry_bytes
+        self.per_agent = source.kind is SourceKind.STATE_DIR
+        self._lock = threading.Lock()
+        self._open: dict[str | None, tuple[tuple[int, int], Backing]] = {}
+        if not self.per_agent:
+            self.single = self._ref(None)
+            if not (self.single.has_entries() or self.single.has_legacy()):
+                raise NoStore(f"{source.path} holds neither sessions.d/ nor sessions.json")
+
+    @property
+    def root_path(self) -> Path:
+        return self.source.path if self.per_agent else self._ref(None).sessions_dir
+
+    def _ref(self, agent_id: str | None) -> AgentStore:
+        if agent_id is None:
+            if self.source.kind is SourceKind.ENTRIES_DIR:
+                return AgentStore(self.source.path.parent)
+            return self.source.stores()[0]
+        return AgentStore(self.source.agents_dir / agent_id / "sessions", agent_id)
+
+    def agents(self) -> list[str]:
+        """The agent ids to show right now."""
+        stores, _ = scan_agents(self.source.agents_dir)
+        return [s.agent_id for s in stores if s.agent_id and (s.has_entries() or s.has_legacy())]
+
+    def has_agent(self, agent_id: str) -> bool:
+        if not AGENT_ID_RE.match(agent_id):
+            return False
+        agent_dir = self.source.agents_dir / agent_id
+        if agent_dir.is_symlink() or (agent_dir / "sessions").is_symlink():
+            return False
+        ref = self._ref(agent_id)
+        return ref.has_entries() or ref.has_legacy()
+
+    def backing(self, agent_id: str | None) -> Backing:
+        """The store of *agent_id* (``None``: the single store), reopened if it was replaced."""
+        ref = self._ref(agent_id)
+        with self._lock:
+            try:
+                st = os.stat(ref.entries, follow_symlinks=False)
+                identity = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                identity = (0, 0)
+            cached = self._open.get(agent_id)
+            if cached is not None and cached[0] == identity:
+                return cached[1]
+            if cached is not None and isinstance(cached[1], SessionStore):
+                cached[1].close()
+            backing: Backing
+            if identity != (0, 0):
+                backing = SessionStore(
+                    ref.entries, create=False, max_entry_bytes=self.max_entry_bytes
+                )
+            elif ref.has_legacy():
+                backing = LegacyView(ref.legacy)
+            else:
+                raise NoStore(f"{ref.sessions_dir} holds neither sessions.d/ nor sessions.json")
+            self._open[agent_id] = (identity, backing)
+            return backing
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root_path)
+
+    def close(self) -> None:
+        with self._lock:
+            for _, backing in self._open.values():
+                if isinstance(backing, SessionStore):
+                    backing.close()
+            self._open.clear()

@@ -1,0 +1,354 @@
+"""The mount daemon's life: check the mountpoint, migrate, daemonize, serve, unmount.
+
+Without ``--foreground`` the parent forks a daemon and waits on a pipe until the mount
+is live (or fails), like sshfs; the daemon points its stdio at the log so nobody
+capturing the parent's output waits on it.  SIGINT, SIGTERM and SIGHUP end the FUSE
+loop and unmount; ``auto_unmount`` covers a SIGKILL; a dead mount left by a crash
+is cleaned by the next mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import pyfuse3
+import trio
+
+from . import migrate
+from .catalog import Catalog
+from .errors import SessionFSError
+from .fs.operations import CONTROL_DIR, Operations
+from .sources import Source
+
+log = logging.getLogger("sessionfs")
+
+FS_TYPE = "fuse.sessionfs"
+UNMOUNT_WAIT = 10.0
+
+
+class MountError(SessionFSError):
+    default_errno = errno.EINVAL
+
+
+@dataclass
+class MountConfig:
+    source: Source
+    mountpoint: Path
+    foreground: bool = False
+    migrate: bool = True
+    allow_other: bool = False
+    auto_unmount: bool = True
+    debug: bool = False
+    log_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo writes space, tab, newline and backslash as octal escapes.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def find_mount(path: Path) -> MountEntry | None:
+    """The mount whose mount point is exactly *path* (the newest one), if any."""
+    target = str(_absolute(path))
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+        for line in info:
+            before, _, after = line.partition(" - ")
+            fields, tail = before.split(), after.split()
+            if len(fields) >= 5 and len(tail) >= 2 and _unescape(fields[4]) == target:
+                found = MountEntry(target, tail[0], _unescape(tail[1]))
+    return found
+
+
+def _absolute(path: Path) -> Path:
+    # realpath of the parent only: the mount point itself may be a dead mount.
+    absolute = Path(os.path.abspath(path))
+    return Path(os.path.realpath(absolute.parent)) / absolute.name
+
+
+def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is None:
+        raise MountError("fusermount3 is missing: apt-get install fuse3")
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=False)
+
+
+def prepare_mountpoint(path: Path) -> list[str]:
+    """Check *path* can be mounted on; clean a dead sessionfs mount.  Returns notices."""
+    notices = []
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            if exc.errno == errno.ENOENT:
+                raise MountError(
+                    f"mountpoint {path} does not exist; create it with: mkdir -p {path}"
+                ) from None
+            raise MountError(f"mountpoint {path}: {exc.strerror}") from None
+        entry = find_mount(path)
+        if entry is None or entry.fstype != FS_TYPE:
+            raise MountError(
+                f"{path} is a dead mount of another filesystem; unmount it first"
+            ) from None
+        result = _fusermount("-u", "-z", str(_absolute(path)))
+        if result.returncode != 0:
+            raise MountError(
+                f"could not clean the dead mount at {path}: {result.stderr.strip()}"
+            ) from None
+        notices.append(f"cleaned up a dead sessionfs mount at {path} (its daemon had died)")
+        st = os.stat(path)
+    if not os.path.isdir(path):
+        raise MountError(f"mountpoint {path} is not a directory")
+    entry = find_mount(path)
+    if entry is not None and entry.fstype == FS_TYPE:
+        raise MountError(
+            f"{path} is already a sessionfs mount; run `sessionfs umount {path}` first"
+        )
+    del st
+    return notices
+
+
+def default_log_file(mountpoint: Path) -> Path:
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    name = str(_absolute(mountpoint)).strip("/").replace("%", "%25").replace("/", "%2F") or "root"
+    return state / "sessionfs" / f"{name}.log"
+
+
+def _configure_logging(stream: TextIO, debug: bool) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
+    """``sessionfs mount``: returns once the mount is live (or failed), or serves with -f."""
+    for notice in prepare_mountpoint(config.mountpoint):
+        print(notice, file=out)
+    if config.migrate:
+        reports = migrate.migrate_source(config.source)
+        for report in reports:
+            if report.outcome is not migrate.Outcome.NOTHING_TO_DO:
+                print("\n".join(report.lines()), file=out)
+        if not migrate.all_ok(reports):
+            print(
+                "some agents were not migrated; they are shown read-only from sessions.json",
+                file=out,
+            )
+    catalog = Catalog(config.source)
+    out.flush()
+    if config.foreground:
+        _configure_logging(sys.stderr, config.debug)
+        return serve(config, catalog, ready_fd=None)
+
+    log_file = config.log_file or default_log_file(config.mountpoint)
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        code = 1
+        try:
+            os.setsid()
+            _detach_stdio(log_file)
+            _configure_logging(sys.stderr, config.debug)
+            code = serve(config, catalog, ready_fd=write_end)
+        except BaseException:  # a daemon must never unwind into the caller's code
+            with contextlib.suppress(Exception):
+                log.exception("daemon failed")
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message == "ready":
+        print(
+            f"mounted {config.source.path} at {config.mountpoint} (pid {pid}; log {log_file})",
+            file=out,
+        )
+        return 0
+    os.waitpid(pid, 0)
+    print(
+        f"sessionfs: {message or f'the daemon died before the mount was ready; see {log_file}'}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _detach_stdio(log_file: Path) -> None:
+    null = os.open(os.devnull, os.O_RDONLY)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(null)
+    os.close(log_fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
+    """Mount, serve until unmounted or signalled, unmount.  The daemon's (or -f's) main."""
+    ops = Operations(catalog, debug=config.debug)
+    options = {"fsname=sessionfs", "subtype=sessionfs", "default_permissions"}
+    if config.auto_unmount:
+        options.add("auto_unmount")
+    if config.allow_other:
+        options.add("allow_other")
+    shutdown = _Shutdown()
+    # A signal between the mount going live and trio's receiver taking over must
+    # not kill us with the mount still there: remember it and act on it in trio.
+    previous = {sig: signal.signal(sig, shutdown.remember) for sig in STOP_SIGNALS}
+    try:
+        pyfuse3.init(ops, str(config.mountpoint), options)
+    except RuntimeError as exc:
+        _report(ready_fd, f"could not mount at {config.mountpoint}: {exc} (see the log)")
+        log.error("could not mount at %s: %s", config.mountpoint, exc)
+        return 1
+    log.info("mounted %s at %s (pid %d)", config.source.path, config.mountpoint, os.getpid())
+    try:
+        trio.run(_serve, ops, ready_fd, shutdown)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        # After an outside (or lazy) unmount the kernel has already let go;
+        # unmounting again would only make fusermount3 complain.
+        still_mounted = find_mount(config.mountpoint) is not None
+        pyfuse3.close(unmount=shutdown.requested and still_mounted)
+        catalog.close()
+    log.info("unmounted %s", config.mountpoint)
+    return 0
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class _Shutdown:
+    requested: bool = False
+    early_signal: int | None = None
+
+    def remember(self, signum: int, frame: object) -> None:
+        self.early_signal = signum
+
+
+def _report(ready_fd: int | None, message: str) -> None:
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, message.encode() + b"\n")
+            os.close(ready_fd)
+
+
+async def _serve(ops: Operations, ready_fd: int | None, shutdown: _Shutdown) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def fuse_loop() -> None:
+            # pyfuse3.main returns when the session ends (a signal or an outside
+            # unmount); nothing else in the nursery has a reason to live then.
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+        await nursery.start(_stop_on_signals, shutdown)
+        nursery.start_soon(fuse_loop)
+        _report(ready_fd, "ready")
+
+
+async def _stop_on_signals(
+    shutdown: _Shutdown, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        task_status.started()
+        if shutdown.early_signal is None:
+            async for signum in signals:
+                shutdown.early_signal = signum
+                break
+        signum = shutdown.early_signal or signal.SIGTERM
+        log.info("%s received; unmounting", signal.Signals(signum).name)
+        shutdown.requested = True
+        pyfuse3.terminate()
+
+
+def unmount(path: Path, *, lazy: bool = False, timeout: float = UNMOUNT_WAIT) -> str:
+    """``sessionfs umount``: unmount and wait for the daemon to exit.  Returns a notice."""
+    entry = find_mount(path)
+    if entry is None:
+        raise MountError(f"{path} is not mounted")
+    if entry.fstype != FS_TYPE:
+        raise MountError(f"{path} is a {entry.fstype} mount, not a sessionfs one")
+    pid = _daemon_pid(path)
+    result = _fusermount("-u", *(["-z"] if lazy else []), entry.mountpoint)
+    if result.returncode != 0:
+        reason = result.stderr.strip()
+        if "busy" in reason.lower():
+            raise MountError(
+                f"{path} is busy (a shell or program is using it); leave it and retry, "
+                "or use --lazy to detach it now"
+            )
+        raise MountError(f"could not unmount {path}: {reason}")
+    if pid is None:
+        return f"unmounted {path} (its daemon was already gone)"
+    if lazy:
+        # Detached but still referenced, the connection lives on until the last
+        # user leaves; the daemon is told to end it now.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise MountError(
+                f"unmounted {path}, but daemon pid {pid} has not exited after {timeout:.0f} s"
+            )
+        time.sleep(0.02)
+    return f"unmounted {path}"
+
+
+def _daemon_pid(path: Path) -> int | None:
+    try:
+        return int((path / CONTROL_DIR / "pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":  # exited, waiting for its parent to reap it
+            return False
+    return True

@@ -1,0 +1,353 @@
+"""`sessionfs mount` end to end: the tree, the read path and the daemon's life."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sessionfs.daemon import find_mount
+from sessionfs.keys import key_to_display
+from sessionfs.store import SessionStore
+from tests.helpers import entry_bytes, raises_errno
+from tests.mounting import Mount, cleanup, mounted, sessionfs, start_mount, wait_for
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture
+def mnt(state_dir: Path, tmp_path: Path) -> Iterator[Mount]:
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        yield mount
+
+
+def backing_keys(sessions_d: Path) -> dict[str, Path]:
+    with SessionStore(sessions_d, create=False) as store:
+        return {key: sessions_d / entry.name for key, entry in store.scan()}
+
+
+def test_tree_lists_agents_and_sessions_by_key(mnt: Mount, state_dir: Path) -> None:
+    assert sorted(os.listdir(mnt.path)) == [".sessionfs", "main", "work"]
+    for agent in ("main", "work"):
+        keys = backing_keys(state_dir / f"agents/{agent}/sessions/sessions.d")
+        assert sorted(os.listdir(mnt.path / agent)) == sorted(key_to_display(k) for k in keys)
+    assert "agent:main:telegram:direct:james.json" in os.listdir(mnt.path / "main")
+
+
+def test_every_fixture_key_reads_byte_equal(mnt: Mount, state_dir: Path) -> None:
+    for agent in ("main", "work"):
+        for key, backing in backing_keys(state_dir / f"agents/{agent}/sessions/sessions.d").items():
+            shown = mnt.path / agent / key_to_display(key)
+            assert shown.read_bytes() == backing.read_bytes(), key
+    special = [
+        "__proto__.json",
+        "hook:100%25done.json",
+        "agent:main:webchat:direct:zoë 東京.json",
+        "agent:main:discord:channel:a%2Fb\\c.json",
+        "agent:main:matrix:channel:!AbCdEfGh:matrix.org.json",
+    ]
+    for name in special:
+        assert orjson.loads((mnt.path / "main" / name).read_bytes())["sessionId"]
+
+
+def test_attributes(mnt: Mount, state_dir: Path) -> None:
+    name = "agent:main:main.json"
+    backing = state_dir / "agents/main/sessions/sessions.d/agent%3Amain%3Amain.json"
+    st, bst = (mnt.path / "main" / name).stat(), backing.stat()
+    assert st.st_size == len((mnt.path / "main" / name).read_bytes()) == bst.st_size
+    assert st.st_mtime_ns == bst.st_mtime_ns
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_ISREG(st.st_mode)
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    assert st.st_ino != bst.st_ino
+    dst = (mnt.path / "main").stat()
+    assert stat.S_ISDIR(dst.st_mode)
+    assert stat.S_IMODE(dst.st_mode) == 0o700
+    sv, bsv = os.statvfs(mnt.path), os.statvfs(state_dir)
+    assert (sv.f_blocks, sv.f_bsize, sv.f_namemax) == (bsv.f_blocks, bsv.f_bsize, 255)
+
+
+def test_inode_numbers_are_stable_across_commits(mnt: Mount, state_dir: Path) -> None:
+    path = mnt.path / "main" / "agent:main:main.json"
+    inodes = {path.stat().st_ino for _ in range(3)}
+    with SessionStore(state_dir / "agents/main/sessions/sessions.d") as store:
+        before = store.stat("agent:main:main").st_ino
+        store.write("agent:main:main", entry_bytes("new-id"))
+        assert store.stat("agent:main:main").st_ino != before
+    wait_for(lambda: b"new-id" in path.read_bytes(), what="the new content")
+    inodes.add(path.stat().st_ino)
+    assert len(inodes) == 1
+    all_inodes = [p.stat().st_ino for p in (mnt.path / "main").iterdir()]
+    assert len(set(all_inodes)) == len(all_inodes)
+
+
+def test_non_entries_never_show(mnt: Mount, state_dir: Path) -> None:
+    store = state_dir / "agents/work/sessions/sessions.d"
+    before = sorted(os.listdir(mnt.path / "work"))
+    (store / ".sfs-0123456789abcdef.tmp").write_text("{}")
+    (store / ".hidden.json").write_text("{}")
+    (store / "notes.txt").write_text("{}")
+    (store / "agent:raw.json").write_text("{}")
+    os.symlink("/etc/passwd", store / "link.json")
+    os.mkfifo(store / "fifo.json")
+    (store / "dir.json").mkdir()
+    assert sorted(os.listdir(mnt.path / "work")) == before
+    for name in ("link.json", "fifo.json", "dir.json"):
+        with raises_errno(errno.ENOENT, errno.EPERM):
+            (mnt.path / "work" / name).read_bytes()
+
+
+def test_open_file_keeps_one_version(mnt: Mount, state_dir: Path) -> None:
+    path = mnt.path / "main" / "agent:main:main.json"
+    original = path.read_bytes()
+    with open(path, "rb", buffering=0) as reader:
+        first = reader.read(10)
+        with SessionStore(state_dir / "agents/main/sessions/sessions.d") as store:
+            store.write("agent:main:main", entry_bytes("replaced", pad="z" * 5000))
+        rest = reader.read()
+    assert first + rest == original
+    wait_for(lambda: b"replaced" in path.read_bytes(), what="the new version on the next open")
+    assert path.read_bytes() == entry_bytes("replaced", pad="z" * 5000)
+
+
+def test_agents_appear_and_disappear(mnt: Mount, state_dir: Path) -> None:
+    new = state_dir / "agents/ops/sessions"
+    new.mkdir(parents=True)
+    with SessionStore(new / "sessions.d") as store:
+        store.write("agent:ops:main", entry_bytes("ops"))
+    wait_for(lambda: "ops" in os.listdir(mnt.path), what="the new agent")
+    assert os.listdir(mnt.path / "ops") == ["agent:ops:main.json"]
+    shutil.rmtree(state_dir / "agents/ops")
+    wait_for(lambda: "ops" not in os.listdir(mnt.path), what="the agent to leave the listing")
+    wait_for(lambda: not (mnt.path / "ops").exists(), what="the agent to go")
+
+
+def test_ten_thousand_entry_readdir(tmp_path: Path) -> None:
+    sessions_d = tmp_path / "sessions" / "sessions.d"
+    sessions_d.parent.mkdir()
+    with SessionStore(sessions_d) as store:
+        for i in range(10_000):
+            store.create_unlocked(f"agent:big:webchat:direct:{i}", entry_bytes(f"s{i}"))
+    with mounted(tmp_path / "sessions", tmp_path / "mnt") as mount:
+        names = [n for n in os.listdir(mount.path) if not n.startswith(".")]
+        assert len(names) == len(set(names)) == 10_000
+        assert set(names) == {f"agent:big:webchat:direct:{i}.json" for i in range(10_000)}
+        sizes = {
+            e.name: e.stat().st_size for e in os.scandir(mount.path) if e.name.endswith(".json")
+        }
+        assert sizes["agent:big:webchat:direct:42.json"] == len(entry_bytes("s42"))
+
+
+def test_listing_while_entries_come_and_go(tmp_path: Path) -> None:
+    """Offsets survive inserts and deletes: entries present throughout are listed exactly once."""
+    sessions_d = tmp_path / "sessions" / "sessions.d"
+    sessions_d.parent.mkdir()
+    with SessionStore(sessions_d) as store:
+        for i in range(3000):
+            store.create_unlocked(f"stable:{i}", entry_bytes())
+    stop = threading.Event()
+
+    def churn() -> None:
+        with SessionStore(sessions_d) as store:
+            i = 0
+            while not stop.is_set():
+                store.write(f"churn:{i}", entry_bytes(), durable=False)
+                if i >= 5:
+                    store.delete(f"churn:{i - 5}")
+                i += 1
+
+    with mounted(tmp_path / "sessions", tmp_path / "mnt") as mount:
+        writer = threading.Thread(target=churn)
+        writer.start()
+        try:
+            for _ in range(5):
+                names = os.listdir(mount.path)
+                assert len(names) == len(set(names))
+                assert {n for n in names if n.startswith("stable:")} == {
+                    f"stable:{i}.json" for i in range(3000)
+                }
+        finally:
+            stop.set()
+            writer.join()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_unmount_cleanly(state_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    with mounted(state_dir, tmp_path / "mnt", clean_exit=False) as mount:
+        assert mount.stop(sig) == 0
+        assert find_mount(mount.path) is None
+        assert f"{sig.name} received; unmounting" in mount.log_text()
+        assert "unmounted" in mount.log_text()
+        assert os.listdir(mount.path) == []
+
+
+def test_sigkill_then_remount(state_dir: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    with mounted(state_dir, mountpoint, clean_exit=False) as mount:
+        mount.proc.send_signal(signal.SIGKILL)
+        mount.proc.wait()
+        # auto_unmount: the helper removes the mount once the daemon's connection closes
+        wait_for(lambda: find_mount(mountpoint) is None, what="auto_unmount")
+    with mounted(state_dir, mountpoint) as again:
+        assert "main" in os.listdir(again.path)
+
+
+def test_dead_mountpoint_is_recovered(state_dir: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    dead = start_mount(state_dir, mountpoint, "-o", "no_auto_unmount")
+    try:
+        dead.proc.send_signal(signal.SIGKILL)
+        dead.proc.wait()
+        with raises_errno(errno.ENOTCONN):
+            os.stat(mountpoint)  # "Transport endpoint is not connected"
+        result = sessionfs("mount", str(state_dir), str(mountpoint))
+        assert result.returncode == 0, result.stderr
+        assert f"cleaned up a dead sessionfs mount at {mountpoint}" in result.stdout
+        assert "main" in os.listdir(mountpoint)
+        assert sessionfs("umount", str(mountpoint)).returncode == 0
+        assert find_mount(mountpoint) is None
+    finally:
+        cleanup(dead)
+
+
+def test_daemon_mode_returns_when_ready_and_umount_waits(state_dir: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log = tmp_path / "daemon.log"
+    # captured output: the daemon must not keep the pipes open, or this would hang
+    result = sessionfs("mount", str(state_dir), str(mountpoint), "--log", str(log), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert f"mounted {state_dir} at {mountpoint}" in result.stdout
+    assert "main: migrated 41 entries" in result.stdout
+    pid = int((mountpoint / ".sessionfs" / "pid").read_text())
+    assert pid != os.getpid()
+    assert (mountpoint / "main" / "agent:main:main.json").read_bytes()
+    result = sessionfs("umount", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"unmounted {mountpoint}"
+    assert (
+        not Path(f"/proc/{pid}").exists()
+        or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    )
+    assert find_mount(mountpoint) is None
+    text = log.read_text()
+    assert "mounted" in text
+    assert "unmounted" in text
+    assert " ERROR " not in text
+
+
+def test_mount_errors_are_clear(state_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    result = sessionfs("mount", str(state_dir), str(missing))
+    assert result.returncode == 1
+    assert (
+        f"mountpoint {missing} does not exist; create it with: mkdir -p {missing}" in result.stderr
+    )
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = sessionfs("mount", str(state_dir), str(afile))
+    assert result.returncode == 1
+    assert "is not a directory" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = sessionfs("mount", str(empty), str(tmp_path))
+    assert result.returncode == 1
+    assert "holds no session store" in result.stderr
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        result = sessionfs("mount", str(state_dir), str(mount.path))
+        assert result.returncode == 1
+        assert "already a sessionfs mount" in result.stderr
+    result = sessionfs("umount", str(tmp_path / "mnt"))
+    assert result.returncode == 1
+    assert "is not mounted" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["mount"], ["mount", "a", "b", "c"], ["mount", "s", "m", "-o", "bogus"], ["nope"], []]
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    result = sessionfs(*args)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["mount", "umount", "migrate", "demo", "ls"])
+def test_every_command_has_help(command: str) -> None:
+    result = sessionfs(command, "--help")
+    assert result.returncode == 0
+    assert f"usage: sessionfs {command}" in result.stdout
+
+
+def test_no_migrate_shows_legacy_read_only(state_dir: Path, tmp_path: Path) -> None:
+    legacy_path = state_dir / "agents/main/sessions/sessions.json"
+    legacy = orjson.loads(legacy_path.read_bytes())
+    before = legacy_path.read_bytes()
+    with mounted(state_dir, tmp_path / "mnt", "--no-migrate") as mount:
+        names = os.listdir(mount.path / "main")
+        assert len(names) == len(legacy)  # no folding without migration
+        shown = mount.path / "main" / "agent:main:main.json"
+        assert orjson.loads(shown.read_bytes()) == legacy["agent:main:main"]
+        assert stat.S_IMODE(shown.stat().st_mode) == 0o400
+        with raises_errno(errno.EROFS, errno.EACCES):
+            shown.write_bytes(entry_bytes())
+    assert legacy_path.read_bytes() == before
+    assert not (state_dir / "agents/main/sessions/sessions.d").exists()
+
+
+def test_demo_command(tmp_path: Path) -> None:
+    mountpoint, state = tmp_path / "demo", tmp_path / "demo-state"
+    result = sessionfs("demo", str(mountpoint), "--state", str(state), timeout=60)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "Every session is a file named by its key. Try:" in result.stdout
+        assert f"sessionfs umount {mountpoint}" in result.stdout
+        assert sorted(n for n in os.listdir(mountpoint) if not n.startswith(".")) == [
+            "main",
+            "work",
+        ]
+        total = sum(len(os.listdir(mountpoint / a)) for a in ("main", "work"))
+        assert 45 <= total <= 55
+        for path in (mountpoint / "main").iterdir():
+            assert orjson.loads(path.read_bytes())["sessionId"]
+        again = sessionfs("demo", str(mountpoint), "--state", str(state))
+        assert again.returncode == 0
+        assert "already mounted" in again.stdout
+    finally:
+        sessionfs("umount", str(mountpoint))
+    assert find_mount(mountpoint) is None
+
+
+def test_control_files(mnt: Mount) -> None:
+    assert int((mnt.path / ".sessionfs" / "pid").read_text()) == mnt.pid
+    stats = orjson.loads((mnt.path / ".sessionfs" / "stats").read_bytes())
+    assert stats["requests"]["lookup"] >= 1
+    with raises_errno(errno.EACCES, errno.EPERM):
+        (mnt.path / ".sessionfs" / "pid").write_text("1")
+
+
+def test_release_of_held_resources_on_umount(state_dir: Path, tmp_path: Path) -> None:
+    """umount while a file is open elsewhere is refused clearly, --lazy detaches it."""
+    with mounted(state_dir, tmp_path / "mnt", clean_exit=False) as mount:
+        holder = subprocess.Popen(["sleep", "30"], cwd=mount.path / "main")
+        try:
+            result = sessionfs("umount", str(mount.path))
+            assert result.returncode == 1
+            assert "is busy" in result.stderr
+            assert "--lazy" in result.stderr
+            result = sessionfs("umount", "--lazy", str(mount.path))
+            assert result.returncode == 0, result.stderr
+            assert mount.proc.wait(timeout=30) == 0
+        finally:
+            holder.kill()
+            holder.wait()
+    time.sleep(0)

@@ -1,0 +1,144 @@
+"""The Operations class driven directly, without a mount (as s3ql's unit tests do)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+
+from sessionfs import sources
+from sessionfs.catalog import Catalog
+from sessionfs.fs.operations import Operations
+from sessionfs.store import SessionStore
+from tests.helpers import entry_bytes
+
+CTX: Any = None  # the handlers under test never look at the request context
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[SessionStore]:
+    (tmp_path / "sessions").mkdir()
+    with SessionStore(tmp_path / "sessions" / "sessions.d") as store:
+        for key in ("agent:a:main", "cron:1", "hook:100%done"):
+            store.write(key, entry_bytes(key.replace(":", "-").replace("%", "p")))
+        yield store
+
+
+@pytest.fixture
+def ops(sessions: SessionStore) -> Operations:
+    return Operations(Catalog(sources.resolve(sessions.path.parent)))
+
+
+async def lookup_errno(ops: Operations, parent: int, name: bytes) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.lookup(parent, name, CTX)
+    return info.value.errno
+
+
+async def test_lookup_counts(ops: Operations) -> None:
+    attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"agent:a:main.json", CTX)
+    again = await ops.lookup(pyfuse3.ROOT_INODE, b"agent:a:main.json", CTX)
+    assert attrs.st_ino == again.st_ino
+    node = ops.tree.get(attrs.st_ino)
+    assert node.nlookup == 2
+    await ops.forget([(attrs.st_ino, 2)])
+    assert node.nlookup == 0
+    # forgotten, but the key keeps its number
+    assert (await ops.lookup(pyfuse3.ROOT_INODE, b"agent:a:main.json", CTX)).st_ino == attrs.st_ino
+
+
+async def test_names_that_name_no_key(ops: Operations) -> None:
+    assert await lookup_errno(ops, pyfuse3.ROOT_INODE, b"%41.json") == errno.ENOENT
+    assert await lookup_errno(ops, pyfuse3.ROOT_INODE, b"hook:100%done.json") == errno.ENOENT
+    assert (await ops.lookup(pyfuse3.ROOT_INODE, b"hook:100%25done.json", CTX)).st_size > 0
+    assert await lookup_errno(ops, pyfuse3.ROOT_INODE, b"x" * 256) == errno.ENAMETOOLONG
+    assert await lookup_errno(ops, pyfuse3.ROOT_INODE, b"\xff\xfe.json") == errno.EINVAL
+
+
+async def test_unexpected_exception_is_eio_and_logged(
+    ops: Operations, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(agent_id: str | None) -> Any:
+        raise RuntimeError("disk gremlin")
+
+    good = ops.catalog.backing
+    monkeypatch.setattr(ops.catalog, "backing", broken)
+    with caplog.at_level(logging.ERROR, logger="sessionfs"):
+        assert await lookup_errno(ops, pyfuse3.ROOT_INODE, b"cron:1.json") == errno.EIO
+    assert "internal error in lookup(1, cron:1.json); answered EIO" in caplog.text
+    assert "RuntimeError: disk gremlin" in caplog.text  # the traceback is in the log
+    monkeypatch.setattr(ops.catalog, "backing", good)
+    assert (await ops.lookup(pyfuse3.ROOT_INODE, b"cron:1.json", CTX)).st_size > 0
+
+
+class Replies:
+    """Stands in for pyfuse3.readdir_reply, accepting *room* entries per readdir call."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.names: list[str] = []
+        self.next_ids: list[int] = []
+
+    def __call__(
+        self, token: object, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int
+    ) -> bool:
+        if self.room == 0:
+            return False
+        self.room -= 1
+        self.names.append(name.decode())
+        self.next_ids.append(next_id)
+        return True
+
+
+async def test_readdir_offsets_survive_inserts_and_deletes(
+    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(20):
+        sessions.write(f"k{i:02}", entry_bytes())
+    fh = await ops.opendir(pyfuse3.ROOT_INODE, CTX)
+    first = Replies(room=5)
+    monkeypatch.setattr(pyfuse3, "readdir_reply", first)
+    await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+    # the store changes between two readdir calls of one listing
+    sessions.write("zz-new", entry_bytes())
+    sessions.delete("k19")
+    rest = Replies(room=1000)
+    monkeypatch.setattr(pyfuse3, "readdir_reply", rest)
+    await ops.readdir(fh, first.next_ids[-1], None)  # type: ignore[arg-type]
+    await ops.releasedir(fh)
+    names = first.names + rest.names
+    assert len(names) == len(set(names))
+    everything_kept = {f"k{i:02}.json" for i in range(19)} | {
+        "agent:a:main.json",
+        "cron:1.json",
+        "hook:100%25done.json",
+    }
+    assert everything_kept <= set(names)
+    # each entry the kernel accepted holds one lookup reference
+    for name in names:
+        if name.endswith(".json"):
+            node = ops.tree.get((await ops.lookup(pyfuse3.ROOT_INODE, name.encode(), CTX)).st_ino)
+            assert node.nlookup == 2
+
+
+async def test_read_sees_the_version_of_its_open(
+    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda *a, **k: None)
+    ino = (await ops.lookup(pyfuse3.ROOT_INODE, b"cron:1.json", CTX)).st_ino
+    info = await ops.open(ino, 0, CTX)
+    sessions.write("cron:1", entry_bytes("other", pad="p" * 100))
+    assert await ops.read(info.fh, 0, 4096) == entry_bytes("cron-1")
+    second = await ops.open(ino, 0, CTX)
+    assert not second.keep_cache  # a new version: the kernel must drop its pages
+    assert await ops.read(second.fh, 0, 4096) == entry_bytes("other", pad="p" * 100)
+    third = await ops.open(ino, 0, CTX)
+    assert third.keep_cache  # unchanged since: the kernel's pages are still right
+    for handle in (info, second, third):
+        await ops.release(handle.fh)
+    assert ops.handles == {}
