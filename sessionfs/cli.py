@@ -90,6 +90,13 @@ def _cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .daemon import status
+
+    print(status(Path(args.mountpoint).expanduser()))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .daemon import FS_TYPE, MountConfig, find_mount, mount
     from .demo import build_demo_state
@@ -165,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     umnt.add_argument("mountpoint")
     umnt.add_argument("--lazy", action="store_true", help="detach now even if the mount is busy")
     umnt.set_defaults(func=_cmd_umount)
+
+    st = commands.add_parser(
+        "status",
+        help="show a mount and the writes it rejected lately",
+        description="Show what a sessionfs mount serves and its most recent rejected writes "
+        "(a shell redirect exits 0 even when sessionfs refuses the content).",
+    )
+    st.add_argument("mountpoint")
+    st.set_defaults(func=_cmd_status)
 
     mig = commands.add_parser(
         "migrate",

@@ -238,6 +238,7 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
         _report(ready_fd, f"could not mount at {config.mountpoint}: {exc} (see the log)")
         log.error("could not mount at %s: %s", config.mountpoint, exc)
         return 1
+    ops.mounted = True
     log.info("mounted %s at %s (pid %d)", config.source.path, config.mountpoint, os.getpid())
     try:
         trio.run(_serve, ops, ready_fd, shutdown)
@@ -333,6 +334,27 @@ def unmount(path: Path, *, lazy: bool = False, timeout: float = UNMOUNT_WAIT) ->
             )
         time.sleep(0.02)
     return f"unmounted {path}"
+
+
+def status(path: Path) -> str:
+    """``sessionfs status``: what is mounted there, and the writes it refused lately."""
+    entry = find_mount(path)
+    if entry is None or entry.fstype != FS_TYPE:
+        raise MountError(f"{path} is not a sessionfs mount")
+    control = path / CONTROL_DIR
+    try:
+        source = (control / "source").read_text().strip()
+        pid = (control / "pid").read_text().strip()
+        errors = (control / "errors").read_text()
+    except OSError as exc:
+        raise MountError(f"{path}: the daemon does not answer ({exc.strerror})") from None
+    lines = [f"{path}: sessionfs mount of {source} (daemon pid {pid})"]
+    if errors:
+        lines.append("recently rejected writes (newest last):")
+        lines += [f"  {line}" for line in errors.splitlines()]
+    else:
+        lines.append("no rejected writes")
+    return "\n".join(lines)
 
 
 def _daemon_pid(path: Path) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from sessionfs import sources
 from sessionfs.catalog import Catalog
 from sessionfs.fs.operations import Operations
-from sessionfs.store import SessionStore
+from sessionfs.store import SessionStore, Version
 from tests.helpers import entry_bytes
 
 CTX: Any = None  # the handlers under test never look at the request context
@@ -142,3 +143,73 @@ async def test_read_sees_the_version_of_its_open(
     for handle in (info, second, third):
         await ops.release(handle.fh)
     assert ops.handles == {}
+
+
+class Ctx:
+    uid, gid, pid, umask = 0, 0, 1, 0o022
+
+
+def test_commit_decisions() -> None:
+    from sessionfs.fs.handles import Handle, is_scratch_name
+    from sessionfs.fs.tree import File
+
+    node = File(10, key="k")
+    redirect = Handle(1, node, os.O_WRONLY | os.O_TRUNC, b"old", key="k")
+    redirect.truncate_at_open()
+    assert not redirect.should_commit(final=False)  # the shell's first flush: nothing written yet
+    assert redirect.should_commit(final=True)  # closed without writing: try (and be refused)
+    redirect.write(0, b"{}", limit=100)
+    assert redirect.should_commit(final=False)
+    redirect.committed(Version(1, 1, 2))
+    assert not redirect.should_commit(final=False)  # one commit per change, not per flush
+
+    editor = Handle(2, node, os.O_WRONLY, b"old", key="k")
+    assert not editor.should_commit(final=True)
+    editor.truncate(0, limit=100)  # an explicit ftruncate(0) is a change of its own
+    assert editor.should_commit(final=False)
+
+    appender = Handle(3, node, os.O_WRONLY | os.O_APPEND, b"ab", key="k")
+    appender.write(0, b"c", limit=100)
+    assert appender.data == b"abc"
+    reader = Handle(4, node, os.O_RDONLY, b"x")
+    assert not reader.should_commit(final=True)
+
+    for name in (".x.json.swp", "4913", "sedAbC123", "x.tmp", "x.json~", "#x.json#", ".#x.json"):
+        assert is_scratch_name(name)
+    assert not is_scratch_name("agent:main:main.json")
+
+
+async def test_scratch_files_are_bounded(sessions: SessionStore) -> None:
+    ops = Operations(Catalog(sources.resolve(sessions.path.parent)), scratch_limit=100)
+    ctx: Any = Ctx()
+    first, _ = await ops.create(pyfuse3.ROOT_INODE, b"a.tmp", 0o600, os.O_WRONLY, ctx)
+    await ops.write(first.fh, 0, b"x" * 60)
+    second, _ = await ops.create(pyfuse3.ROOT_INODE, b"b.tmp", 0o600, os.O_WRONLY, ctx)
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.write(second.fh, 0, b"y" * 60)
+    assert info.value.errno == errno.ENOSPC
+    await ops.release(first.fh)
+    await ops.unlink(pyfuse3.ROOT_INODE, b"a.tmp", ctx)
+    assert await ops.write(second.fh, 0, b"y" * 60) == 60  # room again once it is gone
+    await ops.release(second.fh)
+    assert sorted(os.listdir(sessions.path)) == [
+        ".lock",
+        "agent%3Aa%3Amain.json",
+        "cron%3A1.json",
+        "hook%3A100%25done.json",
+    ]  # scratch files never reach the store
+
+
+async def test_oversized_entry_is_efbig_and_listed(sessions: SessionStore) -> None:
+    ops = Operations(Catalog(sources.resolve(sessions.path.parent)), max_entry_bytes=50)
+    ino = (await ops.lookup(pyfuse3.ROOT_INODE, b"cron:1.json", CTX)).st_ino
+    info = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await ops.write(info.fh, 0, b"z" * 60)
+    assert raised.value.errno == errno.EFBIG
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await ops.flush(info.fh)
+    assert raised.value.errno == errno.EFBIG
+    await ops.release(info.fh)
+    assert sessions.read("cron:1").data == entry_bytes("cron-1")
+    assert "cron:1.json  EFBIG  entry would exceed 50 bytes" in ops._render_errors().decode()

@@ -1,9 +1,10 @@
-"""The mount's virtual tree: inode numbers, directories, sessions, scratch and control files.
+"""The mount's virtual tree: inode numbers, directories, files and control files.
 
-Inode numbers belong to names, not to backing files: every atomic commit puts a new
-backing inode in place, but editors compare ``st_ino`` before and after a save, so a
-key keeps its number for the life of the mount and a number is never given to
-anything else.
+Inode numbers belong to files as the kernel sees them, not to backing files: every
+atomic commit puts a new backing inode in place, but editors compare ``st_ino``
+before and after a save, so a session keeps its number across commits and outside
+changes.  A rename moves a file's number with it, as on any filesystem (the kernel
+moves its own dentry the same way), and a number is never given to anything else.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
+from ..keys import key_to_display
 from ..store import Version
 
 
@@ -33,38 +35,46 @@ class Dir(Node):
     parent: Dir | None = None
     holds_sessions: bool = False
     agent_id: str | None = None  # None with holds_sessions: the mount's single store
-    sessions: dict[str, int] = field(default_factory=dict)  # key -> inode, kept for life
+    sessions: dict[str, int] = field(default_factory=dict)  # key -> inode of its file
     scratch: dict[str, int] = field(default_factory=dict)  # scratch name -> inode
-    children: dict[str, int] = field(default_factory=dict)  # agent dirs, control files
+    away: dict[str, int] = field(default_factory=dict)  # key renamed to a scratch -> its inode
+    children: dict[str, int] = field(default_factory=dict)  # control dir, control files
 
 
 @dataclass(eq=False, slots=True)
-class Session(Node):
-    """One session key in one directory, whether or not it exists right now."""
+class File(Node):
+    """A session (``key`` set) or a scratch file of an editor or tool (``key`` None).
 
-    parent: Dir | None = None
-    key: str = ""
-    # The version whose bytes the kernel's page cache may hold for this inode;
-    # None when unknown, which makes the next open drop the cache.
-    cached_version: Version | None = None
-
-
-@dataclass(eq=False, slots=True)
-class Scratch(Node):
-    """A temp or backup file of an editor or tool: kept in memory, never in the store."""
+    A scratch file lives in ``data`` and never reaches the store.  A session's
+    content lives in the store, except while ``pending``: created through the
+    mount but not committed yet (``touch new.json``).
+    """
 
     parent: Dir | None = None
     name: str = ""
+    key: str | None = None
+    pending: bool = False
     data: bytearray = field(default_factory=bytearray)
     mode: int = 0o600
     mtime_ns: int = field(default_factory=time.time_ns)
     ctime_ns: int = field(default_factory=time.time_ns)
-    linked: bool = True  # False once unlinked; open handles keep it alive
+    linked: bool = True
+    # The version whose bytes the kernel's page cache may hold; None when
+    # unknown, which makes the next open drop the cache.
+    cached_version: Version | None = None
+    # A scratch file that a session was renamed to (an editor's backup): the key
+    # it came from, and the version it held then.
+    origin_key: str | None = None
+    origin_version: Version | None = None
+
+    @property
+    def is_session(self) -> bool:
+        return self.key is not None
 
 
 @dataclass(eq=False, slots=True)
 class Control(Node):
-    """A read-only file under ``.sessionfs/`` whose content is computed when opened."""
+    """A read-only file under ``.sessionfs/`` whose content is computed when read."""
 
     name: str = ""
     render: Callable[[], bytes] = lambda: b""
@@ -78,10 +88,10 @@ class Tree:
         self.root = Dir(pyfuse3.ROOT_INODE, name="")
         self.nodes: dict[int, Node] = {self.root.ino: self.root}
         self.agent_dirs: dict[str, Dir] = {}
+        self.scratch_files: set[File] = set()  # for the bound on their total size
 
-    def _add(self, node: Node) -> Node:
+    def _add(self, node: Node) -> None:
         self.nodes[node.ino] = node
-        return node
 
     def get(self, ino: int) -> Node:
         return self.nodes[ino]
@@ -112,47 +122,79 @@ class Tree:
             self._add(node)
         return node
 
-    def session(self, parent: Dir, key: str) -> Session:
-        """The node of *key* in *parent*, the same one for the life of the mount."""
-        ino = parent.sessions.get(key)
-        if ino is not None:
-            node = self.nodes[ino]
-            assert isinstance(node, Session)
-            return node
-        new = Session(next(self._next_ino), parent=parent, key=key)
-        parent.sessions[key] = new.ino
-        self._add(new)
-        return new
-
-    def new_scratch(self, parent: Dir, name: str) -> Scratch:
-        """A fresh scratch file (a new inode even when the name was used before)."""
-        old = parent.scratch.get(name)
-        if old is not None:
-            self.unlink_scratch(parent, name)
-        new = Scratch(next(self._next_ino), parent=parent, name=name)
-        parent.scratch[name] = new.ino
-        self._add(new)
-        return new
-
-    def unlink_scratch(self, parent: Dir, name: str) -> Scratch:
-        node = self.nodes[parent.scratch.pop(name)]
-        assert isinstance(node, Scratch)
-        node.linked = False
-        self._maybe_drop(node)
-        return node
-
-    def attach_scratch(self, parent: Dir, name: str, node: Scratch) -> None:
-        """Give *node* the scratch name *name* (a rename within the mount)."""
-        if name in parent.scratch and parent.scratch[name] != node.ino:
-            self.unlink_scratch(parent, name)
-        node.parent, node.name, node.linked = parent, name, True
-        parent.scratch[name] = node.ino
-
     def control(self, parent: Dir, name: str, render: Callable[[], bytes]) -> Control:
         node = Control(next(self._next_ino), name=name, render=render)
         parent.children[name] = node.ino
         self._add(node)
         return node
+
+    # -- sessions and scratch files --------------------------------------------
+
+    def session(self, parent: Dir, key: str) -> File:
+        """The file of *key* in *parent*; the same node until it is unlinked or renamed."""
+        ino = parent.sessions.get(key)
+        if ino is not None:
+            node = self.nodes[ino]
+            assert isinstance(node, File)
+            return node
+        new = File(next(self._next_ino), parent=parent, name=key_to_display(key), key=key)
+        parent.sessions[key] = new.ino
+        self._add(new)
+        return new
+
+    def scratch(self, parent: Dir, name: str) -> File | None:
+        ino = parent.scratch.get(name)
+        return None if ino is None else self._file(ino)
+
+    def new_scratch(self, parent: Dir, name: str, mode: int = 0o600) -> File:
+        self.unlink(parent, name)
+        new = File(next(self._next_ino), parent=parent, name=name, mode=mode)
+        parent.scratch[name] = new.ino
+        self._add(new)
+        self.scratch_files.add(new)
+        return new
+
+    def new_pending(self, parent: Dir, key: str) -> File:
+        """A new session created through the mount, shown but not committed yet."""
+        self.unlink(parent, key_to_display(key), key)
+        node = self.session(parent, key)
+        node.pending = True
+        return node
+
+    def _file(self, ino: int) -> File:
+        node = self.nodes[ino]
+        assert isinstance(node, File)
+        return node
+
+    def unlink(self, parent: Dir, name: str, key: str | None = None) -> File | None:
+        """Take *name* (the scratch name, or the session *key*) out of *parent*."""
+        ino = parent.sessions.pop(key, None) if key is not None else parent.scratch.pop(name, None)
+        if ino is None:
+            return None
+        node = self._file(ino)
+        node.linked = False
+        self._maybe_drop(node)
+        return node
+
+    def move(self, node: File, parent: Dir, name: str, key: str | None) -> None:
+        """Put *node* at *name* (session *key*, or scratch if None), replacing what is there."""
+        assert node.parent is not None
+        old_parent = node.parent
+        if node.key is not None:
+            if old_parent.sessions.get(node.key) == node.ino:
+                del old_parent.sessions[node.key]
+        elif old_parent.scratch.get(node.name) == node.ino:
+            del old_parent.scratch[node.name]
+        self.unlink(parent, name, key)
+        node.parent, node.name, node.key, node.linked = parent, name, key, True
+        if key is not None:
+            parent.sessions[key] = node.ino
+            self.scratch_files.discard(node)
+        else:
+            parent.scratch[name] = node.ino
+            self.scratch_files.add(node)
+
+    # -- the kernel's references ---------------------------------------------
 
     def forget(self, ino: int, count: int) -> None:
         node = self.nodes.get(ino)
@@ -161,17 +203,19 @@ class Tree:
         node.nlookup = max(0, node.nlookup - count)
         self._maybe_drop(node)
 
-    def _maybe_drop(self, node: Node) -> None:
-        # Only scratch files go away: a session's inode must outlive its lookups,
-        # since the same key must get the same number when it comes back.
-        if (
-            isinstance(node, Scratch)
-            and not node.linked
-            and not node.nlookup
-            and not node.open_handles
-        ):
-            self.nodes.pop(node.ino, None)
-
     def release(self, node: Node) -> None:
         node.open_handles -= 1
         self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        # An unlinked file goes once the kernel and every handle let go; a linked
+        # session stays, so its key keeps its number while the kernel forgets it.
+        if isinstance(node, File) and not node.linked and not node.open_handles:
+            # Unreachable content: free it now, even if the kernel still holds the inode.
+            node.data = bytearray()
+            self.scratch_files.discard(node)
+            if not node.nlookup:
+                self.nodes.pop(node.ino, None)
+
+    def scratch_bytes(self) -> int:
+        return sum(len(f.data) for f in self.scratch_files)
