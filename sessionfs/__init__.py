@@ -12,12 +12,14 @@ from .errors import (
     UnsafeEntry,
 )
 from .keys import display_to_key, filename_to_key, key_to_display, key_to_filename, normalize_key
-from .store import AsyncSessionStore, EntryChanged, SessionStore, Snapshot, Version
+from .store import ABSENT, AsyncSessionStore, Commit, EntryChanged, SessionStore, Snapshot, Version
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABSENT",
     "AsyncSessionStore",
+    "Commit",
     "EntryChanged",
     "EntryExists",
     "EntryNotFound",

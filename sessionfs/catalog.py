@@ -9,7 +9,9 @@ whose ``sessions.d/`` does not exist yet is shown read-only from its
 from __future__ import annotations
 
 import os
+import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from .entry import DEFAULT_MAX_ENTRY_BYTES
@@ -19,6 +21,14 @@ from .sources import AGENT_ID_RE, AgentStore, Source, SourceKind, scan_agents
 from .store import SessionStore
 
 Backing = SessionStore | LegacyView
+
+
+@dataclass(frozen=True)
+class WatchTarget:
+    path: Path
+    kind: str  # "entries": a sessions.d/; "tree": a directory above stores
+    agent_id: str | None
+    identity: tuple[int, int]  # (st_dev, st_ino): a replaced directory is a new target
 
 
 class Catalog:
@@ -85,6 +95,41 @@ class Catalog:
                 raise NoStore(f"{ref.sessions_dir} holds neither sessions.d/ nor sessions.json")
             self._open[agent_id] = (identity, backing)
             return backing
+
+    def watch_targets(self) -> list[WatchTarget]:
+        """Every directory whose changes the mount must follow, as it is on disk now.
+
+        The stores themselves (``kind`` "entries"), and the directories above them
+        in which agents, sessions dirs and stores appear, vanish or get replaced.
+        """
+        targets: list[WatchTarget] = []
+
+        def add(path: Path, kind: str, agent_id: str | None) -> bool:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                return False
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+            targets.append(WatchTarget(path, kind, agent_id, (st.st_dev, st.st_ino)))
+            return True
+
+        if not self.per_agent:
+            ref = self._ref(None)
+            add(ref.sessions_dir, "tree", None)
+            add(ref.entries, "entries", None)
+            return targets
+        if not add(self.source.agents_dir, "tree", None):
+            return targets
+        for dirent in os.scandir(self.source.agents_dir):
+            if not AGENT_ID_RE.match(dirent.name):
+                continue
+            ref = self._ref(dirent.name)
+            if add(Path(dirent.path), "tree", dirent.name) and add(
+                ref.sessions_dir, "tree", dirent.name
+            ):
+                add(ref.entries, "entries", dirent.name)
+        return targets
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root_path)

@@ -22,8 +22,11 @@ SOURCE_HELP = (
 )
 MOUNT_OPTIONS = {
     "allow_other": "let other users see the mount (needs user_allow_other in /etc/fuse.conf)",
+    "conflict=lww|fail": "when an entry open for editing changed behind the mount, the later "
+    "commit wins and the log says so (lww, the default), or the commit fails with ESTALE (fail)",
     "no_auto_unmount": "leave a dead mount behind if the daemon dies (for debugging)",
 }
+_OPTION_VALUES = {"allow_other": None, "no_auto_unmount": None, "conflict": {"lww", "fail"}}
 DEMO_STATE = Path("~/.local/share/sessionfs/demo-state")
 DEMO_MOUNTPOINT = Path("~/sessionfs-demo")
 
@@ -54,12 +57,21 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0 if migrate.all_ok(reports) else 1
 
 
-def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> set[str]:
-    options = {opt.strip() for value in values for opt in value.split(",") if opt.strip()}
-    unknown = options - set(MOUNT_OPTIONS)
-    if unknown:
-        known = ", ".join(sorted(MOUNT_OPTIONS))
-        parser.error(f"unknown mount option(s) {', '.join(sorted(unknown))}; known: {known}")
+def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for opt in (o.strip() for value in values for o in value.split(",")):
+        if not opt:
+            continue
+        name, _, value = opt.partition("=")
+        if name not in _OPTION_VALUES:
+            parser.error(f"unknown mount option {opt!r}; known: {', '.join(MOUNT_OPTIONS)}")
+        allowed = _OPTION_VALUES[name]
+        if (allowed is None) != (value == "") or (allowed is not None and value not in allowed):
+            parser.error(
+                f"mount option {opt!r}: expected {name}"
+                + (f"={'|'.join(sorted(allowed))}" if allowed else "")
+            )
+        options[name] = value
     return options
 
 
@@ -79,6 +91,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         auto_unmount="no_auto_unmount" not in options,
         debug=args.debug,
         log_file=Path(args.log).expanduser() if args.log else None,
+        conflict=options.get("conflict", "lww"),
     )
     return mount(config)
 

@@ -28,12 +28,14 @@ import trio
 from . import migrate
 from .catalog import Catalog
 from .errors import SessionFSError
-from .fs.operations import CONTROL_DIR, Operations
+from .fs.operations import CONFLICT_LAST_WINS, CONTROL_DIR, Operations
+from .fs.watcher import Watcher
 from .sources import Source
 
 log = logging.getLogger("sessionfs")
 
 FS_TYPE = "fuse.sessionfs"
+CACHE_TIMEOUT = 300.0  # seconds; the watcher invalidates changes long before
 UNMOUNT_WAIT = 10.0
 
 
@@ -51,6 +53,7 @@ class MountConfig:
     auto_unmount: bool = True
     debug: bool = False
     log_file: Path | None = None
+    conflict: str = CONFLICT_LAST_WINS
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,13 @@ def _detach_stdio(log_file: Path) -> None:
 
 def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, unmount.  The daemon's (or -f's) main."""
-    ops = Operations(catalog, debug=config.debug)
+    # The watcher invalidates what changes behind the mount, so the kernel may
+    # cache entries, attributes and pages for long.
+    ops = Operations(
+        catalog, debug=config.debug, cache_timeout=CACHE_TIMEOUT, conflict=config.conflict
+    )
+    watcher = Watcher(catalog, ops.tree, ops.own)
+    ops.watcher = watcher
     options = {"fsname=sessionfs", "subtype=sessionfs", "default_permissions"}
     if config.auto_unmount:
         options.add("auto_unmount")
@@ -241,7 +250,7 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
     ops.mounted = True
     log.info("mounted %s at %s (pid %d)", config.source.path, config.mountpoint, os.getpid())
     try:
-        trio.run(_serve, ops, ready_fd, shutdown)
+        trio.run(_serve, watcher, ready_fd, shutdown)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -273,7 +282,7 @@ def _report(ready_fd: int | None, message: str) -> None:
             os.close(ready_fd)
 
 
-async def _serve(ops: Operations, ready_fd: int | None, shutdown: _Shutdown) -> None:
+async def _serve(watcher: Watcher, ready_fd: int | None, shutdown: _Shutdown) -> None:
     async with trio.open_nursery() as nursery:
 
         async def fuse_loop() -> None:
@@ -283,6 +292,7 @@ async def _serve(ops: Operations, ready_fd: int | None, shutdown: _Shutdown) -> 
             nursery.cancel_scope.cancel()
 
         await nursery.start(_stop_on_signals, shutdown)
+        await nursery.start(watcher.run)
         nursery.start_soon(fuse_loop)
         _report(ready_fd, "ready")
 

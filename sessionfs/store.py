@@ -70,6 +70,18 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class Commit:
+    """What :meth:`SessionStore.write` did: the new file, and the version it replaced."""
+
+    stat: os.stat_result
+    replaced: Version | None  # None: the key was new
+
+    @property
+    def version(self) -> Version:
+        return Version.of(self.stat)
+
+
+@dataclass(frozen=True, slots=True)
 class Version:
     """Identifies one committed version of an entry file.
 
@@ -84,6 +96,10 @@ class Version:
     @classmethod
     def of(cls, st: os.stat_result) -> Version:
         return cls(st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+ABSENT = Version(-1, -1, -1)
+"""The "version" of an entry that does not exist, for ``write(expected=...)``."""
 
 
 def _check_regular(st: os.stat_result, name: str) -> None:
@@ -262,20 +278,23 @@ class SessionStore:
         validate: bool = True,
         durable: bool = True,
         expected: Version | None = None,
-    ) -> os.stat_result:
+    ) -> Commit:
         """Atomically replace (or create) *key* with *data* under its lock.
 
-        *data* is stored byte for byte.  With *expected*, the commit only happens
-        if the entry is still that version (``ESTALE`` otherwise).  Returns the
-        stat of the new file.
+        *data* is stored byte for byte.  With *expected* (a version, or
+        :data:`ABSENT` for "must not exist yet"), the commit only happens if the
+        entry is still that version, else :class:`EntryChanged` (``ESTALE``).
+        The result tells which version this commit replaced.
         """
         name = key_to_filename(key)
         if validate:
             entry_rules.validate(data, self.max_entry_bytes)
         with self.locks.hold(key):
-            if expected is not None:
-                self._check_expected(key, name, expected)
-            return self._commit(name, data, durable=durable)
+            previous = self._target(name)
+            replaced = Version.of(previous) if previous is not None else None
+            if expected is not None and (replaced or ABSENT) != expected:
+                raise EntryChanged(key, expected, replaced)
+            return Commit(self._commit(name, data, durable=durable), replaced)
 
     def update(
         self, key: str, change: Callable[[entry_rules.Entry | None], entry_rules.Entry]
@@ -295,6 +314,7 @@ class SessionStore:
             new = change(current)
             data = entry_rules.dumps(new)
             entry_rules.validate(data, self.max_entry_bytes)
+            self._target(name)
             self._commit(name, data, durable=True)
             return new
 
@@ -392,14 +412,20 @@ class SessionStore:
 
     # -- internals ---------------------------------------------------------
 
-    def _commit(self, name: str, data: bytes, *, durable: bool) -> os.stat_result:
-        """Temp file, write, fsync, rename over *name*, fsync the directory."""
+    def _target(self, name: str) -> os.stat_result | None:
+        """The stat of what *name* holds now (None if nothing); refuses non-regular files."""
         try:
             target = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            pass
-        else:
-            self._check_regular(target, name)
+            return None
+        self._check_regular(target, name)
+        return target
+
+    def _commit(self, name: str, data: bytes, *, durable: bool) -> os.stat_result:
+        """Temp file, write, fsync, rename over *name*, fsync the directory.
+
+        The caller holds the key's lock and has checked the target with :meth:`_target`.
+        """
         temp = f".sfs-{secrets.token_hex(8)}.tmp"
         fd = os.open(
             temp,
@@ -425,14 +451,6 @@ class SessionStore:
         if durable:
             os.fsync(self._dir_fd)
         return st
-
-    def _check_expected(self, key: str, name: str, expected: Version) -> None:
-        try:
-            current = Version.of(os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False))
-        except FileNotFoundError:
-            current = None
-        if current != expected:
-            raise EntryChanged(key, expected, current)
 
     def _check_regular(self, st: os.stat_result, name: str) -> None:
         try:
@@ -493,7 +511,7 @@ class AsyncSessionStore:
 
     async def write(
         self, key: str, data: bytes, *, validate: bool = True, expected: Version | None = None
-    ) -> os.stat_result:
+    ) -> Commit:
         return await self._run(self.sync.write, key, data, validate=validate, expected=expected)
 
     async def update(

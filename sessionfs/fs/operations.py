@@ -10,6 +10,7 @@ The rules for buffers and commits live in :mod:`.handles`, the inode table in
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import errno
 import functools
@@ -18,7 +19,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -30,9 +31,10 @@ from ..catalog import Backing, Catalog
 from ..entry import DEFAULT_MAX_ENTRY_BYTES
 from ..errors import EntryExists, EntryNotFound, InvalidEntry, InvalidKey, NoStore, SessionFSError
 from ..keys import NAME_MAX, display_to_key, key_to_display, key_to_filename
-from ..store import Snapshot, Version
+from ..store import ABSENT, EntryChanged, Snapshot, Version
 from .handles import Handle, is_scratch_name
 from .tree import Control, Dir, File, Node, Tree
+from .watcher import OwnChanges, Watcher
 
 log = logging.getLogger("sessionfs")
 
@@ -40,6 +42,8 @@ CONTROL_DIR = ".sessionfs"
 READDIR_CHUNK = 256
 DEFAULT_SCRATCH_LIMIT = 64 * 1024 * 1024
 MAX_REJECTIONS = 100
+CONFLICT_LAST_WINS = "lww"
+CONFLICT_FAIL = "fail"
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -76,6 +80,14 @@ def guarded(
 
     functools.update_wrapper(handler, fn)
     return handler
+
+
+def _mtime(version: Version | None) -> str:
+    if version is None or version == ABSENT:
+        return "absent"
+    return dt.datetime.fromtimestamp(version.mtime_ns / 1e9, dt.UTC).isoformat(
+        timespec="milliseconds"
+    )
 
 
 def _render_pid() -> bytes:
@@ -131,6 +143,7 @@ class Operations(pyfuse3.Operations):
         limiter: trio.CapacityLimiter | None = None,
         scratch_limit: int = DEFAULT_SCRATCH_LIMIT,
         max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        conflict: str = CONFLICT_LAST_WINS,
     ) -> None:
         super().__init__()
         self.catalog = catalog
@@ -140,6 +153,9 @@ class Operations(pyfuse3.Operations):
         self.limiter = limiter
         self.scratch_limit = scratch_limit
         self.max_entry_bytes = max_entry_bytes
+        self.conflict = conflict
+        self.own = OwnChanges()  # so the watcher skips the events of our own commits
+        self.watcher: Watcher | None = None
         self.mounted = False  # invalidations need a live FUSE session
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started_ns = time.time_ns()
@@ -173,13 +189,30 @@ class Operations(pyfuse3.Operations):
         return await trio.to_thread.run_sync(run, limiter=self.limiter)
 
     def _render_stats(self) -> bytes:
-        stats = {
+        stats: dict[str, object] = {
             "requests": dict(self.counters),
             "inodes": len(self.tree.nodes),
             "open_files": len(self.handles),
             "scratch_bytes": self.tree.scratch_bytes(),
         }
+        if self.watcher is not None:
+            stats["watcher"] = {
+                "invalidations": self.watcher.invalidations,
+                "rescans": self.watcher.rescans,
+            }
         return orjson.dumps(stats, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+
+    @contextlib.contextmanager
+    def _own(self, parent: Dir, *keys: str) -> Iterator[None]:
+        """Tell the watcher the changes to *keys* inside are ours; withdrawn if they fail."""
+        for key in keys:
+            self.own.expect(parent.agent_id, key)
+        try:
+            yield
+        except BaseException:
+            for key in keys:
+                self.own.cancel(parent.agent_id, key)
+            raise
 
     def _render_source(self) -> bytes:
         return f"{self.catalog.source.path}\n".encode()
@@ -235,6 +268,7 @@ class Operations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFREG | node.mode
             attrs.st_nlink = 1 if node.linked else 0
             if st is not None:
+                node.seen_version = Version.of(st)
                 writable = stat.S_IMODE(st.st_mode) & 0o200
                 attrs.st_mode = stat.S_IFREG | (0o600 if writable else 0o400)
                 size, mtime_ns, ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
@@ -598,6 +632,8 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
         node = handle.node
+        if isinstance(node, File) and node.is_session:
+            self.counters["read(session data)"] += 1  # what the kernel's page cache did not answer
         if isinstance(node, File) and handle.version != node.cached_version and not handle.writable:
             # Pages of another version are entering the cache: make the next open drop it.
             node.cached_version = None
@@ -645,15 +681,35 @@ class Operations(pyfuse3.Operations):
             handle.dirty = False
             return
         parent, key, data = node.parent, handle.key, bytes(handle.data)
+        opened = handle.version
+        expected = (opened or ABSENT) if self.conflict == CONFLICT_FAIL else None
         try:
-            st = await self._store(parent, lambda b: b.write(key, data))
+            with self._own(parent, key):
+                commit = await self._store(parent, lambda b: b.write(key, data, expected=expected))
+        except EntryChanged as exc:
+            handle.dirty = False
+            reason = (
+                f"changed behind the mount since it was opened (mtime {_mtime(exc.expected)}, "
+                f"now {_mtime(exc.current)}); the outside version stays (-o conflict=fail)"
+            )
+            raise self._reject(
+                self._path(node), SessionFSError(reason, code=errno.ESTALE)
+            ) from None
         except (SessionFSError, OSError) as exc:
             handle.dirty = False  # reported once; the next change tries again
             raise self._reject(self._path(node), exc) from None
         finally:
             if self._changing.get(node.ino) is handle:
                 del self._changing[node.ino]
-        handle.committed(Version.of(st))
+        if commit.replaced != opened:
+            log.warning(
+                "conflict on %s: it changed behind the mount since it was opened (mtime %s, "
+                "then %s); this later commit wins",
+                self._path(node),
+                _mtime(opened),
+                _mtime(commit.replaced),
+            )
+        handle.committed(commit.version)
         node.pending = False
         node.cached_version = None
         parent.away.pop(key, None)  # written anew: a backup of it is only a backup now
@@ -704,9 +760,12 @@ class Operations(pyfuse3.Operations):
         if key is None or parent.away.get(key) != backup.ino:
             return
         del parent.away[key]
-        removed = await self._store(
-            parent, lambda b: b.delete(key, only_if=lambda s: s.version == version)
-        )
+        with self._own(parent, key):
+            removed = await self._store(
+                parent, lambda b: b.delete(key, only_if=lambda s: s.version == version)
+            )
+        if not removed:
+            self.own.cancel(parent.agent_id, key)
         if removed:
             log.info("removed session %r: its last copy, %s, was removed", key, backup.name)
         else:
@@ -727,7 +786,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         known = self.tree.nodes.get(parent.sessions.get(key, 0))
         if not (isinstance(known, File) and known.pending):
-            await self._store(parent, lambda b: b.delete(key))
+            with self._own(parent, key):
+                await self._store(parent, lambda b: b.delete(key))
             log.info("removed session %s", self._dir_path(parent, text))
         self.tree.unlink(parent, text, key)
 
@@ -785,10 +845,11 @@ class Operations(pyfuse3.Operations):
         assert source.key is not None
         old_key = source.key
         try:
-            await self._store(
-                parent,
-                lambda b: b.rename(old_key, key, replace=not flags & pyfuse3.RENAME_NOREPLACE),
-            )
+            with self._own(parent, old_key, key):
+                await self._store(
+                    parent,
+                    lambda b: b.rename(old_key, key, replace=not flags & pyfuse3.RENAME_NOREPLACE),
+                )
         except EntryExists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None
         self.tree.move(source, parent, key_to_display(key), key)
@@ -799,7 +860,8 @@ class Operations(pyfuse3.Operations):
         """A scratch file (``sed -i``, ``jq > t && mv t f``) or a pending file becomes a session."""
         data = bytes(source.data)
         try:
-            await self._store(parent, lambda b: b.write(key, data))
+            with self._own(parent, key):
+                await self._store(parent, lambda b: b.write(key, data))
         except (InvalidEntry, InvalidKey, OSError) as exc:
             where = self._dir_path(parent, new)
             raise self._reject(f"{where} (renamed from {source.name})", exc) from None
@@ -815,5 +877,6 @@ class Operations(pyfuse3.Operations):
         ):
             # a backup of another session, renamed to this key: that session moved here
             del parent.away[origin_key]
-            await self._store(parent, lambda b: b.delete(origin_key))
+            with self._own(parent, origin_key):
+                await self._store(parent, lambda b: b.delete(origin_key))
         log.info("committed %s (%d bytes, renamed into place)", self._path(source), len(data))

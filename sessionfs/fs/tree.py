@@ -62,6 +62,8 @@ class File(Node):
     # The version whose bytes the kernel's page cache may hold; None when
     # unknown, which makes the next open drop the cache.
     cached_version: Version | None = None
+    # The version whose attributes the kernel was last given (for rescans).
+    seen_version: Version | None = None
     # A scratch file that a session was renamed to (an editor's backup): the key
     # it came from, and the version it held then.
     origin_key: str | None = None
