@@ -89,6 +89,12 @@ def find_mount(path: Path) -> MountEntry | None:
     return found
 
 
+def is_mounted(path: Path, fstype: str = FS_TYPE) -> bool:
+    """Whether a filesystem of *fstype* is mounted exactly at *path*."""
+    entry = find_mount(path)
+    return entry is not None and entry.fstype == fstype
+
+
 def _absolute(path: Path) -> Path:
     # realpath of the parent only: the mount point itself may be a dead mount.
     absolute = Path(os.path.abspath(path))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sessionfs.daemon import find_mount
+from sessionfs.daemon import is_mounted
 
 REPO = Path(__file__).parent.parent
 SESSIONFS = [sys.executable, "-m", "sessionfs"]
@@ -59,11 +59,6 @@ class Mount:
         return self.proc.wait(timeout=30)
 
 
-def _is_ready(mountpoint: Path) -> bool:
-    entry = find_mount(mountpoint)
-    return entry is not None and entry.fstype == "fuse.sessionfs"
-
-
 def start_mount(source: Path, mountpoint: Path, *args: str) -> Mount:
     """Start ``sessionfs mount -f`` and return once the mount is live."""
     mountpoint.mkdir(parents=True, exist_ok=True)
@@ -77,7 +72,7 @@ def start_mount(source: Path, mountpoint: Path, *args: str) -> Mount:
             cwd=REPO,
         )
     mount = Mount(mountpoint, proc, log)
-    wait_for(lambda: _is_ready(mountpoint) or proc.poll() is not None, what="the mount")
+    wait_for(lambda: is_mounted(mountpoint) or proc.poll() is not None, what="the mount")
     if proc.poll() is not None:
         pytest.fail(f"sessionfs mount exited {proc.returncode}:\n{mount.log_text()}")
     return mount
@@ -88,7 +83,7 @@ def cleanup(mount: Mount) -> None:
     if mount.proc.poll() is None:
         mount.proc.send_signal(signal.SIGKILL)
         mount.proc.wait()
-    if _is_ready(mount.path):
+    if is_mounted(mount.path):
         subprocess.run(
             ["fusermount3", "-u", "-z", str(mount.path)], check=False, capture_output=True
         )
@@ -105,7 +100,7 @@ def mounted(source: Path, mountpoint: Path, *args: str, clean_exit: bool = True)
         yield mount
         if clean_exit:
             assert mount.stop() == 0, mount.log_text()
-            assert not _is_ready(mountpoint)
+            assert not is_mounted(mountpoint)
             text = mount.log_text()
             bad = [line for line in text.splitlines() if " ERROR " in line or "Traceback" in line]
             assert not bad, text

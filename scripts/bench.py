@@ -1,0 +1,669 @@
+"""sessionfs benchmarks: every workload against its baselines, in one run.
+
+Baselines measured in the same run: the JSON-era monolithic store (OpenClaw's write
+path modelled with orjson), the store API without FUSE (native), plain files, and a
+do-nothing pyfuse3 filesystem (scripts/nullfs.py).  Prints a table of targets and
+writes every raw figure as JSON.  Never part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sessionfs.daemon import is_mounted
+from sessionfs.demo import make_entry, write_legacy_store
+from sessionfs.entry import dumps
+from sessionfs.keys import key_to_filename
+from sessionfs.locking import openclaw_store_lock
+from sessionfs.migrate import migrate_store
+from sessionfs.sources import AgentStore
+from sessionfs.store import SessionStore
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "agent:bench:webchat:direct:{}"
+BASE_MS = 1_764_000_000_000
+
+
+@dataclass
+class Target:
+    name: str
+    value: float
+    unit: str
+    target: str
+    met: bool
+
+
+@dataclass
+class Plan:
+    quick: bool
+    sizes: tuple[int, ...]
+    update_samples: int
+    monolithic_samples: dict[int, int]
+    read_samples: int
+    contention_seconds: float
+    migration_entries: int
+    visibility_samples: int
+    rss_entries: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(
+                True,
+                (1_000, 10_000, 100_000),
+                100,
+                {1_000: 30, 10_000: 8, 100_000: 2},
+                1_000,
+                2.0,
+                10_000,
+                50,
+                100_000,
+            )
+        return cls(
+            False,
+            (1_000, 10_000, 100_000),
+            400,
+            {1_000: 100, 10_000: 30, 100_000: 6},
+            5_000,
+            8.0,
+            100_000,
+            200,
+            100_000,
+        )
+
+
+# -- measuring ---------------------------------------------------------------
+
+
+def pct(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def sample(fn: Callable[[], object], count: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": pct(samples, 50) * 1e3,
+        "p99_ms": pct(samples, 99) * 1e3,
+        "mean_ms": sum(samples) / len(samples) * 1e3,
+        "n": len(samples),
+    }
+
+
+# -- building stores ---------------------------------------------------------
+
+
+def entry_bytes(i: int, version: int = 0) -> bytes:
+    rng = random.Random(i)
+    return dumps({**make_entry(rng, KEY.format(i), BASE_MS + i), "updatedAt": BASE_MS + version})
+
+
+def build_store(sessions_dir: Path, count: int) -> None:
+    """sessions.d/ with *count* realistic entries, and the same as a JSON-era sessions.json."""
+    sessions_dir.mkdir(parents=True)
+    legacy: dict[str, Any] = {}
+    with SessionStore(sessions_dir / "sessions.d") as store:
+        for i in range(count):
+            data = entry_bytes(i)
+            store.create_unlocked(KEY.format(i), data)
+            legacy[KEY.format(i)] = orjson.loads(data)
+        store.sync()
+    (sessions_dir / "sessions.json").write_bytes(orjson.dumps(legacy, option=orjson.OPT_INDENT_2))
+
+
+def monolithic_update(path: Path, key: str, version: int) -> None:
+    """OpenClaw's JSON-era write path: whole file, one lock, temp + fsync + rename."""
+    with openclaw_store_lock(path):
+        store = orjson.loads(path.read_bytes())
+        store[key] = {**store[key], "updatedAt": BASE_MS + version}
+        data = orjson.dumps(store, option=orjson.OPT_INDENT_2)
+        temp = path.with_name(f"{path.name}.{uuid.uuid4()}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_via_path(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_via_path(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+
+
+# -- mounts ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted(
+    argv: list[str], mountpoint: Path, fstype: str, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not is_mounted(mountpoint, fstype):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{argv[:4]} did not mount: {log.read_text()[-2000:]}")
+        time.sleep(0.01)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def sessionfs_mount(
+    source: Path, mountpoint: Path, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    argv = [
+        sys.executable,
+        "-m",
+        "sessionfs",
+        "mount",
+        "-f",
+        "--no-migrate",
+        str(source),
+        str(mountpoint),
+    ]
+    return mounted(argv, mountpoint, "fuse.sessionfs", log)
+
+
+def null_mount(
+    mountpoint: Path, count: int, size: int, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    argv = [
+        sys.executable,
+        str(REPO / "scripts" / "nullfs.py"),
+        str(mountpoint),
+        str(count),
+        str(size),
+    ]
+    return mounted(argv, mountpoint, "fuse.nullfs", log)
+
+
+def mount_name(i: int) -> str:
+    return KEY.format(i) + ".json"
+
+
+# -- workloads ---------------------------------------------------------------
+
+
+def bench_updates(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
+    """1. one update: through the mount, through the store API, on the monolithic store."""
+    out: dict[str, Any] = {}
+    for size in plan.sizes:
+        out[str(size)] = row = _updates_at(plan, work, size)
+        print(
+            f"  update at {size:>7,} sessions: mount {row['mount']['p50_ms']:.2f} ms, "
+            f"store API {row['store_api']['p50_ms']:.2f} ms, "
+            f"monolithic {row['monolithic']['p50_ms']:.1f} ms (p50)",
+            flush=True,
+        )
+    figures["update"] = out
+
+
+def _updates_at(plan: Plan, work: Path, size: int) -> dict[str, Any]:
+    sessions = work / f"store-{size}" / "sessions"
+    started = time.perf_counter()
+    build_store(sessions, size)
+    built = time.perf_counter() - started
+    index = size // 2
+    key = KEY.format(index)
+    version = iter(range(1, 10**9))
+    with SessionStore(sessions / "sessions.d") as store:
+        native = sample(
+            lambda: store.write(key, entry_bytes(index, next(version))), plan.update_samples
+        )
+    with sessionfs_mount(sessions, work / f"mnt-{size}", work / f"mount-{size}.log"):
+        path = str(work / f"mnt-{size}" / mount_name(index))
+        mount = sample(
+            lambda: write_via_path(path, entry_bytes(index, next(version))), plan.update_samples
+        )
+    legacy = sessions / "sessions.json"
+    mono = sample(
+        lambda: monolithic_update(legacy, key, next(version)),
+        plan.monolithic_samples[size],
+        warmup=1,
+    )
+    return {
+        "build_s": built,
+        "mount": summary(mount),
+        "store_api": summary(native),
+        "monolithic": summary(mono),
+    }
+
+
+def _writer(kind: str, target: str, index: int, seconds: float, start_at: float) -> list[float]:
+    """One writer process: update its own session until the time is up; its latencies."""
+    key = KEY.format(index)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    latencies, version = [], 0
+    store = SessionStore(target) if kind == "native" else None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        version += 1
+        begin = time.perf_counter()
+        if kind == "mount":
+            write_via_path(os.path.join(target, mount_name(index)), entry_bytes(index, version))
+        elif kind == "native":
+            assert store is not None
+            store.write(key, entry_bytes(index, version))
+        else:
+            monolithic_update(Path(target), key, version)
+        latencies.append(time.perf_counter() - begin)
+    return latencies
+
+
+def run_writers(kind: str, target: str, indexes: list[int], seconds: float) -> list[list[float]]:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(len(indexes)) as pool:
+        start_at = time.time() + 1.0  # every process started before anyone writes
+        jobs = [pool.apply_async(_writer, (kind, target, i, seconds, start_at)) for i in indexes]
+        return [job.get(seconds + 120) for job in jobs]
+
+
+def bench_contention(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
+    """2. eight writers on eight sessions; and writer A's p99 while B is hammered."""
+    sessions = work / "store-1000" / "sessions"
+    mnt = work / "mnt-contention"
+    out: dict[str, Any] = {}
+    with sessionfs_mount(sessions, mnt, work / "mount-contention.log"):
+        targets = {
+            "mount": str(mnt),
+            "store_api": str(sessions / "sessions.d"),
+            "monolithic": str(sessions / "sessions.json"),
+        }
+        for name, target in targets.items():
+            kind = "native" if name == "store_api" else name
+            per_writer = run_writers(kind, target, list(range(8)), plan.contention_seconds)
+            total = sum(len(w) for w in per_writer)
+            out[name] = {
+                "writers": 8,
+                "seconds": plan.contention_seconds,
+                "updates_per_s": total / plan.contention_seconds,
+                "p99_ms": pct([x for w in per_writer for x in w], 99) * 1e3,
+            }
+            print(f"  8 writers via {name}: {out[name]['updates_per_s']:.0f} updates/s", flush=True)
+        alone = run_writers("mount", str(mnt), [100], plan.contention_seconds)[0]
+        a_and_b = run_writers("mount", str(mnt), [100, 200], plan.contention_seconds)
+        out["a_alone"] = summary(alone)
+        out["a_while_b"] = summary(a_and_b[0])
+        out["b_updates_per_s"] = len(a_and_b[1]) / plan.contention_seconds
+    figures["contention"] = out
+
+
+def bench_reads(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
+    """3. cached open/read/close, stat and listing: mount vs plain files vs null FUSE."""
+    size = 10_000
+    sessions = work / f"store-{size}" / "sessions"
+    backing = sessions / "sessions.d"
+    index = 4321
+    plain_path = str(backing / key_to_filename(KEY.format(index)))
+    entry_size = os.path.getsize(plain_path)
+    out: dict[str, Any] = {}
+
+    def measure(label: str, path: str, directory: str) -> None:
+        read_via_path(path)
+        out[label] = {
+            "open_read_close": summary(sample(lambda: read_via_path(path), plan.read_samples)),
+            "stat": summary(sample(lambda: os.stat(path), plan.read_samples * 2)),
+            "listdir_10k": summary(sample(lambda: os.listdir(directory), 5, warmup=1)),
+        }
+
+    measure("plain", plain_path, str(backing))
+    with sessionfs_mount(sessions, work / "mnt-read", work / "mount-read.log") as proc:
+        mnt = work / "mnt-read"
+        measure("mount", str(mnt / mount_name(index)), str(mnt))
+        out["mount_stats"] = orjson.loads((mnt / ".sessionfs" / "stats").read_bytes())
+        del proc
+    with null_mount(work / "mnt-null", size, entry_size, work / "null.log"):
+        mnt = work / "mnt-null"
+        measure("null_fuse", str(mnt / mount_name(index)), str(mnt))
+    for label in ("plain", "mount", "null_fuse"):
+        print(
+            f"  {label:>9}: open/read/close "
+            f"{out[label]['open_read_close']['p50_ms'] * 1e3:.0f} us, "
+            f"stat {out[label]['stat']['p50_ms'] * 1e3:.1f} us, "
+            f"listing 10k {out[label]['listdir_10k']['p50_ms']:.0f} ms",
+            flush=True,
+        )
+    figures["read"] = out
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def write_files_once(directory: Path, payloads: list[tuple[str, bytes]]) -> None:
+    """The baseline for migration: create each file once, then one syncfs."""
+    directory.mkdir()
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, data in payloads:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+            os.write(fd, data)
+            os.close(fd)
+        _libc.syncfs(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def bench_migration(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
+    """4. migrating a legacy store against writing the same files once."""
+    count = plan.migration_entries
+    runs: dict[str, list[float]] = {"migration": [], "write_files_once": []}
+    legacy = write_legacy_store(work / "legacy-template", "bench", count, transcripts=False)
+    payloads = [(f"{i}.json", dumps(value)) for i, value in enumerate(legacy.values())]
+    template = (work / "legacy-template" / "sessions.json").read_bytes()
+    for attempt in range(2):
+        target = work / f"baseline-{attempt}"
+        start = time.perf_counter()
+        write_files_once(target, payloads)
+        runs["write_files_once"].append(time.perf_counter() - start)
+        sessions = work / f"legacy-{attempt}" / "sessions"
+        sessions.mkdir(parents=True)
+        (sessions / "sessions.json").write_bytes(template)
+        start = time.perf_counter()
+        report = migrate_store(AgentStore(sessions), progress=None)
+        runs["migration"].append(time.perf_counter() - start)
+        assert report.migrated == len(payloads) - len(report.folded), report.lines()
+    figures["migration"] = {
+        "entries": count,
+        "legacy_bytes": len(template),
+        "migration_s": min(runs["migration"]),
+        "write_files_once_s": min(runs["write_files_once"]),
+        "runs": runs,
+    }
+    print(
+        f"  migration of {count:,}: {figures['migration']['migration_s']:.2f} s, "
+        "writing the files once "
+        f"{figures['migration']['write_files_once_s']:.2f} s",
+        flush=True,
+    )
+
+
+def bench_visibility(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
+    """5. how soon an outside change shows through the mount."""
+    sessions = work / "store-1000" / "sessions"
+    mnt = work / "mnt-visibility"
+    samples = []
+    with (
+        sessionfs_mount(sessions, mnt, work / "mount-visibility.log"),
+        SessionStore(sessions / "sessions.d") as store,
+    ):
+        path = str(mnt / mount_name(7))
+        read_via_path(path)
+        for version in range(1, plan.visibility_samples + 1):
+            data = entry_bytes(7, 10**6 + version)
+            store.write(KEY.format(7), data)
+            begin = time.perf_counter()
+            while read_via_path(path) != data:
+                if time.perf_counter() - begin > 5:
+                    raise RuntimeError("an outside change did not show within 5 s")
+            samples.append(time.perf_counter() - begin)
+    figures["visibility"] = summary(samples)
+    print(
+        f"  visibility of outside changes: p50 {figures['visibility']['p50_ms']:.2f} ms, "
+        f"p99 {figures['visibility']['p99_ms']:.2f} ms",
+        flush=True,
+    )
+
+
+def bench_memory(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
+    """6. the daemon's resident memory with every session of a large store known."""
+    count = plan.rss_entries
+    sessions = work / f"store-{count}" / "sessions"
+    mnt = work / "mnt-rss"
+    with sessionfs_mount(sessions, mnt, work / "mount-rss.log") as proc:
+        start = time.perf_counter()
+        listed = len(os.listdir(mnt))
+        listing_s = time.perf_counter() - start
+        for i in range(0, count, max(1, count // 1000)):
+            os.stat(mnt / mount_name(i))
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        rss_kb = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        )
+    figures["memory"] = {
+        "sessions": count,
+        "listed": listed,
+        "rss_mb": rss_kb / 1024,
+        "listing_s": listing_s,
+    }
+    print(f"  daemon RSS with {count:,} sessions listed: {rss_kb / 1024:.0f} MB", flush=True)
+
+
+# -- report ------------------------------------------------------------------
+
+
+def targets(figures: dict[str, Any], plan: Plan) -> list[Target]:
+    up = figures["update"]
+    big = str(max(plan.sizes))
+    read = figures["read"]
+    cont = figures["contention"]
+    rows = [
+        (
+            "update via mount / store API (p50, 10,000 sessions)",
+            up["10000"]["mount"]["p50_ms"] / up["10000"]["store_api"]["p50_ms"],
+            "x",
+            "<= 1.5",
+        ),
+        (
+            "monolithic update / mount update (p50, 10,000 sessions)",
+            up["10000"]["monolithic"]["p50_ms"] / up["10000"]["mount"]["p50_ms"],
+            "x",
+            ">= 100",
+        ),
+        (
+            f"mount update cost, {int(big):,} vs 1,000 sessions (p50)",
+            up[big]["mount"]["p50_ms"] / up["1000"]["mount"]["p50_ms"],
+            "x",
+            "<= 1.3",
+        ),
+        (
+            "p99 of writer A while B is hammered / A alone (mount)",
+            cont["a_while_b"]["p99_ms"] / cont["a_alone"]["p99_ms"],
+            "x",
+            "<= 2",
+        ),
+        (
+            "cached open/read/close: mount / null FUSE (p50)",
+            read["mount"]["open_read_close"]["p50_ms"]
+            / read["null_fuse"]["open_read_close"]["p50_ms"],
+            "x",
+            "<= 1.3",
+        ),
+        (
+            "stat: mount / plain file (p50)",
+            read["mount"]["stat"]["p50_ms"] / read["plain"]["stat"]["p50_ms"],
+            "x",
+            "<= 1.5",
+        ),
+        (
+            "listing 10,000 entries: mount / null FUSE (p50)",
+            read["mount"]["listdir_10k"]["p50_ms"] / read["null_fuse"]["listdir_10k"]["p50_ms"],
+            "x",
+            "<= 2",
+        ),
+        (
+            f"migration / writing {figures['migration']['entries']:,} files once",
+            figures["migration"]["migration_s"] / figures["migration"]["write_files_once_s"],
+            "x",
+            "<= 1.5",
+        ),
+        ("visibility of an outside change (p99)", figures["visibility"]["p99_ms"], "ms", "<= 100"),
+        (
+            f"daemon RSS with {figures['memory']['sessions']:,} sessions",
+            figures["memory"]["rss_mb"],
+            "MB",
+            "<= 150",
+        ),
+    ]
+    out = []
+    for name, value, unit, target in rows:
+        op, limit = target.split()
+        met = value <= float(limit) if op == "<=" else value >= float(limit)
+        out.append(Target(name, round(value, 3), unit, target, met))
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    fuse = subprocess.run(
+        ["pkg-config", "--modversion", "fuse3"], capture_output=True, text=True, check=False
+    )
+    import pyfuse3
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pyfuse3": pyfuse3.__version__,
+        "libfuse": fuse.stdout.strip(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def chart(figures: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (no chart: pip install -e '.[bench]' for matplotlib)")
+        return False
+    sizes = sorted(int(s) for s in figures["update"])
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, key in (
+        ("sessionfs mount", "mount"),
+        ("store API (no FUSE)", "store_api"),
+        ("monolithic sessions.json", "monolithic"),
+    ):
+        ax.plot(
+            sizes,
+            [figures["update"][str(s)][key]["p50_ms"] for s in sizes],
+            marker="o",
+            label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sessions in the store")
+    ax.set_ylabel("update latency, p50 (ms)")
+    ax.set_title("Updating one session")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples; about a minute")
+    parser.add_argument("--json", type=Path, default=REPO / "bench-results" / "latest.json")
+    parser.add_argument("--chart", type=Path, default=REPO / "bench-results" / "update-latency.png")
+    parser.add_argument("--workdir", type=Path, help="where to build stores (default: a temp dir)")
+    args = parser.parse_args()
+    plan = Plan.make(args.quick)
+    work = Path(tempfile.mkdtemp(prefix="sessionfs-bench-", dir=args.workdir))
+    figures: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        print(f"sessionfs benchmarks ({'quick' if plan.quick else 'full'}) in {work}", flush=True)
+        for step in (
+            bench_updates,
+            bench_reads,
+            bench_contention,
+            bench_migration,
+            bench_visibility,
+            bench_memory,
+        ):
+            print(f"{step.__doc__.splitlines()[0] if step.__doc__ else step.__name__}", flush=True)
+            step(plan, work, figures)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = targets(figures, plan)
+    width = max(len(t.name) for t in results)
+    print(f"\n{'target':<{width}}  {'value':>10}  {'goal':>8}  met")
+    for t in results:
+        print(
+            f"{t.name:<{width}}  {t.value:>8.2f} {t.unit:<2}  {t.target:>8}  "
+            f"{'yes' if t.met else 'NO'}"
+        )
+    report = {
+        "quick": plan.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": machine(),
+        "command": "scripts/bench" + (" --quick" if plan.quick else ""),
+        "plan": asdict(plan),
+        "figures": figures,
+        "targets": [asdict(t) for t in results],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_bytes(
+        orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+    )
+    drew = chart(figures, args.chart)
+    print(f"\nraw figures: {args.json}" + (f"; chart: {args.chart}" if drew else ""))
+    print(f"took {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
