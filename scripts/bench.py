@@ -65,28 +65,29 @@ class Plan:
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
-        if quick:
+        sizes = (1_000, 10_000, 100_000)
+        if quick:  # no monolithic baseline at 100,000 (an update takes seconds); shorter runs
             return cls(
-                True,
-                (1_000, 10_000, 100_000),
-                100,
-                {1_000: 30, 10_000: 8, 100_000: 2},
-                1_000,
-                2.0,
-                10_000,
-                50,
-                100_000,
+                quick=True,
+                sizes=sizes,
+                update_samples=100,
+                monolithic_samples={1_000: 30, 10_000: 8, 100_000: 0},
+                read_samples=1_000,
+                contention_seconds=1.5,
+                migration_entries=10_000,
+                visibility_samples=50,
+                rss_entries=100_000,
             )
         return cls(
-            False,
-            (1_000, 10_000, 100_000),
-            400,
-            {1_000: 100, 10_000: 30, 100_000: 6},
-            5_000,
-            8.0,
-            100_000,
-            200,
-            100_000,
+            quick=False,
+            sizes=sizes,
+            update_samples=400,
+            monolithic_samples={1_000: 100, 10_000: 30, 100_000: 5},
+            read_samples=5_000,
+            contention_seconds=8.0,
+            migration_entries=100_000,
+            visibility_samples=200,
+            rss_entries=100_000,
         )
 
 
@@ -121,22 +122,47 @@ def summary(samples: list[float]) -> dict[str, float]:
 # -- building stores ---------------------------------------------------------
 
 
+# Entries as large as the smallest per-session size users reported for the JSON-era
+# store (2,423 sessions = 11.7 MB, about 4.8 KB each; others reported 80-230 KB):
+# most of it is the skills snapshot, which lists every skill the agent has.
+ENTRY_BYTES = 4800
+_SKILL = "- {name}: {text}\n"
+_SKILL_TEXT = "Use when the user asks about {topic}; read SKILL.md in the skill folder first."
+
+
+def _skills_prompt(rng: random.Random, size: int) -> str:
+    lines = ["You can use these skills:\n"]
+    while sum(map(len, lines)) < size:
+        topic = rng.choice(("calendars", "email", "git", "weather", "notes", "home automation"))
+        lines.append(
+            _SKILL.format(
+                name=f"skill-{rng.randrange(10**6)}", text=_SKILL_TEXT.format(topic=topic)
+            )
+        )
+    return "".join(lines)
+
+
 def entry_bytes(i: int, version: int = 0) -> bytes:
     rng = random.Random(i)
-    return dumps({**make_entry(rng, KEY.format(i), BASE_MS + i), "updatedAt": BASE_MS + version})
+    entry = make_entry(rng, KEY.format(i), BASE_MS + i)
+    entry["skillsSnapshot"] = {"prompt": _skills_prompt(rng, ENTRY_BYTES - 800)}
+    return dumps({**entry, "updatedAt": BASE_MS + version})
 
 
-def build_store(sessions_dir: Path, count: int) -> None:
-    """sessions.d/ with *count* realistic entries, and the same as a JSON-era sessions.json."""
+def build_store(sessions_dir: Path, count: int, *, legacy: bool = True) -> None:
+    """sessions.d/ with *count* realistic entries, and (*legacy*) the same as a sessions.json."""
     sessions_dir.mkdir(parents=True)
-    legacy: dict[str, Any] = {}
+    entries: dict[str, Any] = {}
     with SessionStore(sessions_dir / "sessions.d") as store:
         for i in range(count):
             data = entry_bytes(i)
             store.create_unlocked(KEY.format(i), data)
-            legacy[KEY.format(i)] = orjson.loads(data)
+            if legacy:
+                entries[KEY.format(i)] = orjson.loads(data)
         store.sync()
-    (sessions_dir / "sessions.json").write_bytes(orjson.dumps(legacy, option=orjson.OPT_INDENT_2))
+    if legacy:
+        data = orjson.dumps(entries, option=orjson.OPT_INDENT_2)
+        (sessions_dir / "sessions.json").write_bytes(data)
 
 
 def monolithic_update(path: Path, key: str, version: int) -> None:
@@ -239,10 +265,10 @@ def bench_updates(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
     out: dict[str, Any] = {}
     for size in plan.sizes:
         out[str(size)] = row = _updates_at(plan, work, size)
+        mono = f"{row['monolithic']['p50_ms']:.1f} ms" if "monolithic" in row else "not run"
         print(
             f"  update at {size:>7,} sessions: mount {row['mount']['p50_ms']:.2f} ms, "
-            f"store API {row['store_api']['p50_ms']:.2f} ms, "
-            f"monolithic {row['monolithic']['p50_ms']:.1f} ms (p50)",
+            f"store API {row['store_api']['p50_ms']:.2f} ms, monolithic {mono} (p50)",
             flush=True,
         )
     figures["update"] = out
@@ -251,7 +277,8 @@ def bench_updates(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
 def _updates_at(plan: Plan, work: Path, size: int) -> dict[str, Any]:
     sessions = work / f"store-{size}" / "sessions"
     started = time.perf_counter()
-    build_store(sessions, size)
+    with_legacy = plan.monolithic_samples[size] > 0
+    build_store(sessions, size, legacy=with_legacy)
     built = time.perf_counter() - started
     index = size // 2
     key = KEY.format(index)
@@ -265,18 +292,16 @@ def _updates_at(plan: Plan, work: Path, size: int) -> dict[str, Any]:
         mount = sample(
             lambda: write_via_path(path, entry_bytes(index, next(version))), plan.update_samples
         )
-    legacy = sessions / "sessions.json"
-    mono = sample(
-        lambda: monolithic_update(legacy, key, next(version)),
-        plan.monolithic_samples[size],
-        warmup=1,
-    )
-    return {
-        "build_s": built,
-        "mount": summary(mount),
-        "store_api": summary(native),
-        "monolithic": summary(mono),
-    }
+    row = {"build_s": built, "mount": summary(mount), "store_api": summary(native)}
+    if with_legacy:
+        legacy = sessions / "sessions.json"
+        mono = sample(
+            lambda: monolithic_update(legacy, key, next(version)),
+            plan.monolithic_samples[size],
+            warmup=1,
+        )
+        row["monolithic"] = summary(mono)
+    return row
 
 
 def _writer(kind: str, target: str, index: int, seconds: float, start_at: float) -> list[float]:
@@ -331,11 +356,21 @@ def bench_contention(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
                 "p99_ms": pct([x for w in per_writer for x in w], 99) * 1e3,
             }
             print(f"  8 writers via {name}: {out[name]['updates_per_s']:.0f} updates/s", flush=True)
-        alone = run_writers("mount", str(mnt), [100], plan.contention_seconds)[0]
-        a_and_b = run_writers("mount", str(mnt), [100, 200], plan.contention_seconds)
-        out["a_alone"] = summary(alone)
-        out["a_while_b"] = summary(a_and_b[0])
-        out["b_updates_per_s"] = len(a_and_b[1]) / plan.contention_seconds
+        for name, kind, target in (
+            ("", "mount", str(mnt)),
+            ("store_api_", "native", str(sessions / "sessions.d")),
+        ):
+            alone = run_writers(kind, target, [100], plan.contention_seconds)[0]
+            a_and_b = run_writers(kind, target, [100, 200], plan.contention_seconds)
+            out[f"{name}a_alone"] = summary(alone)
+            out[f"{name}a_while_b"] = summary(a_and_b[0])
+            out[f"{name}b_updates_per_s"] = len(a_and_b[1]) / plan.contention_seconds
+        print(
+            f"  writer A's p99 while B hammers / alone: mount "
+            f"{out['a_while_b']['p99_ms'] / out['a_alone']['p99_ms']:.2f}x, store API "
+            f"{out['store_api_a_while_b']['p99_ms'] / out['store_api_a_alone']['p99_ms']:.2f}x",
+            flush=True,
+        )
     figures["contention"] = out
 
 
@@ -401,14 +436,16 @@ def bench_migration(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
     legacy = write_legacy_store(work / "legacy-template", "bench", count, transcripts=False)
     payloads = [(f"{i}.json", dumps(value)) for i, value in enumerate(legacy.values())]
     template = (work / "legacy-template" / "sessions.json").read_bytes()
-    for attempt in range(2):
+    for attempt in range(2 if plan.quick else 3):
         target = work / f"baseline-{attempt}"
+        os.sync()  # each run starts with nothing else waiting to be written
         start = time.perf_counter()
         write_files_once(target, payloads)
         runs["write_files_once"].append(time.perf_counter() - start)
         sessions = work / f"legacy-{attempt}" / "sessions"
         sessions.mkdir(parents=True)
         (sessions / "sessions.json").write_bytes(template)
+        os.sync()
         start = time.perf_counter()
         report = migrate_store(AgentStore(sessions), progress=None)
         runs["migration"].append(time.perf_counter() - start)
@@ -594,9 +631,10 @@ def chart(figures: dict[str, Any], path: Path) -> bool:
         ("store API (no FUSE)", "store_api"),
         ("monolithic sessions.json", "monolithic"),
     ):
+        shown = [s for s in sizes if key in figures["update"][str(s)]]
         ax.plot(
-            sizes,
-            [figures["update"][str(s)][key]["p50_ms"] for s in sizes],
+            shown,
+            [figures["update"][str(s)][key]["p50_ms"] for s in shown],
             marker="o",
             label=label,
         )

@@ -120,9 +120,10 @@ async def test_readdir_offsets_survive_inserts_and_deletes(
         "hook:100%25done.json",
     }
     assert everything_kept <= set(names)
-    # each entry the kernel accepted holds one lookup reference
+    # each entry the kernel accepted holds one lookup reference (k19 went meanwhile:
+    # POSIX leaves it open whether a listing in progress still shows it)
     for name in names:
-        if name.endswith(".json"):
+        if name.endswith(".json") and name != "k19.json":
             node = ops.tree.get((await ops.lookup(pyfuse3.ROOT_INODE, name.encode(), CTX)).st_ino)
             assert node.nlookup == 2
 

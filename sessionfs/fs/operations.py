@@ -32,8 +32,9 @@ from ..entry import DEFAULT_MAX_ENTRY_BYTES
 from ..errors import EntryExists, EntryNotFound, InvalidEntry, InvalidKey, NoStore, SessionFSError
 from ..keys import NAME_MAX, display_to_key, key_to_display, key_to_filename
 from ..store import ABSENT, EntryChanged, Snapshot, Version
+from .cache import ContentCache
 from .handles import Handle, is_scratch_name
-from .tree import Control, Dir, File, Node, Tree
+from .tree import Control, Dir, File, Node, Seen, Tree
 from .watcher import OwnChanges, Watcher
 
 log = logging.getLogger("sessionfs")
@@ -64,6 +65,7 @@ def guarded(
         self.counters[name] += 1
         if self.debug:
             log.debug("request %s%s", name, _describe(args))
+        started = time.perf_counter()
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -77,6 +79,8 @@ def guarded(
         except Exception:
             log.exception("internal error in %s%s; answered EIO", name, _describe(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.seconds[name] += time.perf_counter() - started
 
     functools.update_wrapper(handler, fn)
     return handler
@@ -124,7 +128,7 @@ class DirHandle:
     """One open directory: the listing taken when it was first read, so offsets hold."""
 
     node: Dir
-    listing: list[tuple[str, str | None]] | None = None  # (name, key when it is a stored entry)
+    listing: list[tuple[str, Node | None]] | None = None  # (name, node; None for an agent)
     opened: float = field(default_factory=time.monotonic)
 
 
@@ -160,6 +164,8 @@ class Operations(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started_ns = time.time_ns()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self.content = ContentCache()
         self.rejections: collections.deque[Rejection] = collections.deque(maxlen=MAX_REJECTIONS)
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
@@ -191,6 +197,7 @@ class Operations(pyfuse3.Operations):
     def _render_stats(self) -> bytes:
         stats: dict[str, object] = {
             "requests": dict(self.counters),
+            "request_ms": {name: round(sec * 1e3, 3) for name, sec in self.seconds.items()},
             "inodes": len(self.tree.nodes),
             "open_files": len(self.handles),
             "scratch_bytes": self.tree.scratch_bytes(),
@@ -236,6 +243,19 @@ class Operations(pyfuse3.Operations):
     def _path(self, node: File) -> str:
         return self._dir_path(node.parent, node.name)
 
+    def _trusted(self, parent: Dir | None) -> bool:
+        """Whether the watcher keeps *parent*'s index fresh, so it may answer without disk I/O."""
+        return (
+            parent is not None
+            and self.watcher is not None
+            and self.watcher.watches_store(parent.agent_id)
+        )
+
+    @staticmethod
+    def _bump(parent: Dir) -> int:
+        parent.generation += 1
+        return parent.generation
+
     def _invalidate_attrs(self, ino: int) -> None:
         if not self.mounted:
             return
@@ -265,15 +285,15 @@ class Operations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | (0o500 if node is self.control_dir else 0o700)
             attrs.st_nlink = 2
         elif isinstance(node, File):
+            if st is not None and node.parent is not None:
+                self.tree.remember(node, Seen.of(st), self._bump(node.parent))
             attrs.st_mode = stat.S_IFREG | node.mode
             attrs.st_nlink = 1 if node.linked else 0
-            if st is not None:
-                node.seen_version = Version.of(st)
-                writable = stat.S_IMODE(st.st_mode) & 0o200
-                attrs.st_mode = stat.S_IFREG | (0o600 if writable else 0o400)
-                size, mtime_ns, ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            mtime_ns, ctime_ns = node.mtime_ns, node.ctime_ns
+            if node.is_session and not node.pending and node.seen_version is not None:
+                size = node.seen_version.size
             else:  # scratch or pending: lives in memory
-                size, mtime_ns, ctime_ns = len(node.data), node.mtime_ns, node.ctime_ns
+                size = len(node.data)
             changing = self._changing.get(node.ino)
             if changing is not None:  # written but not committed yet: show what the writer sees
                 size = len(changing.data)
@@ -341,13 +361,27 @@ class Operations(pyfuse3.Operations):
         key = display_to_key(name)
         if key is None or key in parent.away:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        known = parent.sessions.get(key)
-        if known is not None:
-            node = self.tree.nodes[known]
-            if isinstance(node, File) and node.pending:
+        node = self.tree.known_session(parent, key)
+        if node is not None and node.pending:
+            return node, None
+        if self._trusted(parent):
+            if node is not None and node.present is not None:
+                if not node.present:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
                 return node, None
-        st = await self._store(parent, lambda b: b.stat(key))
+            if node is None and parent.indexed:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+        st = await self._stat(parent, key, node)
         return self.tree.session(parent, key), st
+
+    async def _stat(self, parent: Dir, key: str, node: File | None) -> os.stat_result:
+        """Ask the store for *key*'s stat; a gone entry is remembered as gone (ENOENT)."""
+        try:
+            return await self._store(parent, lambda b: b.stat(key))
+        except EntryNotFound:
+            if node is not None:
+                self.tree.forget_entry(node, self._bump(parent))
+            raise
 
     async def _exists(self, parent: Dir, name: str) -> bool:
         try:
@@ -359,9 +393,11 @@ class Operations(pyfuse3.Operations):
     async def _attrs_of(self, node: Node) -> pyfuse3.EntryAttributes:
         if isinstance(node, File) and node.is_session and not node.pending:
             assert node.parent is not None and node.key is not None
-            key = node.key
-            st = await self._store(node.parent, lambda b: b.stat(key))
-            return self._attrs(node, st)
+            if self._trusted(node.parent) and node.present is not None:
+                if not node.present:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return self._attrs(node)
+            return self._attrs(node, await self._stat(node.parent, node.key, node))
         if isinstance(node, Control):
             return self._attrs(node, size=len(node.render()))
         return self._attrs(node)
@@ -417,11 +453,9 @@ class Operations(pyfuse3.Operations):
         if handle is not None:
             self._change(handle, lambda h: h.truncate(size, self._limit(h, size - len(h.data))))
             return
-        if not node.is_session:
+        if not node.is_session:  # resized in place: handles share a scratch file's bytes
             self._check_scratch_room(size - len(node.data))
-            del node.data[size:]
-            node.data.extend(bytes(size - len(node.data)))
-            node.mtime_ns = node.ctime_ns = time.time_ns()
+            Handle(0, node, os.O_WRONLY, node.data).truncate(size, self.scratch_limit)
             return
         # truncate(2) on a path: read, resize and commit in one go
         assert node.key is not None and node.parent is not None
@@ -457,27 +491,63 @@ class Operations(pyfuse3.Operations):
         self.dir_handles[fh] = DirHandle(self._dir(inode))
         return fh
 
-    async def _listing(self, node: Dir) -> list[tuple[str, str | None]]:
-        names: list[tuple[str, str | None]] = [(name, None) for name in node.children]
+    async def _index(self, parent: Dir) -> None:
+        """Learn every entry of *parent*'s store in one pass (names and stats, one thread hop).
+
+        With a watcher on the store the result stays true (``indexed``); without
+        one, it serves this listing only.
+        """
+        start = self._bump(parent)
+
+        def scan(backing: Backing) -> list[tuple[str, Seen]]:
+            # Compact as it goes: 100,000 stat_results at once would cost ~60 MB.
+            keys, found = list(backing.keys()), []
+            for first in range(0, len(keys), 1024):
+                chunk = keys[first : first + 1024]
+                found += [
+                    (k, Seen.of(st))
+                    for k, st in zip(chunk, backing.stat_many(chunk), strict=True)
+                    if st
+                ]
+            return found
+
+        found = await self._store(parent, scan)
+        stored = set()
+        for key, seen in found:
+            stored.add(key)
+            node = self.tree.session(parent, key)
+            if node.stamp <= start and not node.pending:  # the watcher may know better already
+                self.tree.remember(node, seen, start)
+        for key, ino in parent.sessions.items():
+            known = self.tree.nodes.get(ino)
+            if (
+                isinstance(known, File)
+                and key not in stored
+                and not known.pending
+                and known.stamp <= start
+            ):
+                self.tree.forget_entry(known, start)
+        parent.indexed = self._trusted(parent)
+
+    async def _listing(self, node: Dir) -> list[tuple[str, Node | None]]:
+        names: list[tuple[str, Node | None]] = [
+            (name, self.tree.nodes[ino]) for name, ino in node.children.items()
+        ]
         if node is self.tree.root and self.catalog.per_agent:
             agents = await trio.to_thread.run_sync(self.catalog.agents, limiter=self.limiter)
             names += [(agent, None) for agent in agents]
         if node.holds_sessions:
-            keys = await self._store(node, lambda b: list(b.keys()))
-            stored = set()
-            for key in keys:
-                if key in node.away:
-                    continue
-                stored.add(key)
-                try:
-                    names.append((key_to_display(key), key))
-                except SessionFSError:
-                    continue
+            if not (node.indexed and self._trusted(node)):
+                await self._index(node)
             for key, ino in node.sessions.items():
-                pending = self.tree.nodes.get(ino)
-                if isinstance(pending, File) and pending.pending and key not in stored:
-                    names.append((pending.name, None))
-            names += [(name, None) for name in node.scratch]
+                file = self.tree.nodes.get(ino)
+                if (
+                    isinstance(file, File)
+                    and (file.present or file.pending)
+                    and key not in node.away
+                ):
+                    names.append((file.name, file))
+            names += [(name, self.tree.nodes[ino]) for name, ino in node.scratch.items()]
         return names
 
     @guarded
@@ -490,29 +560,24 @@ class Operations(pyfuse3.Operations):
         # removed meanwhile cannot shift it.
         position = start_id
         while position < len(listing):
-            chunk = listing[position : position + READDIR_CHUNK]
-            keys = [key for _, key in chunk if key is not None]
-            stats = iter(await self._stat_many(handle.node, keys))
-            for offset, (name, key) in enumerate(chunk):
-                if key is not None:
-                    st = next(stats)
-                    if st is None:
-                        continue  # removed since the listing was taken
-                    node: Node = self.tree.session(handle.node, key)
-                    attrs = self._attrs(node, st)
-                else:
-                    try:
-                        node, _ = await self._find(handle.node, name)
-                    except (pyfuse3.FUSEError, EntryNotFound):
-                        continue
-                    attrs = await self._attrs_of(node)
-                if not pyfuse3.readdir_reply(token, name.encode(), attrs, position + offset + 1):
-                    return
-                node.nlookup += 1
-            position += len(chunk)
-
-    async def _stat_many(self, parent: Dir, keys: list[str]) -> list[os.stat_result | None]:
-        return await self._store(parent, lambda b: b.stat_many(keys)) if keys else []
+            name, node = listing[position]
+            position += 1
+            if node is None:  # an agent: it may have gone since the listing
+                try:
+                    found, _ = await self._find(handle.node, name)
+                except (pyfuse3.FUSEError, EntryNotFound):
+                    continue
+                node = found
+                attrs = await self._attrs_of(node)
+            elif isinstance(node, File) and node.is_session and not node.pending:
+                if not node.present:
+                    continue  # removed since the listing was taken
+                attrs = self._attrs(node)
+            else:
+                attrs = await self._attrs_of(node)
+            if not pyfuse3.readdir_reply(token, name.encode(), attrs, position):
+                return
+            node.nlookup += 1
 
     @guarded
     async def releasedir(self, fh: int) -> None:
@@ -563,17 +628,25 @@ class Operations(pyfuse3.Operations):
         key = node.key
         if node.pending:
             handle = self._new_handle(node, flags, b"", key=key if writable else None)
-        elif writable and flags & os.O_TRUNC:
-            st = await self._store(node.parent, lambda b: b.stat(key))
-            if not stat.S_IMODE(st.st_mode) & 0o200:
-                raise pyfuse3.FUSEError(errno.EROFS)
-            handle = self._new_handle(node, flags, b"", version=Version.of(st), key=key)
         else:
-            snap = await self._store(node.parent, lambda b: b.read(key))
-            if writable and not stat.S_IMODE(snap.stat.st_mode) & 0o200:
+            # With a watcher on the store, what we know of this entry is current:
+            # a truncating open needs no I/O, nor does reopening a version we hold.
+            truncating = writable and bool(flags & os.O_TRUNC)
+            known = node.seen_version if self._trusted(node.parent) and node.present else None
+            data = b"" if known is None or truncating else self.content.get(node.ino, known)
+            if known is None or data is None:
+                snap = await self._store(node.parent, lambda b: b.read(key))
+                self.tree.remember(node, Seen.of(snap.stat), self._bump(node.parent))
+                self.content.put(node.ino, snap.version, snap.data)
+                known, data = snap.version, snap.data
+            if writable and node.mode & 0o200 == 0:
                 raise pyfuse3.FUSEError(errno.EROFS)
             handle = self._new_handle(
-                node, flags, snap.data, version=snap.version, key=key if writable else None
+                node,
+                flags,
+                b"" if truncating else data,
+                version=known,
+                key=key if writable else None,
             )
         if writable and flags & os.O_TRUNC:
             handle.truncate_at_open()
@@ -710,11 +783,13 @@ class Operations(pyfuse3.Operations):
                 _mtime(commit.replaced),
             )
         handle.committed(commit.version)
+        self.tree.remember(node, Seen.of(commit.stat), self._bump(parent))
+        self.content.put(node.ino, commit.version, data)
         node.pending = False
         node.cached_version = None
         parent.away.pop(key, None)  # written anew: a backup of it is only a backup now
         self._invalidate_attrs(node.ino)
-        log.info("committed %s (%d bytes)", self._path(node), len(data))
+        log.debug("committed %s (%d bytes)", self._path(node), len(data))
 
     @guarded
     async def flush(self, fh: int) -> None:
@@ -853,6 +928,7 @@ class Operations(pyfuse3.Operations):
         except EntryExists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None
         self.tree.move(source, parent, key_to_display(key), key)
+        source.stamp = self._bump(parent)  # a rename keeps the entry's file and version
         parent.away.pop(key, None)
         log.info("renamed session %r to %r", old_key, key)
 
@@ -861,13 +937,15 @@ class Operations(pyfuse3.Operations):
         data = bytes(source.data)
         try:
             with self._own(parent, key):
-                await self._store(parent, lambda b: b.write(key, data))
+                commit = await self._store(parent, lambda b: b.write(key, data))
         except (InvalidEntry, InvalidKey, OSError) as exc:
             where = self._dir_path(parent, new)
             raise self._reject(f"{where} (renamed from {source.name})", exc) from None
         origin_key, origin_ino = source.origin_key, source.ino
         self.tree.move(source, parent, new, key)
         source.data, source.pending, source.cached_version = bytearray(), False, None
+        self.tree.remember(source, Seen.of(commit.stat), self._bump(parent))
+        self.content.put(source.ino, commit.version, data)
         source.origin_key = source.origin_version = None
         parent.away.pop(key, None)
         if (

@@ -10,6 +10,8 @@ moves its own dentry the same way), and a number is never given to anything else
 from __future__ import annotations
 
 import itertools
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,19 @@ import pyfuse3
 
 from ..keys import key_to_display
 from ..store import Version
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What a stat of an entry tells the mount, without the rest of a stat_result."""
+
+    version: Version
+    ctime_ns: int
+    writable: bool
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Seen:
+        return cls(Version.of(st), st.st_ctime_ns, bool(stat.S_IMODE(st.st_mode) & 0o200))
 
 
 @dataclass(eq=False, slots=True)
@@ -39,6 +54,11 @@ class Dir(Node):
     scratch: dict[str, int] = field(default_factory=dict)  # scratch name -> inode
     away: dict[str, int] = field(default_factory=dict)  # key renamed to a scratch -> its inode
     children: dict[str, int] = field(default_factory=dict)  # control dir, control files
+    # With a watcher on its store, every stored key has a node whose ``present``
+    # is kept true; a key without a node is absent.  ``generation`` orders what
+    # the disk told us, so a slow listing never overwrites a newer event.
+    indexed: bool = False
+    generation: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -51,19 +71,24 @@ class File(Node):
     """
 
     parent: Dir | None = None
-    name: str = ""
+    scratch_name: str = ""  # a session's name is derived from its key (see name)
     key: str | None = None
     pending: bool = False
-    data: bytearray = field(default_factory=bytearray)
+    # Scratch content (a bytearray that handles share); sessions keep none here.
+    data: bytes | bytearray = b""
     mode: int = 0o600
-    mtime_ns: int = field(default_factory=time.time_ns)
-    ctime_ns: int = field(default_factory=time.time_ns)
+    mtime_ns: int = 0
+    ctime_ns: int = 0
     linked: bool = True
     # The version whose bytes the kernel's page cache may hold; None when
     # unknown, which makes the next open drop the cache.
     cached_version: Version | None = None
-    # The version whose attributes the kernel was last given (for rescans).
+    # What the store holds for this key, as last seen on disk: present or not
+    # (None: not known), and its version; with mode, mtime_ns and ctime_ns it
+    # answers lookups and getattr without touching the disk.
+    present: bool | None = None
     seen_version: Version | None = None
+    stamp: int = 0  # the directory generation this was learnt at
     # A scratch file that a session was renamed to (an editor's backup): the key
     # it came from, and the version it held then.
     origin_key: str | None = None
@@ -72,6 +97,11 @@ class File(Node):
     @property
     def is_session(self) -> bool:
         return self.key is not None
+
+    @property
+    def name(self) -> str:
+        # Derived, not stored: a mount of 100,000 sessions would keep 100,000 copies.
+        return key_to_display(self.key) if self.key is not None else self.scratch_name
 
 
 @dataclass(eq=False, slots=True)
@@ -139,10 +169,15 @@ class Tree:
             node = self.nodes[ino]
             assert isinstance(node, File)
             return node
-        new = File(next(self._next_ino), parent=parent, name=key_to_display(key), key=key)
+        new = File(next(self._next_ino), parent=parent, key=key)
         parent.sessions[key] = new.ino
         self._add(new)
         return new
+
+    def known_session(self, parent: Dir, key: str) -> File | None:
+        """The node of *key* if there is one, without making one."""
+        ino = parent.sessions.get(key)
+        return None if ino is None else self._file(ino)
 
     def scratch(self, parent: Dir, name: str) -> File | None:
         ino = parent.scratch.get(name)
@@ -150,7 +185,16 @@ class Tree:
 
     def new_scratch(self, parent: Dir, name: str, mode: int = 0o600) -> File:
         self.unlink(parent, name)
-        new = File(next(self._next_ino), parent=parent, name=name, mode=mode)
+        now = time.time_ns()
+        new = File(
+            next(self._next_ino),
+            parent=parent,
+            scratch_name=name,
+            data=bytearray(),
+            mode=mode,
+            mtime_ns=now,
+            ctime_ns=now,
+        )
         parent.scratch[name] = new.ino
         self._add(new)
         self.scratch_files.add(new)
@@ -161,6 +205,7 @@ class Tree:
         self.unlink(parent, key_to_display(key), key)
         node = self.session(parent, key)
         node.pending = True
+        node.mtime_ns = node.ctime_ns = time.time_ns()
         return node
 
     def _file(self, ino: int) -> File:
@@ -185,16 +230,38 @@ class Tree:
         if node.key is not None:
             if old_parent.sessions.get(node.key) == node.ino:
                 del old_parent.sessions[node.key]
-        elif old_parent.scratch.get(node.name) == node.ino:
-            del old_parent.scratch[node.name]
+        elif old_parent.scratch.get(node.scratch_name) == node.ino:
+            del old_parent.scratch[node.scratch_name]
         self.unlink(parent, name, key)
-        node.parent, node.name, node.key, node.linked = parent, name, key, True
+        node.parent, node.key, node.linked = parent, key, True
+        node.scratch_name = "" if key is not None else name
+        if key is None and not isinstance(node.data, bytearray):
+            node.data = bytearray(node.data)
         if key is not None:
             parent.sessions[key] = node.ino
             self.scratch_files.discard(node)
         else:
             parent.scratch[name] = node.ino
             self.scratch_files.add(node)
+
+    # -- what the store holds ---------------------------------------------------
+
+    @staticmethod
+    def remember(node: File, seen: Seen, stamp: int) -> bool:
+        """Record that *node*'s entry exists as *seen*; returns whether its version changed."""
+        changed = node.seen_version != seen.version
+        node.present, node.seen_version, node.stamp = True, seen.version, stamp
+        node.mode = 0o600 if seen.writable else 0o400
+        node.mtime_ns, node.ctime_ns = seen.version.mtime_ns, seen.ctime_ns
+        return changed
+
+    @staticmethod
+    def forget_entry(node: File, stamp: int) -> bool:
+        """Record that *node*'s entry is gone; returns whether it was there before."""
+        was = bool(node.present)
+        node.present, node.seen_version, node.stamp = False, None, stamp
+        node.cached_version = None
+        return was
 
     # -- the kernel's references ---------------------------------------------
 
@@ -214,7 +281,7 @@ class Tree:
         # session stays, so its key keeps its number while the kernel forgets it.
         if isinstance(node, File) and not node.linked and not node.open_handles:
             # Unreachable content: free it now, even if the kernel still holds the inode.
-            node.data = bytearray()
+            node.data = b""
             self.scratch_files.discard(node)
             if not node.nlookup:
                 self.nodes.pop(node.ino, None)

@@ -23,19 +23,19 @@ import trio
 from inotify_simple import INotify, flags
 
 from ..catalog import Catalog, WatchTarget
-from ..keys import filename_to_key, key_to_display
-from ..store import Version
-from .tree import Dir, File, Tree
+from ..keys import filename_to_key
+from .tree import Dir, File, Seen, Tree
 
 log = logging.getLogger("sessionfs")
 
+# Entries change by rename (OpenClaw and sessionfs both write temp + rename) or,
+# for in-place writers, end in CLOSE_WRITE; MODIFY and CREATE would only add
+# events for every temp file.
 ENTRY_EVENTS = (
-    flags.CREATE
-    | flags.DELETE
+    flags.DELETE
     | flags.MOVED_FROM
     | flags.MOVED_TO
     | flags.CLOSE_WRITE
-    | flags.MODIFY
     | flags.DELETE_SELF
     | flags.MOVE_SELF
     | flags.EXCL_UNLINK
@@ -48,7 +48,6 @@ TREE_EVENTS = (
     | flags.DELETE_SELF
     | flags.MOVE_SELF
 )
-GONE = flags.DELETE | flags.MOVED_FROM
 OWN_CHANGE_TTL = 5.0
 _T = TypeVar("_T")
 
@@ -111,6 +110,7 @@ class Watcher:
         self.limiter = limiter
         self.inotify = INotify()
         self.watches: dict[int, _Watch] = {}
+        self.stores: set[str | None] = set()  # agents (None: the single store) under watch
         self.agents: set[str] = set()
         self.invalidations = 0
         self.rescans = 0
@@ -125,6 +125,10 @@ class Watcher:
         finally:
             self.inotify.close()
 
+    def watches_store(self, agent_id: str | None) -> bool:
+        """Whether every change to this store reaches us (so its index can be trusted)."""
+        return agent_id in self.stores
+
     async def _thread(self, fn: Callable[..., _T], *args: object) -> _T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
@@ -138,7 +142,7 @@ class Watcher:
     # -- events ------------------------------------------------------------
 
     async def handle(self, events: list[object]) -> None:
-        changed: dict[tuple[str | None, str], bool] = {}  # latest event per key: gone?
+        changed: dict[str | None, set[str]] = {}  # keys to look at again, per store
         structural = overflow = False
         for event in events:
             wd, mask, name = event.wd, event.mask, event.name  # type: ignore[attr-defined]
@@ -160,31 +164,56 @@ class Watcher:
                 continue
             if self.own.consume(watch.target.agent_id, key):
                 continue
-            changed[(watch.target.agent_id, key)] = bool(mask & GONE)
+            changed.setdefault(watch.target.agent_id, set()).add(key)
         if overflow:
             log.warning("inotify queue overflowed; rescanning every store for changes")
         if structural or overflow:
             await self.reconcile()
         if overflow:
             await self.rescan_all()
-        for (agent_id, key), gone in changed.items():
-            await self.invalidate(agent_id, key, gone=gone)
+        for agent_id, keys in changed.items():
+            await self.refresh(agent_id, sorted(keys))
 
-    async def invalidate(self, agent_id: str | None, key: str, *, gone: bool) -> None:
-        """Make the kernel drop what it cached for *key*: attributes and pages, or the name."""
+    async def refresh(self, agent_id: str | None, keys: list[str]) -> None:
+        """Look at *keys* on disk again; update the index; make the kernel drop what changed."""
         parent = self._dir_of(agent_id)
-        if parent is None or key in parent.away:
+        if parent is None or not keys:
             return
-        node = self._session(parent, key)
-        if node is None or node.pending:
-            return  # the kernel never saw it, or an unsaved new file of ours shadows it
-        node.cached_version = None
-        node.seen_version = None
+
+        def stat_all() -> list[os.stat_result | None]:
+            return self.catalog.backing(agent_id).stat_many(keys)
+
+        try:
+            stats = await self._thread(stat_all)
+        except OSError:
+            stats = [None] * len(keys)
+        parent.generation += 1
+        stamp = parent.generation
+        for key, st in zip(keys, stats, strict=True):
+            if key in parent.away:
+                continue  # renamed to a backup through the mount: not shown under its name
+            node = self.tree.known_session(parent, key)
+            if node is not None and node.pending:
+                continue  # an unsaved new file of ours shadows it
+            if st is None:
+                if node is not None and self.tree.forget_entry(node, stamp):
+                    await self._invalidate(parent, node, gone=True)
+            elif node is not None:
+                if self.tree.remember(node, Seen.of(st), stamp):
+                    node.cached_version = None
+                    await self._invalidate(parent, node, gone=False)
+            elif parent.indexed:
+                self.tree.remember(
+                    self.tree.session(parent, key), Seen.of(st), stamp
+                )  # a new entry
+
+    async def _invalidate(self, parent: Dir, node: File, *, gone: bool) -> None:
+        """Make the kernel drop what it cached: attributes and pages, and the name if it went."""
         self.invalidations += 1
         await self._kernel(pyfuse3.invalidate_inode, node.ino)
         if gone:
-            await self._kernel(pyfuse3.invalidate_entry, parent.ino, key_to_display(key).encode())
-        log.debug("%s %r changed behind the mount", "removed" if gone else "updated", key)
+            await self._kernel(pyfuse3.invalidate_entry, parent.ino, node.name.encode())
+        log.debug("%s %r changed behind the mount", "removed" if gone else "updated", node.key)
 
     async def _kernel(self, fn: Callable[..., None], *args: object) -> None:
         try:
@@ -205,6 +234,8 @@ class Watcher:
         for wd, watch in list(self.watches.items()):
             if wanted.get(watch.target.path) != watch.target:
                 del self.watches[wd]
+                if watch.target.kind == "entries":
+                    self._untrust(watch.target.agent_id)
                 with contextlib.suppress(OSError):  # the directory went, and its watch with it
                     self.inotify.rm_watch(wd)
         watched = {w.target.path for w in self.watches.values()}
@@ -221,6 +252,7 @@ class Watcher:
             self.watches[wd] = _Watch(target, wd)
             if target.kind == "entries":
                 fresh.append(target)
+                self.stores.add(target.agent_id)
         if self.catalog.per_agent:
             agents = set(await self._thread(self.catalog.agents))
             root = self._dir_of(None)
@@ -232,34 +264,28 @@ class Watcher:
             for target in fresh:
                 await self.rescan(target.agent_id)
 
+    def _untrust(self, agent_id: str | None) -> None:
+        self.stores.discard(agent_id)
+        parent = self._dir_of(agent_id)
+        if parent is not None:
+            parent.indexed = False
+
     async def rescan_all(self) -> None:
         for agent_id in [None] if not self.catalog.per_agent else sorted(self.agents):
             await self.rescan(agent_id)
 
     async def rescan(self, agent_id: str | None) -> None:
-        """Invalidate every session whose store version differs from what the kernel was told."""
+        """After lost events: every session the kernel may know is looked at again."""
         parent = self._dir_of(agent_id)
         if parent is None:
             return
         self.rescans += 1
-        known = [
-            (key, node)
-            for key in parent.sessions
-            if (node := self._session(parent, key)) is not None
-            and not node.pending
-            and node.seen_version is not None
-        ]
-        if not known:
-            return
-        keys = [key for key, _ in known]
-
-        def stat_all() -> list[os.stat_result | None]:
-            return self.catalog.backing(agent_id).stat_many(keys)
-
-        try:
-            stats = await self._thread(stat_all)
-        except OSError:
-            stats = [None] * len(keys)
-        for (key, node), st in zip(known, stats, strict=True):
-            if st is None or Version.of(st) != node.seen_version:
-                await self.invalidate(agent_id, key, gone=st is None)
+        parent.indexed = False  # rebuilt by the next listing
+        await self.refresh(
+            agent_id,
+            [
+                key
+                for key, ino in parent.sessions.items()
+                if isinstance(self.tree.nodes.get(ino), File)
+            ],
+        )
