@@ -214,3 +214,44 @@ async def test_oversized_entry_is_efbig_and_listed(sessions: SessionStore) -> No
     await ops.release(info.fh)
     assert sessions.read("cron:1").data == entry_bytes("cron-1")
     assert "cron:1.json  EFBIG  entry would exceed 50 bytes" in ops._render_errors().decode()
+
+
+def test_content_cache_is_bounded_and_version_keyed() -> None:
+    from sessionfs.fs.cache import ContentCache
+
+    cache = ContentCache(max_bytes=100)
+    v1, v2 = Version(1, 1, 10), Version(2, 2, 10)
+    cache.put(1, v1, b"a" * 10)
+    assert cache.get(1, v1) == b"a" * 10
+    assert cache.get(1, v2) is None  # another version is never served
+    cache.put(1, v2, b"b" * 10)
+    assert cache.get(1, v1) is None
+    assert cache.size == 10
+    for ino in range(2, 12):
+        cache.put(ino, v1, b"c" * 10)
+    assert cache.size <= 100
+    assert cache.get(1, v2) is None  # the least recently used went first
+    cache.put(99, v1, b"x" * 30)  # over a quarter of the budget: not kept
+    assert cache.get(99, v1) is None
+
+
+async def test_a_listing_never_overwrites_newer_knowledge(
+    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the watcher learns while a slow listing runs must survive the listing's result."""
+    from sessionfs.fs.tree import Seen
+
+    parent = ops.tree.root
+    node = ops.tree.session(parent, "cron:1")
+    scan_store = ops._store
+
+    async def scan_then_watcher_event(directory: Any, call: Any) -> Any:
+        stale = await scan_store(directory, call)  # the listing's view of the disk
+        sessions.write("cron:1", entry_bytes("newer", pad="n" * 50))
+        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops._bump(parent))
+        return stale
+
+    monkeypatch.setattr(ops, "_store", scan_then_watcher_event)
+    await ops._index(parent)
+    assert node.seen_version == Seen.of(sessions.stat("cron:1")).version
+    assert node.present
