@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
-from . import __version__, migrate, sources
+from . import __version__, maintain, migrate, sources
 from .errors import SessionFSError
 from .keys import key_to_display
 from .store import SessionStore
@@ -92,6 +93,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         debug=args.debug,
         log_file=Path(args.log).expanduser() if args.log else None,
         conflict=options.get("conflict", "lww"),
+        maintain_every=args.maintain_every,
+        maintain_mode=args.maintain_mode,
+        maintain_policy=_policy(args),
     )
     return mount(config)
 
@@ -108,6 +112,59 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     print(status(Path(args.mountpoint).expanduser()))
     return 0
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s`` (or ``1.5d``) in seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 90m or 45s")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def size(text: str) -> int:
+    """``500MB``, ``2GiB``, ``10k`` or a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB, 2GiB or 10000")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def _policy(args: argparse.Namespace) -> maintain.Policy:
+    return maintain.Policy(
+        prune_after_ms=int(args.prune_after * 1000),
+        max_entries=args.max_entries,
+        max_disk_bytes=args.max_disk_bytes,
+        high_water_percent=args.high_water,
+    )
+
+
+def _cmd_maintain(args: argparse.Namespace) -> int:
+    source = sources.resolve(args.source)
+    results = maintain.maintain_source(
+        source, _policy(args), maintain.Mode(args.mode), dry_run=args.dry_run
+    )
+    for result in results:
+        print("\n".join(result.lines()))
+    if any(r.error for r in results):
+        return 3
+    return 1 if any(r.changes for r in results) else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -140,6 +197,41 @@ When done:
     return 0
 
 
+def _maintenance_options() -> argparse.ArgumentParser:
+    """The policy options shared by `maintain` and `mount --maintain-every`."""
+    shared = argparse.ArgumentParser(add_help=False)
+    group = shared.add_argument_group("maintenance policy (OpenClaw's defaults)")
+    group.add_argument(
+        "--prune-after",
+        type=duration,
+        default=duration("30d"),
+        metavar="AGE",
+        help="remove entries not updated for this long (default 30d)",
+    )
+    group.add_argument(
+        "--max-entries",
+        type=int,
+        default=500,
+        metavar="N",
+        help="keep at most N entries, the newest (default 500)",
+    )
+    group.add_argument(
+        "--max-disk-bytes",
+        type=size,
+        default=None,
+        metavar="SIZE",
+        help="disk budget for the whole sessions dir (default: none)",
+    )
+    group.add_argument(
+        "--high-water",
+        type=float,
+        default=80.0,
+        metavar="PERCENT",
+        help="above this share of the budget, free space down to it (default 80)",
+    )
+    return shared
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sessionfs",
@@ -148,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sessionfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    policy = _maintenance_options()
     mnt = commands.add_parser(
         "mount",
+        parents=[policy],
         help="mount the sessions under SOURCE at MOUNTPOINT",
         description="Mount every session under SOURCE as a JSON file named by its key. Legacy "
         "sessions.json stores are migrated first. Returns once the mount is ready.",
@@ -175,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mnt.add_argument("--debug", action="store_true", help="log a line per request")
     mnt.add_argument("--log", metavar="FILE", help="log here (default: ~/.local/state/sessionfs/)")
+    mnt.add_argument(
+        "--maintain-every",
+        type=duration,
+        metavar="INTERVAL",
+        help="run maintenance in the daemon this often, e.g. 1h (default: never)",
+    )
+    mnt.add_argument(
+        "--maintain-mode",
+        choices=["warn", "enforce"],
+        default="warn",
+        help="what background maintenance does (default warn: log the plan)",
+    )
     mnt.set_defaults(func=_cmd_mount, parser=mnt)
 
     umnt = commands.add_parser(
@@ -211,6 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for a gateway's sessions.json.lock (default 10)",
     )
     mig.set_defaults(func=_cmd_migrate)
+
+    mtn = commands.add_parser(
+        "maintain",
+        parents=[policy],
+        help="prune, cap and keep a disk budget on sessions.d/, like OpenClaw",
+        description="Plan maintenance for every store under SOURCE: prune stale entries, cap the "
+        "count, keep the disk budget, archive the transcripts of removed entries. warn (the "
+        "default) prints the plan; enforce carries it out, one locked delete at a time.",
+        epilog="exit status: 0 nothing to remove, 1 something was (or would be) removed, "
+        "2 usage error, 3 an agent failed",
+    )
+    mtn.add_argument("source", nargs="?", help=SOURCE_HELP)
+    mtn.add_argument(
+        "--mode",
+        choices=["warn", "enforce"],
+        default="warn",
+        help="warn: print the plan (default); enforce: carry it out",
+    )
+    mtn.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    mtn.set_defaults(func=_cmd_maintain)
 
     demo = commands.add_parser(
         "demo",

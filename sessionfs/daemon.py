@@ -18,14 +18,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import pyfuse3
 import trio
 
-from . import migrate
+from . import maintain, migrate
 from .catalog import Catalog
 from .errors import SessionFSError
 from .fs.operations import CONFLICT_LAST_WINS, CONTROL_DIR, Operations
@@ -54,6 +54,9 @@ class MountConfig:
     debug: bool = False
     log_file: Path | None = None
     conflict: str = CONFLICT_LAST_WINS
+    maintain_every: float | None = None  # seconds between background maintenance runs
+    maintain_mode: str = "warn"
+    maintain_policy: maintain.Policy = field(default_factory=maintain.Policy)
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,7 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
     ops.mounted = True
     log.info("mounted %s at %s (pid %d)", config.source.path, config.mountpoint, os.getpid())
     try:
-        trio.run(_serve, watcher, ready_fd, shutdown)
+        trio.run(_serve, config, watcher, ready_fd, shutdown)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -288,7 +291,9 @@ def _report(ready_fd: int | None, message: str) -> None:
             os.close(ready_fd)
 
 
-async def _serve(watcher: Watcher, ready_fd: int | None, shutdown: _Shutdown) -> None:
+async def _serve(
+    config: MountConfig, watcher: Watcher, ready_fd: int | None, shutdown: _Shutdown
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def fuse_loop() -> None:
@@ -299,8 +304,26 @@ async def _serve(watcher: Watcher, ready_fd: int | None, shutdown: _Shutdown) ->
 
         await nursery.start(_stop_on_signals, shutdown)
         await nursery.start(watcher.run)
+        if config.maintain_every:
+            nursery.start_soon(_maintain_periodically, config)
         nursery.start_soon(fuse_loop)
         _report(ready_fd, "ready")
+
+
+async def _maintain_periodically(config: MountConfig) -> None:
+    """``--maintain-every``: the same maintenance as the command, one log line per agent and run."""
+    mode = maintain.Mode(config.maintain_mode)
+    while True:
+        await trio.sleep(config.maintain_every or 0)
+        try:
+            results = await trio.to_thread.run_sync(
+                lambda: maintain.maintain_source(config.source, config.maintain_policy, mode)
+            )
+        except (OSError, SessionFSError) as exc:
+            log.error("maintenance failed: %s", exc)
+            continue
+        for result in results:
+            log.info("maintenance: %s", result.summary())
 
 
 async def _stop_on_signals(

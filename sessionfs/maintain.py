@@ -1,0 +1,406 @@
+"""Maintenance of sessions.d/: prune, cap, disk budget and transcript archival.
+
+The same rules as OpenClaw's JSON-era store (defaults included), carried out without
+any whole-store rewrite: a plan is made from one pass over the store, then each
+entry is removed with the store's locked, conditional delete, one key at a time, so
+writers of other sessions never wait and an entry updated since the plan is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from . import entry as entry_rules
+from .errors import EntryNotFound, SessionFSError
+from .migrate import BACKUP_PREFIX
+from .sources import AgentStore, Source
+from .store import SessionStore, Snapshot
+
+DAY_MS = 86_400_000
+ARCHIVE_RE = re.compile(r"^.+\.jsonl\.(?:bak|reset|deleted)\..+$")
+TRANSCRIPT_RE = re.compile(r"^(?P<sid>.+?)(?:-topic-.+)?\.jsonl$")
+
+
+class Mode(enum.Enum):
+    WARN = "warn"
+    ENFORCE = "enforce"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """OpenClaw's maintenance defaults, in milliseconds and bytes."""
+
+    prune_after_ms: int = 30 * DAY_MS
+    max_entries: int = 500
+    max_disk_bytes: int | None = None
+    high_water_percent: float = 80.0
+    keep_backups_ms: int = 30 * DAY_MS  # a migration backup is never deleted before this age
+
+    @property
+    def high_water_bytes(self) -> int | None:
+        if self.max_disk_bytes is None:
+            return None
+        return int(self.max_disk_bytes * self.high_water_percent / 100)
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    updated_at: float | None
+    session_id: str | None
+    size: int
+
+
+@dataclass
+class Removal:
+    """An entry the plan removes, why, and the transcripts archived with it."""
+
+    entry: Entry
+    reason: str
+    transcripts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """A file in the sessions dir the disk budget deletes (an archive or a stray transcript)."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    reason: str
+
+
+@dataclass
+class AgentResult:
+    label: str
+    mode: Mode
+    removals: list[Removal] = field(default_factory=list)
+    deletions: list[Deletion] = field(default_factory=list)
+    usage_bytes: int | None = None
+    high_water_bytes: int | None = None
+    removed: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    archived: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def planned_bytes(self) -> int:
+        return sum(r.entry.size for r in self.removals) + sum(d.size for d in self.deletions)
+
+    @property
+    def changes(self) -> bool:
+        """Whether anything was (enforce) or would be (warn) removed."""
+        if self.mode is Mode.ENFORCE:
+            return bool(self.removed or self.deleted)
+        return bool(self.removals or self.deletions)
+
+    def summary(self) -> str:
+        if self.error is not None:
+            return f"{self.label}: failed: {self.error}"
+        archives = sum(len(r.transcripts) for r in self.removals)
+        budget = ""
+        if self.usage_bytes is not None:
+            budget = (
+                f"; disk {_size(self.usage_bytes)} (high water {_size(self.high_water_bytes or 0)})"
+            )
+        if self.mode is Mode.WARN:
+            if not self.changes:
+                return f"{self.label}: nothing to remove{budget}"
+            return (
+                f"{self.label}: would remove {len(self.removals)} entries, archive {archives} "
+                f"transcripts, delete {len(self.deletions)} files, free {_size(self.planned_bytes)}"
+                f"{budget} (warn mode: nothing changed)"
+            )
+        line = (
+            f"{self.label}: removed {len(self.removed)} entries, archived {len(self.archived)} "
+            f"transcripts, deleted {len(self.deleted)} files{budget}"
+        )
+        if self.skipped:
+            line += f"; kept {len(self.skipped)} that changed since the plan"
+        return line
+
+    def lines(self) -> list[str]:
+        out = [self.summary()]
+        for removal in self.removals:
+            archive = f"; archive {', '.join(removal.transcripts)}" if removal.transcripts else ""
+            out.append(f"  remove {removal.entry.key!r}: {removal.reason}{archive}")
+        out += [f"  delete {d.name}: {d.reason} ({_size(d.size)})" for d in self.deletions]
+        out += [f"  kept {key!r}: {why}" for key, why in self.skipped]
+        return out
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"
+
+
+def _days(ms: float) -> str:
+    return f"{ms / DAY_MS:.1f} days"
+
+
+def archive_name(name: str, now: dt.datetime) -> str:
+    """OpenClaw's archive name: ``<name>.deleted.<ISO time with - for :>``."""
+    stamp = now.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"{name}.deleted.{stamp.replace(':', '-')}"
+
+
+# -- planning --------------------------------------------------------------------
+
+
+def read_entries(store: SessionStore) -> list[Entry]:
+    """One pass over the store (the only full read maintenance does)."""
+    entries = []
+    for key, _ in store.scan():
+        try:
+            snap = store.read(key)
+        except (EntryNotFound, SessionFSError):
+            continue
+        entries.append(_entry(key, snap))
+    return entries
+
+
+def _parse(data: bytes) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None  # never removed for being unreadable: it has no updatedAt
+
+
+def _entry(key: str, snap: Snapshot) -> Entry:
+    value = _parse(snap.data)
+    session_id = value.get("sessionId") if isinstance(value, dict) else None
+    return Entry(
+        key,
+        entry_rules.updated_at(value),
+        session_id if isinstance(session_id, str) else None,
+        len(snap.data),
+    )
+
+
+def _transcripts(sessions_dir: Path) -> dict[str, list[os.DirEntry[str]]]:
+    """Transcript files (``<sessionId>.jsonl``, topic variants) by lowercased session id."""
+    found: dict[str, list[os.DirEntry[str]]] = {}
+    for dirent in _files(sessions_dir):
+        match = TRANSCRIPT_RE.match(dirent.name)
+        if match:
+            found.setdefault(match.group("sid").lower(), []).append(dirent)
+    return found
+
+
+def _files(sessions_dir: Path) -> Iterable[os.DirEntry[str]]:
+    with os.scandir(sessions_dir) as it:
+        yield from (d for d in it if d.is_file(follow_symlinks=False))
+
+
+def _usage(path: Path) -> int:
+    """Bytes of everything under *path*, sessions.d/ included; symlinks are not followed."""
+    total = 0
+    with os.scandir(path) as it:
+        for dirent in it:
+            st = dirent.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                total += _usage(Path(dirent.path))
+            else:
+                total += st.st_size
+    return total
+
+
+def _age_order(entry: Entry) -> tuple[bool, float]:
+    """Entries without updatedAt first, then the oldest."""
+    return (entry.updated_at is not None, entry.updated_at or 0.0)
+
+
+def plan(agent: AgentStore, policy: Policy, *, now_ms: float, mode: Mode) -> AgentResult:
+    """What maintenance would do to one agent's store; reads, never writes."""
+    result = AgentResult(agent.label, mode)
+    with SessionStore(agent.entries, create=False) as store:
+        entries = read_entries(store)
+    kept = []
+    for e in entries:
+        if e.updated_at is not None and now_ms - e.updated_at > policy.prune_after_ms:
+            age = _days(now_ms - e.updated_at)
+            result.removals.append(
+                Removal(e, f"last updated {age} ago (prune after {_days(policy.prune_after_ms)})")
+            )
+        else:
+            kept.append(e)
+    kept.sort(key=_age_order)
+    over = len(kept) - policy.max_entries
+    if over > 0:
+        for e in kept[:over]:
+            result.removals.append(
+                Removal(e, f"over the cap of {policy.max_entries} entries (oldest first)")
+            )
+        kept = kept[over:]
+    transcripts = _transcripts(agent.sessions_dir)
+    _assign_transcripts(result.removals, kept, transcripts)
+    if policy.max_disk_bytes is not None:
+        _plan_budget(agent, policy, now_ms, result, kept)
+        # the budget may have removed the last entry sharing a transcript with an earlier one
+        _assign_transcripts(result.removals, kept, transcripts)
+    return result
+
+
+def _assign_transcripts(
+    removals: list[Removal], kept: list[Entry], transcripts: dict[str, list[os.DirEntry[str]]]
+) -> None:
+    still_used = {e.session_id.lower() for e in kept if e.session_id}
+    for removal in removals:
+        sid = (removal.entry.session_id or "").lower()
+        if sid and sid not in still_used:
+            removal.transcripts = sorted(d.name for d in transcripts.get(sid, []))
+
+
+def _plan_budget(
+    agent: AgentStore,
+    policy: Policy,
+    now_ms: float,
+    result: AgentResult,
+    kept: list[Entry],
+) -> None:
+    """Above the high-water mark: archives, then unreferenced transcripts, then oldest entries."""
+    high = policy.high_water_bytes
+    assert high is not None
+    usage = _usage(agent.sessions_dir)
+    result.usage_bytes, result.high_water_bytes = usage, high
+    usage -= sum(r.entry.size for r in result.removals)
+    if usage <= high:
+        return
+    archives, strays = [], []
+    referenced = {e.session_id.lower() for e in kept if e.session_id}
+    archived = {name for r in result.removals for name in r.transcripts}
+    for dirent in _files(agent.sessions_dir):
+        st = dirent.stat(follow_symlinks=False)
+        backup = dirent.name.startswith(BACKUP_PREFIX)
+        if ARCHIVE_RE.match(dirent.name) or (
+            backup and _backup_age_ms(dirent.name, st, now_ms) > policy.keep_backups_ms
+        ):
+            archives.append(
+                (st.st_mtime_ns, dirent.name, st.st_size, "disk budget: oldest archive")
+            )
+        elif (
+            (m := TRANSCRIPT_RE.match(dirent.name))
+            and m.group("sid").lower() not in referenced
+            and dirent.name not in archived
+        ):
+            strays.append(
+                (
+                    st.st_mtime_ns,
+                    dirent.name,
+                    st.st_size,
+                    "disk budget: transcript no entry references",
+                )
+            )
+    for mtime_ns, name, size, reason in sorted(archives) + sorted(strays):
+        if usage <= high:
+            return
+        result.deletions.append(Deletion(name, size, mtime_ns, reason))
+        usage -= size
+    budget_removals = []
+    while usage > high and kept:
+        e = kept.pop(0)  # kept is oldest first
+        budget_removals.append(Removal(e, "disk budget: oldest entry"))
+        usage -= e.size
+    result.removals += budget_removals
+
+
+def _backup_age_ms(name: str, st: os.stat_result, now_ms: float) -> float:
+    suffix = name[len(BACKUP_PREFIX) :]
+    written_ms = int(suffix) if suffix.isdigit() else st.st_mtime_ns / 1e6
+    return now_ms - written_ms
+
+
+# -- carrying it out ---------------------------------------------------------------
+
+
+def enforce(agent: AgentStore, result: AgentResult, *, now: dt.datetime) -> None:
+    """Carry out *result*'s plan: one locked, conditional delete per key."""
+    with SessionStore(agent.entries, create=False) as store:
+        for removal in result.removals:
+            planned = removal.entry.updated_at
+
+            def unchanged(snap: Snapshot, planned: float | None = planned) -> bool:
+                current = entry_rules.updated_at(_parse(snap.data))
+                if planned is None:
+                    return current is None
+                return current is not None and current <= planned
+
+            try:
+                removed = store.delete(removal.entry.key, only_if=unchanged)
+            except EntryNotFound:
+                result.skipped.append((removal.entry.key, "already gone"))
+                continue
+            if not removed:
+                result.skipped.append((removal.entry.key, "updated since the plan"))
+                continue
+            result.removed.append(removal.entry.key)
+            for name in removal.transcripts:
+                if _archive(agent.sessions_dir, name, now):
+                    result.archived.append(name)
+    for deletion in result.deletions:
+        if _delete_if_unchanged(agent.sessions_dir, deletion):
+            result.deleted.append(deletion.name)
+
+
+def _archive(sessions_dir: Path, name: str, now: dt.datetime) -> bool:
+    source = sessions_dir / name
+    try:
+        if not stat.S_ISREG(os.lstat(source).st_mode):
+            return False
+        os.rename(source, sessions_dir / archive_name(name, now))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _delete_if_unchanged(sessions_dir: Path, deletion: Deletion) -> bool:
+    path = sessions_dir / deletion.name
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (
+            deletion.size,
+            deletion.mtime_ns,
+        ):
+            path.unlink()
+            return True
+    return False
+
+
+def maintain_source(
+    source: Source,
+    policy: Policy,
+    mode: Mode,
+    *,
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+) -> list[AgentResult]:
+    """Plan (and with ``enforce``, not *dry_run*, carry out) maintenance for every agent."""
+    now = now or dt.datetime.now(dt.UTC)
+    now_ms = now.timestamp() * 1000
+    results = []
+    for agent in source.stores():
+        if not agent.has_entries():
+            continue
+        try:
+            result = plan(agent, policy, now_ms=now_ms, mode=Mode.WARN if dry_run else mode)
+            if result.mode is Mode.ENFORCE:
+                enforce(agent, result, now=now)
+        except (OSError, SessionFSError) as exc:
+            result = AgentResult(agent.label, mode, error=str(exc))
+        results.append(result)
+    return results
