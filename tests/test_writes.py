@@ -270,63 +270,35 @@ catch (e) {{ console.log(e.code); }}
     assert stored(store_dir)["label"] == "node"
 
 
+def vim_ex(agent: Path, *commands: str) -> subprocess.CompletedProcess[str]:
+    """vim in ex mode with no vimrc, the way a script drives it; backups made even under /tmp."""
+    args = [arg for command in ("set backupskip=", *commands) for arg in ("-c", command)]
+    return run("vim", "-u", "NONE", "-N", "-es", *args, NAME, cwd=agent)
+
+
 @pytest.mark.parametrize("backupcopy", ["auto", "yes", "no"])
 def test_vim_saves(agent: Path, store_dir: Path, backupcopy: str) -> None:
     before = (store_dir / BACKING).read_bytes()
-    result = run(
-        "vim",
-        "-u",
-        "NONE",
-        "-N",
-        "-es",
-        "-c",
-        "set backupskip=",  # the default skips backups under /tmp, where tests run
-        "-c",
+    result = vim_ex(
+        agent,
         f"set backupcopy={backupcopy}",
-        "-c",
         "set writebackup",
-        "-c",
         '%s/"chatType": "direct"/"chatType": "vim"/',
-        "-c",
         "wq",
-        NAME,
-        cwd=agent,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     # vim adds the final newline OpenClaw does not write
     expected = before.replace(b'"chatType": "direct"', b'"chatType": "vim"') + b"\n"
     assert expected != before + b"\n"
     assert (store_dir / BACKING).read_bytes() == expected
-    leftovers = [
-        n for n in os.listdir(agent) if n.endswith("~") or n.endswith(".swp") or n == "4913"
-    ]
+    leftovers = [n for n in os.listdir(agent) if n.endswith(("~", ".swp")) or n == "4913"]
     assert leftovers == []
     assert_store_clean(store_dir)
 
 
 def test_vim_refused_save_keeps_the_entry(agent: Path, store_dir: Path) -> None:
     before = (store_dir / BACKING).read_bytes()
-    result = run(
-        "vim",
-        "-u",
-        "NONE",
-        "-N",
-        "-es",
-        "-c",
-        "set backupskip=",
-        "-c",
-        "set backupcopy=no",
-        "-c",
-        "%d",
-        "-c",
-        "call setline(1, '{broken')",
-        "-c",
-        "w",
-        "-c",
-        "q!",
-        NAME,
-        cwd=agent,
-    )
+    result = vim_ex(agent, "set backupcopy=no", "%d", "call setline(1, '{broken')", "w", "q!")
     assert result.returncode != 0
     assert (store_dir / BACKING).read_bytes() == before
     assert NAME in os.listdir(agent)
