@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -135,14 +136,12 @@ def prepare_mountpoint(path: Path) -> list[str]:
             ) from None
         notices.append(f"cleaned up a dead sessionfs mount at {path} (its daemon had died)")
         st = os.stat(path)
-    if not os.path.isdir(path):
+    if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {path} is not a directory")
-    entry = find_mount(path)
-    if entry is not None and entry.fstype == FS_TYPE:
+    if is_mounted(path):
         raise MountError(
             f"{path} is already a sessionfs mount; run `sessionfs umount {path}` first"
         )
-    del st
     return notices
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import fcntl
 import hashlib
 import os
@@ -202,6 +201,3 @@ def _remove_stale(lock_path: Path) -> None:
         pass
     except IsADirectoryError:
         raise UnsafeEntry(f"{lock_path} is a directory, not a lock file") from None
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise

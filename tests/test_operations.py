@@ -255,3 +255,48 @@ async def test_a_listing_never_overwrites_newer_knowledge(
     await ops._index(parent)
     assert node.seen_version == Seen.of(sessions.stat("cron:1")).version
     assert node.present
+
+
+async def test_a_stat_that_raced_with_a_commit_is_not_learnt(
+    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sessionfs.fs.tree import Seen
+
+    node = ops.tree.session(ops.tree.root, "cron:1")
+    store_call = ops._store
+
+    async def stat_then_commit_lands(directory: Any, call: Any) -> Any:
+        old = await store_call(directory, call)  # the stat, taken before the commit
+        sessions.write("cron:1", entry_bytes("committed", pad="c" * 40))
+        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops._bump(ops.tree.root))
+        return old
+
+    monkeypatch.setattr(ops, "_store", stat_then_commit_lands)
+    await ops._stat(ops.tree.root, "cron:1", node)
+    assert node.seen_version == Seen.of(sessions.stat("cron:1")).version
+
+
+async def test_a_watcher_refresh_that_raced_with_a_commit_is_not_learnt(
+    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sessionfs.fs.tree import Seen
+    from sessionfs.fs.watcher import OwnChanges, Watcher
+
+    watcher = Watcher(ops.catalog, ops.tree, OwnChanges())
+    node = ops.tree.session(ops.tree.root, "cron:1")
+    ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops._bump(ops.tree.root))
+    thread_call = watcher._thread
+
+    async def stat_then_commit_lands(fn: Any, *args: Any) -> Any:
+        old = await thread_call(fn, *args)
+        sessions.write("cron:1", entry_bytes("committed", pad="c" * 40))
+        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops._bump(ops.tree.root))
+        return old
+
+    monkeypatch.setattr(watcher, "_thread", stat_then_commit_lands)
+    try:
+        await watcher.refresh(None, ["cron:1"])
+    finally:
+        watcher.inotify.close()
+    assert node.seen_version == Seen.of(sessions.stat("cron:1")).version
+    assert watcher.invalidations == 0

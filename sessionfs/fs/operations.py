@@ -271,9 +271,8 @@ class Operations(pyfuse3.Operations):
         if self.mounted:
             pyfuse3.invalidate_entry_async(parent.ino, name.encode(), ignore_enoent=True)
 
-    def _attrs(
-        self, node: Node, st: os.stat_result | None = None, size: int = 0
-    ) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: Node, size: int = 0) -> pyfuse3.EntryAttributes:
+        """Attributes from what the tree knows (callers learn from the disk first)."""
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.ino
         attrs.entry_timeout = attrs.attr_timeout = self.cache_timeout
@@ -285,8 +284,6 @@ class Operations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | (0o500 if node is self.control_dir else 0o700)
             attrs.st_nlink = 2
         elif isinstance(node, File):
-            if st is not None and node.parent is not None:
-                self.tree.remember(node, Seen.of(st), self._bump(node.parent))
             attrs.st_mode = stat.S_IFREG | node.mode
             attrs.st_nlink = 1 if node.linked else 0
             mtime_ns, ctime_ns = node.mtime_ns, node.ctime_ns
@@ -374,14 +371,29 @@ class Operations(pyfuse3.Operations):
         st = await self._stat(parent, key, node)
         return self.tree.session(parent, key), st
 
+    def _learn(self, node: File, seen: Seen | None, stamp: int) -> None:
+        """Record what the disk said at *stamp*, unless something newer was learnt meanwhile.
+
+        The stamp is taken before the I/O: a stat that raced with a commit or a
+        watcher event must not put an older version back into the index.
+        """
+        if node.stamp <= stamp:
+            if seen is None:
+                self.tree.forget_entry(node, stamp)
+            else:
+                self.tree.remember(node, seen, stamp)
+
     async def _stat(self, parent: Dir, key: str, node: File | None) -> os.stat_result:
-        """Ask the store for *key*'s stat; a gone entry is remembered as gone (ENOENT)."""
+        """Ask the store for *key*'s stat and learn it; a gone entry is learnt as gone (ENOENT)."""
+        stamp = self._bump(parent)
         try:
-            return await self._store(parent, lambda b: b.stat(key))
+            st = await self._store(parent, lambda b: b.stat(key))
         except EntryNotFound:
             if node is not None:
-                self.tree.forget_entry(node, self._bump(parent))
+                self._learn(node, None, stamp)
             raise
+        self._learn(node or self.tree.session(parent, key), Seen.of(st), stamp)
+        return st
 
     async def _exists(self, parent: Dir, name: str) -> bool:
         try:
@@ -397,7 +409,8 @@ class Operations(pyfuse3.Operations):
                 if not node.present:
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 return self._attrs(node)
-            return self._attrs(node, await self._stat(node.parent, node.key, node))
+            await self._stat(node.parent, node.key, node)
+            return self._attrs(node)
         if isinstance(node, Control):
             return self._attrs(node, size=len(node.render()))
         return self._attrs(node)
@@ -409,7 +422,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         node, st = await self._find(self._dir(parent_inode), self._text(name))
-        attrs = self._attrs(node, st) if st is not None else await self._attrs_of(node)
+        # with a stat, _find has just learnt the entry from the disk
+        attrs = self._attrs(node) if st is not None else await self._attrs_of(node)
         node.nlookup += 1
         return attrs
 
@@ -516,17 +530,12 @@ class Operations(pyfuse3.Operations):
         for key, seen in found:
             stored.add(key)
             node = self.tree.session(parent, key)
-            if node.stamp <= start and not node.pending:  # the watcher may know better already
-                self.tree.remember(node, seen, start)
+            if not node.pending:
+                self._learn(node, seen, start)  # the watcher may know better already
         for key, ino in parent.sessions.items():
             known = self.tree.nodes.get(ino)
-            if (
-                isinstance(known, File)
-                and key not in stored
-                and not known.pending
-                and known.stamp <= start
-            ):
-                self.tree.forget_entry(known, start)
+            if isinstance(known, File) and key not in stored and not known.pending:
+                self._learn(known, None, start)
         parent.indexed = self._trusted(parent)
 
     async def _listing(self, node: Dir) -> list[tuple[str, Node | None]]:
@@ -635,8 +644,9 @@ class Operations(pyfuse3.Operations):
             known = node.seen_version if self._trusted(node.parent) and node.present else None
             data = b"" if known is None or truncating else self.content.get(node.ino, known)
             if known is None or data is None:
+                stamp = self._bump(node.parent)
                 snap = await self._store(node.parent, lambda b: b.read(key))
-                self.tree.remember(node, Seen.of(snap.stat), self._bump(node.parent))
+                self._learn(node, Seen.of(snap.stat), stamp)
                 self.content.put(node.ino, snap.version, snap.data)
                 known, data = snap.version, snap.data
             if writable and node.mode & 0o200 == 0:

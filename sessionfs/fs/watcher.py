@@ -135,10 +135,6 @@ class Watcher:
     def _dir_of(self, agent_id: str | None) -> Dir | None:
         return self.tree.root if agent_id is None else self.tree.agent_dirs.get(agent_id)
 
-    def _session(self, parent: Dir, key: str) -> File | None:
-        node = self.tree.nodes.get(parent.sessions.get(key, 0))
-        return node if isinstance(node, File) else None
-
     # -- events ------------------------------------------------------------
 
     async def handle(self, events: list[object]) -> None:
@@ -183,18 +179,19 @@ class Watcher:
         def stat_all() -> list[os.stat_result | None]:
             return self.catalog.backing(agent_id).stat_many(keys)
 
+        # Stamped before the stat: a commit of ours that lands meanwhile knows better.
+        parent.generation += 1
+        stamp = parent.generation
         try:
             stats = await self._thread(stat_all)
         except OSError:
             stats = [None] * len(keys)
-        parent.generation += 1
-        stamp = parent.generation
         for key, st in zip(keys, stats, strict=True):
             if key in parent.away:
                 continue  # renamed to a backup through the mount: not shown under its name
             node = self.tree.known_session(parent, key)
-            if node is not None and node.pending:
-                continue  # an unsaved new file of ours shadows it
+            if node is not None and (node.pending or node.stamp > stamp):
+                continue  # an unsaved new file of ours shadows it, or we learnt newer since
             if st is None:
                 if node is not None and self.tree.forget_entry(node, stamp):
                     await self._invalidate(parent, node, gone=True)
