@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -167,8 +168,17 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
     return 1 if any(r.changes for r in results) else 0
 
 
+def _answers(mountpoint: Path) -> bool:
+    """Whether a mount is alive (a dead one says "Transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+    except OSError:
+        return False
+    return True
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .daemon import FS_TYPE, MountConfig, find_mount, mount
+    from .daemon import MountConfig, is_mounted, mount
     from .demo import build_demo_state
 
     state = Path(args.state).expanduser()
@@ -176,11 +186,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not (state / "agents").exists():
         build_demo_state(state)
         print(f"built a JSON-era demo state (2 agents, 50 sessions) in {state}")
-    mounted = find_mount(mountpoint)
-    if mounted is not None and mounted.fstype == FS_TYPE:
+    if is_mounted(mountpoint) and _answers(mountpoint):
         print(f"the demo is already mounted at {mountpoint}")
     else:
-        mountpoint.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # exist_ok would stat a dead mount and fail
+            mountpoint.mkdir(parents=True)
         code = mount(MountConfig(source=sources.resolve(state), mountpoint=mountpoint))
         if code:
             return code

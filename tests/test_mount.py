@@ -351,3 +351,33 @@ def test_release_of_held_resources_on_umount(state_dir: Path, tmp_path: Path) ->
             holder.kill()
             holder.wait()
     time.sleep(0)
+
+
+def test_debug_logs_a_line_per_request(state_dir: Path, tmp_path: Path) -> None:
+    with mounted(state_dir, tmp_path / "mnt", "--debug") as mount:
+        (mount.path / "main" / "agent:main:main.json").read_bytes()
+        text = mount.log_text()
+    assert "DEBUG   request lookup(1, main)" in text
+    assert "request open(" in text
+    assert "request read(" in text
+
+
+def test_demo_recovers_its_dead_mount(tmp_path: Path) -> None:
+    mountpoint, state = tmp_path / "demo", tmp_path / "demo-state"
+    dead = start_mount(state_for_demo(state), mountpoint, "-o", "no_auto_unmount")
+    try:
+        dead.proc.send_signal(signal.SIGKILL)
+        dead.proc.wait()
+        result = sessionfs("demo", str(mountpoint), "--state", str(state))
+        assert result.returncode == 0, result.stderr
+        assert "cleaned up a dead sessionfs mount" in result.stdout
+        assert "main" in os.listdir(mountpoint)
+    finally:
+        sessionfs("umount", str(mountpoint))
+        cleanup(dead)
+
+
+def state_for_demo(state: Path) -> Path:
+    from sessionfs.demo import build_demo_state
+
+    return build_demo_state(state)

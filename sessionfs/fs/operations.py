@@ -257,6 +257,12 @@ class Operations(pyfuse3.Operations):
         return parent.generation
 
     def _invalidate_attrs(self, ino: int) -> None:
+        """Make the kernel ask for *ino*'s attributes again.
+
+        Safe inside a handler, unlike data or entry invalidation: an attribute-only
+        notification takes no inode or page lock in the kernel, so it cannot wait
+        for the request being handled.
+        """
         if not self.mounted:
             return
         try:
