@@ -310,7 +310,7 @@ async def _serve(
 
 
 async def _maintain_periodically(config: MountConfig) -> None:
-    """``--maintain-every``: the same maintenance as the command, one log line per agent and run."""
+    """``--maintain-every``: the same maintenance as the command, one log line per run."""
     mode = maintain.Mode(config.maintain_mode)
     while True:
         await trio.sleep(config.maintain_every or 0)
@@ -321,8 +321,8 @@ async def _maintain_periodically(config: MountConfig) -> None:
         except (OSError, SessionFSError) as exc:
             log.error("maintenance failed: %s", exc)
             continue
-        for result in results:
-            log.info("maintenance: %s", result.summary())
+        summary = "; ".join(r.summary() for r in results) or "no stores"
+        log.info("maintenance (%s): %s", config.maintain_mode, summary)
 
 
 async def _stop_on_signals(
