@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ log = logging.getLogger("sessionfs")
 FS_TYPE = "fuse.sessionfs"
 CACHE_TIMEOUT = 300.0  # seconds; the watcher invalidates changes long before
 UNMOUNT_WAIT = 10.0
+CONTROL_TIMEOUT = 3.0
 
 
 class MountError(SessionFSError):
@@ -358,7 +360,7 @@ def unmount(path: Path, *, lazy: bool = False, timeout: float = UNMOUNT_WAIT) ->
             )
         raise MountError(f"could not unmount {path}: {reason}")
     if pid is None:
-        return f"unmounted {path} (its daemon was already gone)"
+        return f"unmounted {path} (its daemon was gone or did not answer)"
     if lazy:
         # Detached but still referenced, the connection lives on until the last
         # user leaves; the daemon is told to end it now.
@@ -379,11 +381,10 @@ def status(path: Path) -> str:
     entry = find_mount(path)
     if entry is None or entry.fstype != FS_TYPE:
         raise MountError(f"{path} is not a sessionfs mount")
-    control = path / CONTROL_DIR
     try:
-        source = (control / "source").read_text().strip()
-        pid = (control / "pid").read_text().strip()
-        errors = (control / "errors").read_text()
+        source = _read_control(path, "source").strip()
+        pid = _read_control(path, "pid").strip()
+        errors = _read_control(path, "errors")
     except OSError as exc:
         raise MountError(f"{path}: the daemon does not answer ({exc.strerror})") from None
     lines = [f"{path}: sessionfs mount of {source} (daemon pid {pid})"]
@@ -395,11 +396,34 @@ def status(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _read_control(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str:
+    """A file of MOUNTPOINT/.sessionfs/, or ETIMEDOUT if the daemon does not answer.
+
+    Read in a thread so a hung daemon cannot hang the command that asks it.
+    """
+    result: list[str | OSError] = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            result.append((path / CONTROL_DIR / name).read_text())
+        except OSError as exc:
+            result.append(exc)
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not done.wait(timeout):
+        raise OSError(errno.ETIMEDOUT, "the daemon did not answer in time")
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
 def _daemon_pid(path: Path) -> int | None:
     try:
-        return int((path / CONTROL_DIR / "pid").read_text())
+        return int(_read_control(path, "pid"))
     except (OSError, ValueError):
-        return None
+        return None  # dead or hung: unmounting does not need it
 
 
 def _alive(pid: int) -> bool:

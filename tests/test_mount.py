@@ -381,3 +381,19 @@ def state_for_demo(state: Path) -> Path:
     from sessionfs.demo import build_demo_state
 
     return build_demo_state(state)
+
+
+def test_a_hung_daemon_cannot_hang_status_or_umount(state_dir: Path, tmp_path: Path) -> None:
+    mount = start_mount(state_dir, tmp_path / "mnt")
+    try:
+        os.kill(mount.pid, signal.SIGSTOP)  # alive, but answers nothing
+        result = sessionfs("status", str(mount.path), timeout=30)
+        assert result.returncode == 1
+        assert "the daemon does not answer" in result.stderr
+        result = sessionfs("umount", "--lazy", str(mount.path), timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert "did not answer" in result.stdout
+        assert find_mount(mount.path) is None
+    finally:
+        os.kill(mount.pid, signal.SIGCONT)
+        cleanup(mount)
