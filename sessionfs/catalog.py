@@ -17,7 +17,7 @@ from pathlib import Path
 from .entry import DEFAULT_MAX_ENTRY_BYTES
 from .errors import NoStore
 from .legacy import LegacyView
-from .sources import AGENT_ID_RE, AgentStore, Source, SourceKind, scan_agents
+from .sources import AGENT_ID_RE, AgentStore, Source, SourceKind, agent_problem, scan_agents
 from .store import SessionStore
 
 Backing = SessionStore | LegacyView
@@ -40,10 +40,8 @@ class Catalog:
         self.per_agent = source.kind is SourceKind.STATE_DIR
         self._lock = threading.Lock()
         self._open: dict[str | None, tuple[tuple[int, int], Backing]] = {}
-        if not self.per_agent:
-            self.single = self._ref(None)
-            if not (self.single.has_entries() or self.single.has_legacy()):
-                raise NoStore(f"{source.path} holds neither sessions.d/ nor sessions.json")
+        if not self.per_agent and not self._ref(None).has_store():
+            raise NoStore(f"{source.path} holds neither sessions.d/ nor sessions.json")
 
     @property
     def root_path(self) -> Path:
@@ -59,16 +57,13 @@ class Catalog:
     def agents(self) -> list[str]:
         """The agent ids to show right now."""
         stores, _ = scan_agents(self.source.agents_dir)
-        return [s.agent_id for s in stores if s.agent_id and (s.has_entries() or s.has_legacy())]
+        return [s.agent_id for s in stores if s.agent_id and s.has_store()]
 
     def has_agent(self, agent_id: str) -> bool:
-        if not AGENT_ID_RE.match(agent_id):
+        """The same rules as :meth:`agents`, for one name (a lookup)."""
+        if agent_problem(self.source.agents_dir / agent_id) is not None:
             return False
-        agent_dir = self.source.agents_dir / agent_id
-        if agent_dir.is_symlink() or (agent_dir / "sessions").is_symlink():
-            return False
-        ref = self._ref(agent_id)
-        return ref.has_entries() or ref.has_legacy()
+        return self._ref(agent_id).has_store()
 
     def backing(self, agent_id: str | None) -> Backing:
         """The store of *agent_id* (``None``: the single store), reopened if it was replaced."""

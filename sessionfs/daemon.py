@@ -32,6 +32,7 @@ from .catalog import Catalog
 from .errors import SessionFSError
 from .fs.operations import CONFLICT_LAST_WINS, CONTROL_DIR, Operations
 from .fs.watcher import Watcher
+from .locking import pid_alive
 from .sources import Source
 
 log = logging.getLogger("sessionfs")
@@ -367,7 +368,7 @@ def unmount(path: Path, *, lazy: bool = False, timeout: float = UNMOUNT_WAIT) ->
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             raise MountError(
                 f"unmounted {path}, but daemon pid {pid} has not exited after {timeout:.0f} s"
@@ -424,15 +425,3 @@ def _daemon_pid(path: Path) -> int | None:
         return int(_read_control(path, "pid"))
     except (OSError, ValueError):
         return None  # dead or hung: unmounting does not need it
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        if state == "Z":  # exited, waiting for its parent to reap it
-            return False
-    return True

@@ -88,25 +88,32 @@ STORE_LOCK_TIMEOUT = 10.0
 STORE_LOCK_STALE_AFTER = 30.0
 
 
-def process_starttime(pid: int) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat``: tells a live pid from a recycled one."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` from field 3 on (``[0]`` is field 3), or None if there is none."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after it.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[22 - 3])
+    return raw[raw.rindex(")") + 2 :].split()
 
 
-def _pid_alive(pid: int) -> bool:
+def process_starttime(pid: int) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat``: tells a live pid from a recycled one."""
+    fields = _proc_stat(pid)
+    return None if fields is None else int(fields[22 - 3])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether *pid* runs; a zombie (exited, not yet reaped) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] != "Z"
 
 
 def _lock_payload() -> bytes:
@@ -147,7 +154,7 @@ def is_stale(lock_path: Path, stale_after: float = STORE_LOCK_STALE_AFTER) -> bo
         created_at = created_at.replace(tzinfo=dt.UTC)
     if (dt.datetime.now(dt.UTC) - created_at).total_seconds() > stale_after:
         return True
-    if not isinstance(pid, int) or pid <= 0 or not _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
         return True
     return isinstance(starttime, int) and process_starttime(pid) not in (None, starttime)
 

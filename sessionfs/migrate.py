@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -216,7 +215,7 @@ def migrate_store(
         if not agent.has_legacy():
             if agent.legacy.is_symlink():
                 return _fail(report, "sessions.json is a symlink; not followed")
-            if not dry_run and (staging.exists() or staging.is_symlink()):
+            if not dry_run:
                 _remove_dir(staging)  # only ever a copy of data that now lives elsewhere
             report.reason = "already migrated" if agent.has_entries() else "no sessions.json"
             return report
@@ -226,7 +225,7 @@ def migrate_store(
             _step("locked")
             return _migrate_locked(agent, staging, report, progress)
     except (SessionFSError, OSError) as exc:
-        return _fail(report, str(exc) if isinstance(exc, SessionFSError) else f"{exc}")
+        return _fail(report, str(exc))
 
 
 def _fail(report: AgentReport, reason: str) -> AgentReport:
@@ -314,13 +313,10 @@ def migrate_source(
     dry_run: bool = False,
     lock_timeout: float = STORE_LOCK_TIMEOUT,
     progress: TextIO | None = sys.stderr,
-    only: Callable[[AgentStore], bool] | None = None,
 ) -> list[AgentReport]:
     """Migrate every store under *source*, each on its own."""
     reports = []
     for agent in source.stores():
-        if only is not None and not only(agent):
-            continue
         reports.append(
             migrate_store(agent, dry_run=dry_run, lock_timeout=lock_timeout, progress=progress)
         )

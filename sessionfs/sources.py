@@ -54,6 +54,10 @@ class AgentStore:
     def has_entries(self) -> bool:
         return self.entries.is_dir() and not self.entries.is_symlink()
 
+    def has_store(self) -> bool:
+        """Whether there is anything to show: a ``sessions.d/`` or a ``sessions.json``."""
+        return self.has_entries() or self.has_legacy()
+
 
 @dataclass
 class Source:
@@ -119,22 +123,29 @@ def scan_agents(agents_dir: Path) -> tuple[list[AgentStore], list[tuple[str, str
     return stores, skipped
 
 
+def agent_problem(agent_dir: Path) -> str | None:
+    """Why ``agents/<id>`` is not an agent with a real sessions dir; None if it is one.
+
+    An empty string means "not worth reporting" (a plain file, no sessions dir yet).
+    """
+    if agent_dir.is_symlink():
+        return "agent dir is a symlink; not followed"
+    if not agent_dir.is_dir():
+        return ""
+    if not AGENT_ID_RE.match(agent_dir.name):
+        return f"not an agent id ({AGENT_ID_RE.pattern})"
+    sessions = agent_dir / "sessions"
+    if sessions.is_symlink():
+        return "sessions dir is a symlink; not followed"
+    return None if sessions.is_dir() else ""
+
+
 def _agent_dirs(agents_dir: Path) -> Iterator[tuple[str, str | None]]:
     try:
-        entries = sorted(os.scandir(agents_dir), key=lambda d: d.name)
+        names = sorted(os.listdir(agents_dir))
     except FileNotFoundError:
         return
-    for dirent in entries:
-        if dirent.is_symlink():
-            yield dirent.name, "agent dir is a symlink; not followed"
-            continue
-        if not dirent.is_dir(follow_symlinks=False):
-            continue
-        if not AGENT_ID_RE.match(dirent.name):
-            yield dirent.name, f"not an agent id ({AGENT_ID_RE.pattern})"
-            continue
-        sessions = Path(dirent.path) / "sessions"
-        if sessions.is_symlink():
-            yield dirent.name, "sessions dir is a symlink; not followed"
-        elif sessions.is_dir():
-            yield dirent.name, None
+    for name in names:
+        problem = agent_problem(agents_dir / name)
+        if problem != "":
+            yield name, problem

@@ -45,16 +45,26 @@ _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
-    if _libc.renameat2(old_dir_fd, os.fsencode(old), new_dir_fd, os.fsencode(new), flags) != 0:
+def _check_libc(result: int, path: str | None = None) -> None:
+    if result != 0:
         code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), new)
+        raise OSError(code, os.strerror(code), path)
+
+
+def _renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
+    _check_libc(
+        _libc.renameat2(old_dir_fd, os.fsencode(old), new_dir_fd, os.fsencode(new), flags), new
+    )
 
 
 def _syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    _check_libc(_libc.syncfs(fd))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,9 +390,7 @@ class SessionStore:
             dir_fd=self._dir_fd,
         )
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
         finally:
             os.close(fd)
 
@@ -435,9 +443,7 @@ class SessionStore:
         )
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, data)
                 if durable:
                     os.fsync(fd)
                 st = os.fstat(fd)
