@@ -248,7 +248,7 @@ async def test_a_listing_never_overwrites_newer_knowledge(
     async def scan_then_watcher_event(directory: Any, call: Any) -> Any:
         stale = await scan_store(directory, call)  # the listing's view of the disk
         sessions.write("cron:1", entry_bytes("newer", pad="n" * 50))
-        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops._bump(parent))
+        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops.tree.bump(parent))
         return stale
 
     monkeypatch.setattr(ops, "_store", scan_then_watcher_event)
@@ -268,7 +268,7 @@ async def test_a_stat_that_raced_with_a_commit_is_not_learnt(
     async def stat_then_commit_lands(directory: Any, call: Any) -> Any:
         old = await store_call(directory, call)  # the stat, taken before the commit
         sessions.write("cron:1", entry_bytes("committed", pad="c" * 40))
-        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops._bump(ops.tree.root))
+        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops.tree.bump(ops.tree.root))
         return old
 
     monkeypatch.setattr(ops, "_store", stat_then_commit_lands)
@@ -284,13 +284,13 @@ async def test_a_watcher_refresh_that_raced_with_a_commit_is_not_learnt(
 
     watcher = Watcher(ops.catalog, ops.tree, OwnChanges())
     node = ops.tree.session(ops.tree.root, "cron:1")
-    ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops._bump(ops.tree.root))
+    ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops.tree.bump(ops.tree.root))
     thread_call = watcher._thread
 
     async def stat_then_commit_lands(fn: Any, *args: Any) -> Any:
         old = await thread_call(fn, *args)
         sessions.write("cron:1", entry_bytes("committed", pad="c" * 40))
-        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops._bump(ops.tree.root))
+        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops.tree.bump(ops.tree.root))
         return old
 
     monkeypatch.setattr(watcher, "_thread", stat_then_commit_lands)

@@ -31,7 +31,7 @@ from ..catalog import Backing, Catalog
 from ..entry import DEFAULT_MAX_ENTRY_BYTES
 from ..errors import EntryExists, EntryNotFound, InvalidEntry, InvalidKey, NoStore, SessionFSError
 from ..keys import NAME_MAX, display_to_key, key_to_display, key_to_filename
-from ..store import ABSENT, EntryChanged, Snapshot, Version
+from ..store import ABSENT, Commit, EntryChanged, Snapshot, Version
 from .cache import ContentCache
 from .handles import Handle, is_scratch_name
 from .tree import Control, Dir, File, Node, Seen, Tree
@@ -251,11 +251,6 @@ class Operations(pyfuse3.Operations):
             and self.watcher.watches_store(parent.agent_id)
         )
 
-    @staticmethod
-    def _bump(parent: Dir) -> int:
-        parent.generation += 1
-        return parent.generation
-
     def _invalidate_attrs(self, ino: int) -> None:
         """Make the kernel ask for *ino*'s attributes again.
 
@@ -377,36 +372,25 @@ class Operations(pyfuse3.Operations):
         st = await self._stat(parent, key, node)
         return self.tree.session(parent, key), st
 
-    def _learn(self, node: File, seen: Seen | None, stamp: int) -> None:
-        """Record what the disk said at *stamp*, unless something newer was learnt meanwhile.
-
-        The stamp is taken before the I/O: a stat that raced with a commit or a
-        watcher event must not put an older version back into the index.
-        """
-        if node.stamp <= stamp:
-            if seen is None:
-                self.tree.forget_entry(node, stamp)
-            else:
-                self.tree.remember(node, seen, stamp)
-
     async def _stat(self, parent: Dir, key: str, node: File | None) -> os.stat_result:
         """Ask the store for *key*'s stat and learn it; a gone entry is learnt as gone (ENOENT)."""
-        stamp = self._bump(parent)
+        stamp = self.tree.bump(parent)
         try:
             st = await self._store(parent, lambda b: b.stat(key))
         except EntryNotFound:
             if node is not None:
-                self._learn(node, None, stamp)
+                self.tree.learn(node, None, stamp)
             raise
-        self._learn(node or self.tree.session(parent, key), Seen.of(st), stamp)
+        self.tree.learn(node or self.tree.session(parent, key), Seen.of(st), stamp)
         return st
 
-    async def _exists(self, parent: Dir, name: str) -> bool:
+    async def _find_existing(self, parent: Dir, name: str) -> Node | None:
+        """The node *name* stands for, or None if there is none."""
         try:
-            await self._find(parent, name)
+            node, _ = await self._find(parent, name)
         except (pyfuse3.FUSEError, EntryNotFound):
-            return False
-        return True
+            return None
+        return node
 
     async def _attrs_of(self, node: Node) -> pyfuse3.EntryAttributes:
         if isinstance(node, File) and node.is_session and not node.pending:
@@ -517,7 +501,7 @@ class Operations(pyfuse3.Operations):
         With a watcher on the store the result stays true (``indexed``); without
         one, it serves this listing only.
         """
-        start = self._bump(parent)
+        start = self.tree.bump(parent)
 
         def scan(backing: Backing) -> list[tuple[str, Seen]]:
             # Compact as it goes: 100,000 stat_results at once would cost ~60 MB.
@@ -537,11 +521,11 @@ class Operations(pyfuse3.Operations):
             stored.add(key)
             node = self.tree.session(parent, key)
             if not node.pending:
-                self._learn(node, seen, start)  # the watcher may know better already
+                self.tree.learn(node, seen, start)  # the watcher may know better already
         for key, ino in parent.sessions.items():
             known = self.tree.nodes.get(ino)
             if isinstance(known, File) and key not in stored and not known.pending:
-                self._learn(known, None, start)
+                self.tree.learn(known, None, start)
         parent.indexed = self._trusted(parent)
 
     async def _listing(self, node: Dir) -> list[tuple[str, Node | None]]:
@@ -650,9 +634,9 @@ class Operations(pyfuse3.Operations):
             known = node.seen_version if self._trusted(node.parent) and node.present else None
             data = b"" if known is None or truncating else self.content.get(node.ino, known)
             if known is None or data is None:
-                stamp = self._bump(node.parent)
+                stamp = self.tree.bump(node.parent)
                 snap = await self._store(node.parent, lambda b: b.read(key))
-                self._learn(node, Seen.of(snap.stat), stamp)
+                self.tree.learn(node, Seen.of(snap.stat), stamp)
                 self.content.put(node.ino, snap.version, snap.data)
                 known, data = snap.version, snap.data
             if writable and node.mode & 0o200 == 0:
@@ -700,11 +684,13 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._sessions_dir(parent_inode)
         text = self._text(name)
-        if await self._exists(parent, text):
+        existing = await self._find_existing(parent, text)
+        if existing is not None:
             if flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
-            node, _ = await self._find(parent, text)
-            assert isinstance(node, File)
+            if not isinstance(existing, File):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            node = existing
             handle, _ = await self._open_file(node, flags)
         elif is_scratch_name(text):
             node = self.tree.new_scratch(parent, text, stat.S_IMODE(mode) & ~ctx.umask & 0o777)
@@ -713,9 +699,7 @@ class Operations(pyfuse3.Operations):
             node = self.tree.new_pending(parent, self._key(text))
             handle = self._new_handle(node, flags, b"", key=node.key)
         node.nlookup += 1
-        return pyfuse3.FileInfo(fh=handle.fh), self._attrs(
-            node
-        ) if not node.is_session or node.pending else await self._attrs_of(node)
+        return pyfuse3.FileInfo(fh=handle.fh), await self._attrs_of(node)
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -799,13 +783,18 @@ class Operations(pyfuse3.Operations):
                 _mtime(commit.replaced),
             )
         handle.committed(commit.version)
-        self.tree.remember(node, Seen.of(commit.stat), self._bump(parent))
+        self._committed(parent, node, commit, data)
+        self._invalidate_attrs(node.ino)
+        log.debug("committed %s (%d bytes)", self._path(node), len(data))
+
+    def _committed(self, parent: Dir, node: File, commit: Commit, data: bytes) -> None:
+        """What every commit to *node*'s key leaves behind in the tree."""
+        self.tree.remember(node, Seen.of(commit.stat), self.tree.bump(parent))
         self.content.put(node.ino, commit.version, data)
         node.pending = False
         node.cached_version = None
-        parent.away.pop(key, None)  # written anew: a backup of it is only a backup now
-        self._invalidate_attrs(node.ino)
-        log.debug("committed %s (%d bytes)", self._path(node), len(data))
+        assert node.key is not None
+        parent.away.pop(node.key, None)  # written anew: a backup of it is only a backup now
 
     @guarded
     async def flush(self, fh: int) -> None:
@@ -902,7 +891,7 @@ class Operations(pyfuse3.Operations):
         assert isinstance(source, File)
         if old == new:
             return
-        if flags & pyfuse3.RENAME_NOREPLACE and await self._exists(parent, new):
+        if flags & pyfuse3.RENAME_NOREPLACE and await self._find_existing(parent, new) is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
         if is_scratch_name(new):
             await self._rename_to_scratch(parent, source, new)
@@ -944,7 +933,7 @@ class Operations(pyfuse3.Operations):
         except EntryExists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None
         self.tree.move(source, parent, key_to_display(key), key)
-        source.stamp = self._bump(parent)  # a rename keeps the entry's file and version
+        source.stamp = self.tree.bump(parent)  # a rename keeps the entry's file and version
         parent.away.pop(key, None)
         log.info("renamed session %r to %r", old_key, key)
 
@@ -959,11 +948,9 @@ class Operations(pyfuse3.Operations):
             raise self._reject(f"{where} (renamed from {source.name})", exc) from None
         origin_key, origin_ino = source.origin_key, source.ino
         self.tree.move(source, parent, new, key)
-        source.data, source.pending, source.cached_version = bytearray(), False, None
-        self.tree.remember(source, Seen.of(commit.stat), self._bump(parent))
-        self.content.put(source.ino, commit.version, data)
+        source.data = b""  # the content lives in the store now
         source.origin_key = source.origin_version = None
-        parent.away.pop(key, None)
+        self._committed(parent, source, commit, data)
         if (
             origin_key is not None
             and origin_key != key

@@ -247,6 +247,25 @@ class Tree:
     # -- what the store holds ---------------------------------------------------
 
     @staticmethod
+    def bump(parent: Dir) -> int:
+        """A new generation of what *parent*'s store is known to hold; take it before the I/O."""
+        parent.generation += 1
+        return parent.generation
+
+    def learn(self, node: File, seen: Seen | None, stamp: int) -> bool:
+        """Record what the disk said at *stamp* (None: the entry is gone).
+
+        Nothing happens if something newer was learnt since *stamp*: a stat that
+        raced with a commit or a watcher event must not bring back an older
+        version.  Returns whether the version changed or the entry went.
+        """
+        if node.stamp > stamp:
+            return False
+        if seen is None:
+            return self.forget_entry(node, stamp)
+        return self.remember(node, seen, stamp)
+
+    @staticmethod
     def remember(node: File, seen: Seen, stamp: int) -> bool:
         """Record that *node*'s entry exists as *seen*; returns whether its version changed."""
         changed = node.seen_version != seen.version

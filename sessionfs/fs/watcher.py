@@ -179,9 +179,7 @@ class Watcher:
         def stat_all() -> list[os.stat_result | None]:
             return self.catalog.backing(agent_id).stat_many(keys)
 
-        # Stamped before the stat: a commit of ours that lands meanwhile knows better.
-        parent.generation += 1
-        stamp = parent.generation
+        stamp = self.tree.bump(parent)  # before the stat: a commit landing meanwhile knows better
         try:
             stats = await self._thread(stat_all)
         except OSError:
@@ -189,20 +187,14 @@ class Watcher:
         for key, st in zip(keys, stats, strict=True):
             if key in parent.away:
                 continue  # renamed to a backup through the mount: not shown under its name
+            seen = None if st is None else Seen.of(st)
             node = self.tree.known_session(parent, key)
-            if node is not None and (node.pending or node.stamp > stamp):
-                continue  # an unsaved new file of ours shadows it, or we learnt newer since
-            if st is None:
-                if node is not None and self.tree.forget_entry(node, stamp):
-                    await self._invalidate(parent, node, gone=True)
-            elif node is not None:
-                if self.tree.remember(node, Seen.of(st), stamp):
-                    node.cached_version = None
-                    await self._invalidate(parent, node, gone=False)
-            elif parent.indexed:
-                self.tree.remember(
-                    self.tree.session(parent, key), Seen.of(st), stamp
-                )  # a new entry
+            if node is None:
+                if seen is not None and parent.indexed:  # a new entry
+                    self.tree.learn(self.tree.session(parent, key), seen, stamp)
+            elif not node.pending and self.tree.learn(node, seen, stamp):
+                node.cached_version = None
+                await self._invalidate(parent, node, gone=seen is None)
 
     async def _invalidate(self, parent: Dir, node: File, *, gone: bool) -> None:
         """Make the kernel drop what it cached: attributes and pages, and the name if it went."""
@@ -278,11 +270,4 @@ class Watcher:
             return
         self.rescans += 1
         parent.indexed = False  # rebuilt by the next listing
-        await self.refresh(
-            agent_id,
-            [
-                key
-                for key, ino in parent.sessions.items()
-                if isinstance(self.tree.nodes.get(ino), File)
-            ],
-        )
+        await self.refresh(agent_id, list(parent.sessions))
