@@ -14,7 +14,6 @@ import enum
 import os
 import re
 import stat
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,19 +191,20 @@ def _entry(key: str, snap: Snapshot) -> Entry:
     )
 
 
-def _transcripts(sessions_dir: Path) -> dict[str, list[os.DirEntry[str]]]:
+def _transcripts(files: list[os.DirEntry[str]]) -> dict[str, list[os.DirEntry[str]]]:
     """Transcript files (``<sessionId>.jsonl``, topic variants) by lowercased session id."""
     found: dict[str, list[os.DirEntry[str]]] = {}
-    for dirent in _files(sessions_dir):
+    for dirent in files:
         match = TRANSCRIPT_RE.match(dirent.name)
         if match:
             found.setdefault(match.group("sid").lower(), []).append(dirent)
     return found
 
 
-def _files(sessions_dir: Path) -> Iterable[os.DirEntry[str]]:
+def _files(sessions_dir: Path) -> list[os.DirEntry[str]]:
+    """The regular files in the sessions dir, listed once per plan."""
     with os.scandir(sessions_dir) as it:
-        yield from (d for d in it if d.is_file(follow_symlinks=False))
+        return [d for d in it if d.is_file(follow_symlinks=False)]
 
 
 def _usage(path: Path) -> int:
@@ -247,10 +247,11 @@ def plan(agent: AgentStore, policy: Policy, *, now_ms: float, mode: Mode) -> Age
                 Removal(e, f"over the cap of {policy.max_entries} entries (oldest first)")
             )
         kept = kept[over:]
-    transcripts = _transcripts(agent.sessions_dir)
+    files = _files(agent.sessions_dir)
+    transcripts = _transcripts(files)
     _assign_transcripts(result.removals, kept, transcripts)
     if policy.max_disk_bytes is not None:
-        _plan_budget(agent, policy, now_ms, result, kept)
+        _plan_budget(agent, policy, now_ms, result, kept, files)
         # the budget may have removed the last entry sharing a transcript with an earlier one
         _assign_transcripts(result.removals, kept, transcripts)
     return result
@@ -272,6 +273,7 @@ def _plan_budget(
     now_ms: float,
     result: AgentResult,
     kept: list[Entry],
+    files: list[os.DirEntry[str]],
 ) -> None:
     """Above the high-water mark: archives, then unreferenced transcripts, then oldest entries."""
     high = policy.high_water_bytes
@@ -284,7 +286,7 @@ def _plan_budget(
     archives, strays = [], []
     referenced = {e.session_id.lower() for e in kept if e.session_id}
     archived = {name for r in result.removals for name in r.transcripts}
-    for dirent in _files(agent.sessions_dir):
+    for dirent in files:
         st = dirent.stat(follow_symlinks=False)
         backup = dirent.name.startswith(BACKUP_PREFIX)
         if ARCHIVE_RE.match(dirent.name) or (
