@@ -11,16 +11,58 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .entry import DEFAULT_MAX_ENTRY_BYTES
 from .errors import NoStore
 from .legacy import LegacyView
 from .sources import AGENT_ID_RE, AgentStore, Source, SourceKind, agent_problem, scan_agents
-from .store import SessionStore
+from .store import Commit, SessionStore, Snapshot, Version
 
-Backing = SessionStore | LegacyView
+
+class Backing(Protocol):
+    """What the mount asks of the store behind a directory (``sessions.d/`` or a view).
+
+    Read-only views answer every change with ``EROFS`` (:class:`ReadOnlyStore`).
+    """
+
+    @property
+    def writable(self) -> bool: ...
+
+    def read(self, key: str) -> Snapshot: ...
+
+    def stat(self, key: str) -> os.stat_result: ...
+
+    def keys(self) -> Iterable[str]: ...
+
+    def stat_many(self, keys: list[str]) -> list[os.stat_result | None]: ...
+
+    def write(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        validate: bool = True,
+        expected: Version | None = None,
+        mtime_ns: int | None = None,
+    ) -> Commit: ...
+
+    def remove(
+        self, key: str, *, only_if: Callable[[Snapshot], bool] | None = None
+    ) -> Snapshot: ...
+
+    def rename(self, old: str, new: str, *, replace: bool = True) -> os.stat_result: ...
+
+
+StoreFactory = Callable[[Path, int], SessionStore]
+"""Opens the ``sessions.d/`` at a path with an entry size cap (tests pass a wrapper)."""
+
+
+def open_store(path: Path, max_entry_bytes: int) -> SessionStore:
+    return SessionStore(path, create=False, max_entry_bytes=max_entry_bytes)
 
 
 @dataclass(frozen=True)
@@ -34,12 +76,19 @@ class WatchTarget:
 class Catalog:
     """Opens (and caches) the store behind each directory of the mount; blocking calls."""
 
-    def __init__(self, source: Source, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        store_factory: StoreFactory = open_store,
+    ) -> None:
         self.source = source
         self.max_entry_bytes = max_entry_bytes
+        self._store_factory = store_factory
         self.per_agent = source.kind is SourceKind.STATE_DIR
         self._lock = threading.Lock()
-        self._open: dict[str | None, tuple[tuple[int, int], Backing]] = {}
+        self._open: dict[str | None, tuple[tuple[int, int], SessionStore | LegacyView]] = {}
         if not self.per_agent and not self._ref(None).has_store():
             raise NoStore(f"{source.path} holds neither sessions.d/ nor sessions.json")
 
@@ -79,11 +128,9 @@ class Catalog:
                 return cached[1]
             if cached is not None and isinstance(cached[1], SessionStore):
                 cached[1].close()
-            backing: Backing
+            backing: SessionStore | LegacyView
             if identity != (0, 0):
-                backing = SessionStore(
-                    ref.entries, create=False, max_entry_bytes=self.max_entry_bytes
-                )
+                backing = self._store_factory(ref.entries, self.max_entry_bytes)
             elif ref.has_legacy():
                 backing = LegacyView(ref.legacy)
             else:

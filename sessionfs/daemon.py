@@ -30,8 +30,8 @@ import trio
 from . import maintain, migrate
 from .catalog import Catalog
 from .errors import SessionFSError
-from .fs.operations import CONFLICT_LAST_WINS, CONTROL_DIR, Operations
-from .fs.watcher import Watcher
+from .fs import CONFLICT_LAST_WINS, Filesystem, assemble
+from .fs.control import CONTROL_DIR
 from .locking import pid_alive
 from .sources import Source
 
@@ -115,36 +115,58 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=False)
 
 
+def probe(path: Path, timeout: float = CONTROL_TIMEOUT) -> str:
+    """Whether the sessionfs daemon behind *path* is "alive", "dead" or "hung".
+
+    Opening a control file always reaches the daemon (the kernel caches names and
+    attributes, never an open), so a dead connection answers ENOTCONN at once even
+    while a cached ``stat`` of the mountpoint still succeeds.
+    """
+    try:
+        _read_control(path, "pid", timeout)
+    except OSError as exc:
+        if exc.errno == errno.ETIMEDOUT:
+            return "hung"
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            return "dead"
+    return "alive"
+
+
 def prepare_mountpoint(path: Path) -> list[str]:
     """Check *path* can be mounted on; clean a dead sessionfs mount.  Returns notices."""
     notices = []
+    entry = find_mount(path)
+    if entry is not None and entry.fstype == FS_TYPE:
+        state = probe(path)
+        if state == "alive":
+            raise MountError(
+                f"{path} is already a sessionfs mount; run `sessionfs umount {path}` first"
+            )
+        if state == "hung":
+            raise MountError(
+                f"{path} is a sessionfs mount whose daemon does not answer; "
+                f"run `sessionfs umount --lazy {path}` first"
+            )
+        result = _fusermount("-u", "-z", entry.mountpoint)
+        if result.returncode != 0:
+            raise MountError(f"could not clean the dead mount at {path}: {result.stderr.strip()}")
+        notices.append(f"cleaned up a dead sessionfs mount at {path} (its daemon had died)")
     try:
         st = os.stat(path)
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            if exc.errno == errno.ENOENT:
-                raise MountError(
-                    f"mountpoint {path} does not exist; create it with: mkdir -p {path}"
-                ) from None
-            raise MountError(f"mountpoint {path}: {exc.strerror}") from None
-        entry = find_mount(path)
-        if entry is None or entry.fstype != FS_TYPE:
+        if exc.errno == errno.ENOTCONN:
             raise MountError(
                 f"{path} is a dead mount of another filesystem; unmount it first"
             ) from None
-        result = _fusermount("-u", "-z", str(_absolute(path)))
-        if result.returncode != 0:
+        if exc.errno == errno.ENOENT:
             raise MountError(
-                f"could not clean the dead mount at {path}: {result.stderr.strip()}"
+                f"mountpoint {path} does not exist; create it with: mkdir -p {path}"
             ) from None
-        notices.append(f"cleaned up a dead sessionfs mount at {path} (its daemon had died)")
-        st = os.stat(path)
+        raise MountError(f"mountpoint {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {path} is not a directory")
     if is_mounted(path):
-        raise MountError(
-            f"{path} is already a sessionfs mount; run `sessionfs umount {path}` first"
-        )
+        raise MountError(f"{path} is still a sessionfs mount; run `sessionfs umount {path}`")
     return notices
 
 
@@ -238,11 +260,9 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, unmount.  The daemon's (or -f's) main."""
     # The watcher invalidates what changes behind the mount, so the kernel may
     # cache entries, attributes and pages for long.
-    ops = Operations(
+    fs = assemble(
         catalog, debug=config.debug, cache_timeout=CACHE_TIMEOUT, conflict=config.conflict
     )
-    watcher = Watcher(catalog, ops.tree, ops.own)
-    ops.watcher = watcher
     options = {"fsname=sessionfs", "subtype=sessionfs", "default_permissions"}
     if config.auto_unmount:
         options.add("auto_unmount")
@@ -253,15 +273,15 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
     # not kill us with the mount still there: remember it and act on it in trio.
     previous = {sig: signal.signal(sig, shutdown.remember) for sig in STOP_SIGNALS}
     try:
-        pyfuse3.init(ops, str(config.mountpoint), options)
+        pyfuse3.init(fs.operations, str(config.mountpoint), options)
     except RuntimeError as exc:
         _report(ready_fd, f"could not mount at {config.mountpoint}: {exc} (see the log)")
         log.error("could not mount at %s: %s", config.mountpoint, exc)
         return 1
-    ops.mounted = True
+    fs.kernel.mounted = True
     log.info("mounted %s at %s (pid %d)", config.source.path, config.mountpoint, os.getpid())
     try:
-        trio.run(_serve, config, watcher, ready_fd, shutdown)
+        trio.run(_serve, config, fs, ready_fd, shutdown)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -294,7 +314,16 @@ def _report(ready_fd: int | None, message: str) -> None:
 
 
 async def _serve(
-    config: MountConfig, watcher: Watcher, ready_fd: int | None, shutdown: _Shutdown
+    config: MountConfig, fs: Filesystem, ready_fd: int | None, shutdown: _Shutdown
+) -> None:
+    try:
+        await _serve_until_unmounted(config, fs, ready_fd, shutdown)
+    finally:
+        fs.editing.keep_all()
+
+
+async def _serve_until_unmounted(
+    config: MountConfig, fs: Filesystem, ready_fd: int | None, shutdown: _Shutdown
 ) -> None:
     async with trio.open_nursery() as nursery:
 
@@ -305,7 +334,8 @@ async def _serve(
             nursery.cancel_scope.cancel()
 
         await nursery.start(_stop_on_signals, shutdown)
-        await nursery.start(watcher.run)
+        await nursery.start(fs.watcher.run)
+        nursery.start_soon(fs.editing.run_grace_periods)
         if config.maintain_every:
             nursery.start_soon(_maintain_periodically, config)
         nursery.start_soon(fuse_loop)

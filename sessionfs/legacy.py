@@ -92,4 +92,4 @@ class LegacyView:
             f"{self.path} is a legacy store shown read-only; run `sessionfs migrate` to edit it"
         )
 
-    write = delete = rename = update = _refuse
+    write = delete = remove = rename = update = _refuse

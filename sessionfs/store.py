@@ -61,6 +61,15 @@ def _syncfs(fd: int) -> None:
     _check_libc(_libc.syncfs(fd))
 
 
+def _read_all(fd: int, size: int) -> bytes:
+    """Up to *size* + 1 bytes of *fd* (one more tells a file that grew)."""
+    chunks, left = [], size + 1
+    while left > 0 and (chunk := os.read(fd, max(left, 65536))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -288,6 +297,7 @@ class SessionStore:
         validate: bool = True,
         durable: bool = True,
         expected: Version | None = None,
+        mtime_ns: int | None = None,
     ) -> Commit:
         """Atomically replace (or create) *key* with *data* under its lock.
 
@@ -295,16 +305,29 @@ class SessionStore:
         :data:`ABSENT` for "must not exist yet"), the commit only happens if the
         entry is still that version, else :class:`EntryChanged` (``ESTALE``).
         The result tells which version this commit replaced.
+
+        Writing exactly the bytes the entry holds changes nothing (no new version,
+        so the mtime stays) and is accepted even if those bytes would not pass
+        validation today: a round trip of what the store gave out never fails.
+        *mtime_ns* sets the new file's mtime (restoring a version keeps its time).
         """
         name = key_to_filename(key)
+        refusal: InvalidEntry | None = None
         if validate:
-            entry_rules.validate(data, self.max_entry_bytes)
+            try:
+                entry_rules.validate(data, self.max_entry_bytes)
+            except InvalidEntry as exc:
+                refusal = exc
         with self.locks.hold(key):
             previous = self._target(name)
             replaced = Version.of(previous) if previous is not None else None
             if expected is not None and (replaced or ABSENT) != expected:
                 raise EntryChanged(key, expected, replaced)
-            return Commit(self._commit(name, data, durable=durable), replaced)
+            if previous is not None and self._holds(name, previous, data):
+                return Commit(previous, replaced)
+            if refusal is not None:
+                raise refusal
+            return Commit(self._commit(name, data, durable=durable, mtime_ns=mtime_ns), replaced)
 
     def update(
         self, key: str, change: Callable[[entry_rules.Entry | None], entry_rules.Entry]
@@ -334,27 +357,44 @@ class SessionStore:
         With *only_if*, the current version is read under the lock and removed only
         if the predicate accepts it.  Returns whether the entry was removed.
         """
+        return self._remove(key, only_if=only_if, keep=False) is not None
+
+    def remove(self, key: str, *, only_if: Callable[[Snapshot], bool] | None = None) -> Snapshot:
+        """Remove *key* under its lock and return the version that went (for an undo).
+
+        Raises :class:`EntryNotFound`, or :class:`EntryChanged` when *only_if*
+        refuses the current version.
+        """
+        removed = self._remove(key, only_if=only_if, keep=True)
+        if removed is None:
+            raise EntryChanged(key, ABSENT, None)
+        return removed
+
+    def _remove(
+        self, key: str, *, only_if: Callable[[Snapshot], bool] | None, keep: bool
+    ) -> Snapshot | None:
         name = key_to_filename(key)
         with self.locks.hold(key):
-            if only_if is not None:
-                if not only_if(self.read(key)):
-                    return False
+            if only_if is not None or keep:
+                current = self.read(key)
+                if only_if is not None and not only_if(current):
+                    return None
             else:
-                self.stat(key)
+                current = Snapshot(b"", self.stat(key))
             os.unlink(name, dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
-            return True
+            return current
 
-    def rename(self, old: str, new: str, *, replace: bool = True) -> None:
-        """Give entry *old* the key *new* in one atomic rename.
+    def rename(self, old: str, new: str, *, replace: bool = True) -> os.stat_result:
+        """Give entry *old* the key *new* in one atomic rename; returns the entry's stat.
 
         Without *replace*, an existing *new* makes it fail with ``EEXIST``.
         """
         old_name, new_name = key_to_filename(old), key_to_filename(new)
         with self.locks.hold(old, new):
-            self.stat(old)
+            moved = self.stat(old)
             if old_name == new_name:
-                return
+                return moved
             try:
                 self.stat(new)
             except EntryNotFound:
@@ -373,6 +413,7 @@ class SessionStore:
             except FileExistsError:
                 raise EntryExists(f"session {new!r} exists") from None
             os.fsync(self._dir_fd)
+            return self.stat(new)
 
     # -- bulk work on a directory that is not live yet (migration) ----------
 
@@ -429,7 +470,26 @@ class SessionStore:
         self._check_regular(target, name)
         return target
 
-    def _commit(self, name: str, data: bytes, *, durable: bool) -> os.stat_result:
+    def _holds(self, name: str, current: os.stat_result, data: bytes) -> bool:
+        """Whether *name* (whose stat is *current*) holds exactly *data*."""
+        if current.st_size != len(data):
+            return False
+        try:
+            fd = os.open(
+                name,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=self._dir_fd,
+            )
+        except FileNotFoundError:
+            return False
+        try:
+            return os.fstat(fd).st_ino == current.st_ino and _read_all(fd, len(data)) == data
+        finally:
+            os.close(fd)
+
+    def _commit(
+        self, name: str, data: bytes, *, durable: bool, mtime_ns: int | None = None
+    ) -> os.stat_result:
         """Temp file, write, fsync, rename over *name*, fsync the directory.
 
         The caller holds the key's lock and has checked the target with :meth:`_target`.
@@ -444,6 +504,8 @@ class SessionStore:
         try:
             try:
                 _write_all(fd, data)
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
                 if durable:
                     os.fsync(fd)
                 st = os.fstat(fd)
@@ -528,8 +590,8 @@ class AsyncSessionStore:
     async def delete(self, key: str, *, only_if: Callable[[Snapshot], bool] | None = None) -> bool:
         return await self._run(self.sync.delete, key, only_if=only_if)
 
-    async def rename(self, old: str, new: str, *, replace: bool = True) -> None:
-        await self._run(self.sync.rename, old, new, replace=replace)
+    async def rename(self, old: str, new: str, *, replace: bool = True) -> os.stat_result:
+        return await self._run(self.sync.rename, old, new, replace=replace)
 
     async def keys(self) -> list[str]:
         return await self._run(lambda: list(self.sync.keys()))

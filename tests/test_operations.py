@@ -12,13 +12,11 @@ from typing import Any
 import pyfuse3
 import pytest
 
-from sessionfs import sources
-from sessionfs.catalog import Catalog
+from sessionfs.fs import Filesystem, Limits
 from sessionfs.fs.operations import Operations
 from sessionfs.store import SessionStore, Version
+from tests.driving import CTX, Replies, make_filesystem
 from tests.helpers import entry_bytes
-
-CTX: Any = None  # the handlers under test never look at the request context
 
 
 @pytest.fixture
@@ -31,8 +29,13 @@ def sessions(tmp_path: Path) -> Iterator[SessionStore]:
 
 
 @pytest.fixture
-def ops(sessions: SessionStore) -> Operations:
-    return Operations(Catalog(sources.resolve(sessions.path.parent)))
+def fs(sessions: SessionStore) -> Filesystem:
+    return make_filesystem(sessions.path.parent)
+
+
+@pytest.fixture
+def ops(fs: Filesystem) -> Operations:
+    return fs.operations
 
 
 async def lookup_errno(ops: Operations, parent: int, name: bytes) -> int:
@@ -67,33 +70,15 @@ async def test_unexpected_exception_is_eio_and_logged(
     def broken(agent_id: str | None) -> Any:
         raise RuntimeError("disk gremlin")
 
-    good = ops.catalog.backing
-    monkeypatch.setattr(ops.catalog, "backing", broken)
+    catalog = ops.backings.catalog
+    good = catalog.backing
+    monkeypatch.setattr(catalog, "backing", broken)
     with caplog.at_level(logging.ERROR, logger="sessionfs"):
         assert await lookup_errno(ops, pyfuse3.ROOT_INODE, b"cron:1.json") == errno.EIO
     assert "internal error in lookup(1, cron:1.json); answered EIO" in caplog.text
     assert "RuntimeError: disk gremlin" in caplog.text  # the traceback is in the log
-    monkeypatch.setattr(ops.catalog, "backing", good)
+    monkeypatch.setattr(catalog, "backing", good)
     assert (await ops.lookup(pyfuse3.ROOT_INODE, b"cron:1.json", CTX)).st_size > 0
-
-
-class Replies:
-    """Stands in for pyfuse3.readdir_reply, accepting *room* entries per readdir call."""
-
-    def __init__(self, room: int) -> None:
-        self.room = room
-        self.names: list[str] = []
-        self.next_ids: list[int] = []
-
-    def __call__(
-        self, token: object, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int
-    ) -> bool:
-        if self.room == 0:
-            return False
-        self.room -= 1
-        self.names.append(name.decode())
-        self.next_ids.append(next_id)
-        return True
 
 
 async def test_readdir_offsets_survive_inserts_and_deletes(
@@ -128,26 +113,18 @@ async def test_readdir_offsets_survive_inserts_and_deletes(
             assert node.nlookup == 2
 
 
-async def test_read_sees_the_version_of_its_open(
-    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda *a, **k: None)
+async def test_read_sees_the_version_of_its_open(ops: Operations, sessions: SessionStore) -> None:
     ino = (await ops.lookup(pyfuse3.ROOT_INODE, b"cron:1.json", CTX)).st_ino
     info = await ops.open(ino, 0, CTX)
+    assert info.direct_io  # never the kernel's shared pages: each read carries its handle
     sessions.write("cron:1", entry_bytes("other", pad="p" * 100))
     assert await ops.read(info.fh, 0, 4096) == entry_bytes("cron-1")
     second = await ops.open(ino, 0, CTX)
-    assert not second.keep_cache  # a new version: the kernel must drop its pages
     assert await ops.read(second.fh, 0, 4096) == entry_bytes("other", pad="p" * 100)
-    third = await ops.open(ino, 0, CTX)
-    assert third.keep_cache  # unchanged since: the kernel's pages are still right
-    for handle in (info, second, third):
+    assert await ops.read(info.fh, 0, 4096) == entry_bytes("cron-1")  # still its own version
+    for handle in (info, second):
         await ops.release(handle.fh)
-    assert ops.handles == {}
-
-
-class Ctx:
-    uid, gid, pid, umask = 0, 0, 1, 0o022
+    assert ops.editing.handles == {}
 
 
 def test_commit_decisions() -> None:
@@ -181,8 +158,9 @@ def test_commit_decisions() -> None:
 
 
 async def test_scratch_files_are_bounded(sessions: SessionStore) -> None:
-    ops = Operations(Catalog(sources.resolve(sessions.path.parent)), scratch_limit=100)
-    ctx: Any = Ctx()
+    limits = Limits(max_entry_bytes=1 << 20, scratch_bytes=100)
+    ops = make_filesystem(sessions.path.parent, limits=limits).operations
+    ctx = CTX
     first, _ = await ops.create(pyfuse3.ROOT_INODE, b"a.tmp", 0o600, os.O_WRONLY, ctx)
     await ops.write(first.fh, 0, b"x" * 60)
     second, _ = await ops.create(pyfuse3.ROOT_INODE, b"b.tmp", 0o600, os.O_WRONLY, ctx)
@@ -202,7 +180,7 @@ async def test_scratch_files_are_bounded(sessions: SessionStore) -> None:
 
 
 async def test_oversized_entry_is_efbig_and_listed(sessions: SessionStore) -> None:
-    ops = Operations(Catalog(sources.resolve(sessions.path.parent)), max_entry_bytes=50)
+    ops = make_filesystem(sessions.path.parent, limits=Limits(max_entry_bytes=50)).operations
     ino = (await ops.lookup(pyfuse3.ROOT_INODE, b"cron:1.json", CTX)).st_ino
     info = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
     with pytest.raises(pyfuse3.FUSEError) as raised:
@@ -213,7 +191,10 @@ async def test_oversized_entry_is_efbig_and_listed(sessions: SessionStore) -> No
     assert raised.value.errno == errno.EFBIG
     await ops.release(info.fh)
     assert sessions.read("cron:1").data == entry_bytes("cron-1")
-    assert "cron:1.json  EFBIG  entry would exceed 50 bytes" in ops._render_errors().decode()
+    assert (
+        "cron:1.json  EFBIG  entry would exceed 50 bytes"
+        in ops.editing.rejections.render().decode()
+    )
 
 
 def test_content_cache_is_bounded_and_version_keyed() -> None:
@@ -221,82 +202,15 @@ def test_content_cache_is_bounded_and_version_keyed() -> None:
 
     cache = ContentCache(max_bytes=100)
     v1, v2 = Version(1, 1, 10), Version(2, 2, 10)
-    cache.put(1, v1, b"a" * 10)
-    assert cache.get(1, v1) == b"a" * 10
-    assert cache.get(1, v2) is None  # another version is never served
-    cache.put(1, v2, b"b" * 10)
-    assert cache.get(1, v1) is None
+    cache.put((1, "a"), v1, b"a" * 10)
+    assert cache.get((1, "a"), v1) == b"a" * 10
+    assert cache.get((1, "a"), v2) is None  # another version is never served
+    cache.put((1, "a"), v2, b"b" * 10)
+    assert cache.get((1, "a"), v1) is None
     assert cache.size == 10
     for ino in range(2, 12):
-        cache.put(ino, v1, b"c" * 10)
+        cache.put((ino, "a"), v1, b"c" * 10)
     assert cache.size <= 100
-    assert cache.get(1, v2) is None  # the least recently used went first
-    cache.put(99, v1, b"x" * 30)  # over a quarter of the budget: not kept
-    assert cache.get(99, v1) is None
-
-
-async def test_a_listing_never_overwrites_newer_knowledge(
-    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What the watcher learns while a slow listing runs must survive the listing's result."""
-    from sessionfs.fs.tree import Seen
-
-    parent = ops.tree.root
-    node = ops.tree.session(parent, "cron:1")
-    scan_store = ops._store
-
-    async def scan_then_watcher_event(directory: Any, call: Any) -> Any:
-        stale = await scan_store(directory, call)  # the listing's view of the disk
-        sessions.write("cron:1", entry_bytes("newer", pad="n" * 50))
-        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops.tree.bump(parent))
-        return stale
-
-    monkeypatch.setattr(ops, "_store", scan_then_watcher_event)
-    await ops._index(parent)
-    assert node.seen_version == Seen.of(sessions.stat("cron:1")).version
-    assert node.present
-
-
-async def test_a_stat_that_raced_with_a_commit_is_not_learnt(
-    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from sessionfs.fs.tree import Seen
-
-    node = ops.tree.session(ops.tree.root, "cron:1")
-    store_call = ops._store
-
-    async def stat_then_commit_lands(directory: Any, call: Any) -> Any:
-        old = await store_call(directory, call)  # the stat, taken before the commit
-        sessions.write("cron:1", entry_bytes("committed", pad="c" * 40))
-        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops.tree.bump(ops.tree.root))
-        return old
-
-    monkeypatch.setattr(ops, "_store", stat_then_commit_lands)
-    await ops._stat(ops.tree.root, "cron:1", node)
-    assert node.seen_version == Seen.of(sessions.stat("cron:1")).version
-
-
-async def test_a_watcher_refresh_that_raced_with_a_commit_is_not_learnt(
-    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from sessionfs.fs.tree import Seen
-    from sessionfs.fs.watcher import OwnChanges, Watcher
-
-    watcher = Watcher(ops.catalog, ops.tree, OwnChanges())
-    node = ops.tree.session(ops.tree.root, "cron:1")
-    ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops.tree.bump(ops.tree.root))
-    thread_call = watcher._thread
-
-    async def stat_then_commit_lands(fn: Any, *args: Any) -> Any:
-        old = await thread_call(fn, *args)
-        sessions.write("cron:1", entry_bytes("committed", pad="c" * 40))
-        ops.tree.remember(node, Seen.of(sessions.stat("cron:1")), ops.tree.bump(ops.tree.root))
-        return old
-
-    monkeypatch.setattr(watcher, "_thread", stat_then_commit_lands)
-    try:
-        await watcher.refresh(None, ["cron:1"])
-    finally:
-        watcher.inotify.close()
-    assert node.seen_version == Seen.of(sessions.stat("cron:1")).version
-    assert watcher.invalidations == 0
+    assert cache.get((1, "a"), v2) is None  # the least recently used went first
+    cache.put((99, "a"), v1, b"x" * 30)  # over a quarter of the budget: not kept
+    assert cache.get((99, "a"), v1) is None

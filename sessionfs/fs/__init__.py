@@ -1,1 +1,106 @@
-"""The FUSE layer: translates kernel requests into store calls and owns no disk I/O."""
+"""The FUSE layer: translates kernel requests into store calls and owns no disk I/O.
+
+:func:`assemble` builds the parts of one mount and wires them together, each
+receiving its collaborators through its constructor:
+
+``operations`` -> ``names`` / ``editing`` -> ``index`` -> ``tree``, all of them ->
+``kernel`` (invalidations) and ``backings`` (the stores, in worker threads);
+``watcher`` -> ``index``; ``control`` renders ``.sessionfs/``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..catalog import Catalog
+from ..entry import DEFAULT_MAX_ENTRY_BYTES
+from .backings import Backings
+from .cache import ContentCache
+from .control import ControlFiles, MountStatistics
+from .editing import CONFLICT_FAIL, CONFLICT_LAST_WINS, Editing, Limits
+from .index import Index
+from .kernel import Kernel
+from .names import Names
+from .operations import Operations
+from .requests import Rejections, Requests
+from .tree import Owner, Tree
+from .watcher import Watcher
+
+__all__ = [
+    "CONFLICT_FAIL",
+    "CONFLICT_LAST_WINS",
+    "Filesystem",
+    "Limits",
+    "assemble",
+]
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """The parts of one mount that the daemon (and the tests) handle directly."""
+
+    operations: Operations
+    editing: Editing
+    index: Index
+    watcher: Watcher
+    kernel: Kernel
+    control: ControlFiles
+
+
+def assemble(
+    catalog: Catalog,
+    *,
+    cache_timeout: float = 1.0,
+    debug: bool = False,
+    conflict: str = CONFLICT_LAST_WINS,
+    limits: Limits | None = None,
+    limiter: trio.CapacityLimiter | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Filesystem:
+    """Build every part of a mount of *catalog*'s stores."""
+    tree = Tree()
+    tree.root.holds_sessions = not catalog.per_agent
+    kernel = Kernel()
+    backings = Backings(catalog, limiter)
+    index = Index(tree, backings, kernel)
+    owner = Owner.current(cache_timeout)
+    names = Names(tree, index, backings, catalog, owner)
+    rejections = Rejections()
+    editing = Editing(
+        tree,
+        index,
+        names,
+        backings,
+        kernel,
+        ContentCache(),
+        rejections,
+        limits or Limits(max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES),
+        conflict=conflict,
+        clock=clock,
+    )
+    requests = Requests(debug=debug)
+    watcher = Watcher(catalog, index, backings)
+    operations = Operations(tree, names, editing, backings, requests)
+
+    def statistics() -> MountStatistics:
+        return MountStatistics(
+            requests=dict(requests.counts),
+            request_ms={k: round(v * 1e3, 3) for k, v in requests.seconds.items()},
+            store_calls=dict(backings.calls),
+            inodes=len(tree.nodes),
+            open_files=len(editing.handles),
+            scratch_bytes=tree.scratch_bytes(),
+            grace_periods=len(editing.graces),
+            rejected_writes=rejections.total,
+            invalidations=kernel.invalidations,
+            rescans=watcher.rescans,
+        )
+
+    control = ControlFiles(
+        tree, source=catalog.source.path, statistics=statistics, rejections=rejections
+    )
+    return Filesystem(operations, editing, index, watcher, kernel, control)

@@ -5,6 +5,12 @@ atomic commit puts a new backing inode in place, but editors compare ``st_ino``
 before and after a save, so a session keeps its number across commits and outside
 changes.  A rename moves a file's number with it, as on any filesystem (the kernel
 moves its own dentry the same way), and a number is never given to anything else.
+
+What the store holds for each key (:class:`Known`) is kept per directory by key,
+not on the nodes: a node is what the kernel holds a reference to, and it can be
+unlinked or renamed while knowledge of its old key must survive (a gateway may
+write that key a moment later).  :mod:`.index` is the only writer of that
+knowledge; this module only stores it.
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ import itertools
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyfuse3
 
 from ..keys import key_to_display
 from ..store import Version
+
+CONTROL_MODE = 0o500
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +43,62 @@ class Seen:
         return cls(Version.of(st), st.st_ctime_ns, bool(stat.S_IMODE(st.st_mode) & 0o200))
 
 
+@dataclass(slots=True)
+class Known:
+    """The store's state of one key as last learnt: its version, or None when absent.
+
+    ``stamp`` is the directory generation the knowledge was taken at (see
+    :meth:`.index.Index.learn`).
+    """
+
+    stamp: int
+    seen: Seen | None
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who owns what the mount shows, and how long the kernel may cache it."""
+
+    uid: int
+    gid: int
+    timeout: float
+    started_ns: int
+
+    @classmethod
+    def current(cls, timeout: float) -> Owner:
+        return cls(os.getuid(), os.getgid(), timeout, time.time_ns())
+
+
+def _attributes(
+    owner: Owner,
+    ino: int,
+    mode: int,
+    size: int = 0,
+    nlink: int = 1,
+    times: tuple[int, int] = (0, 0),
+) -> pyfuse3.EntryAttributes:
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = ino
+    attrs.entry_timeout = attrs.attr_timeout = owner.timeout
+    attrs.st_uid, attrs.st_gid = owner.uid, owner.gid
+    attrs.st_blksize = 4096
+    attrs.st_mode = mode
+    attrs.st_nlink = nlink
+    attrs.st_size = size
+    attrs.st_blocks = (size + 511) // 512
+    mtime_ns, ctime_ns = times if times != (0, 0) else (owner.started_ns, owner.started_ns)
+    attrs.st_atime_ns, attrs.st_mtime_ns, attrs.st_ctime_ns = mtime_ns, mtime_ns, ctime_ns
+    return attrs
+
+
 @dataclass(eq=False, slots=True)
 class Node:
     ino: int
     nlookup: int = 0  # the kernel's references (lookup +1, forget -N)
     open_handles: int = 0
+
+    def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
+        raise NotImplementedError
 
 
 @dataclass(eq=False, slots=True)
@@ -50,15 +109,26 @@ class Dir(Node):
     parent: Dir | None = None
     holds_sessions: bool = False
     agent_id: str | None = None  # None with holds_sessions: the mount's single store
+    mode: int = 0o700
     sessions: dict[str, int] = field(default_factory=dict)  # key -> inode of its file
     scratch: dict[str, int] = field(default_factory=dict)  # scratch name -> inode
-    away: dict[str, int] = field(default_factory=dict)  # key renamed to a scratch -> its inode
+    # keys renamed to a scratch name (an editor's backup) -> that file's inode:
+    # hidden under their own name while the editor writes the new version
+    away: dict[str, int] = field(default_factory=dict)
     children: dict[str, int] = field(default_factory=dict)  # control dir, control files
-    # With a watcher on its store, every stored key has a node whose ``present``
-    # is kept true; a key without a node is absent.  ``generation`` orders what
-    # the disk told us, so a slow listing never overwrites a newer event.
-    indexed: bool = False
+    # What the store holds, by key (see Known).  With ``complete`` set, a key
+    # missing here is absent from the store (the watcher keeps this current).
+    known: dict[str, Known] = field(default_factory=dict)
+    complete: bool = False
     generation: int = 0
+
+    def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
+        return _attributes(owner, self.ino, stat.S_IFDIR | self.mode, nlink=2)
+
+    def present(self, key: str) -> Seen | None:
+        """The entry of *key* as last learnt, if the store holds one."""
+        known = self.known.get(key)
+        return None if known is None else known.seen
 
 
 @dataclass(eq=False, slots=True)
@@ -76,19 +146,13 @@ class File(Node):
     pending: bool = False
     # Scratch content (a bytearray that handles share); sessions keep none here.
     data: bytes | bytearray = b""
-    mode: int = 0o600
+    mode: int = 0o600  # scratch and pending files; a session's comes from its entry
     mtime_ns: int = 0
     ctime_ns: int = 0
     linked: bool = True
-    # The version whose bytes the kernel's page cache may hold; None when
-    # unknown, which makes the next open drop the cache.
-    cached_version: Version | None = None
-    # What the store holds for this key, as last seen on disk: present or not
-    # (None: not known), and its version; with mode, mtime_ns and ctime_ns it
-    # answers lookups and getattr without touching the disk.
-    present: bool | None = None
-    seen_version: Version | None = None
-    stamp: int = 0  # the directory generation this was learnt at
+    # The entry as it was when this node was unlinked (``rm`` while open: fstat
+    # still answers), or None.
+    last_seen: Seen | None = None
     # A scratch file that a session was renamed to (an editor's backup): the key
     # it came from, and the version it held then.
     origin_key: str | None = None
@@ -103,6 +167,33 @@ class File(Node):
         # Derived, not stored: a mount of 100,000 sessions would keep 100,000 copies.
         return key_to_display(self.key) if self.key is not None else self.scratch_name
 
+    def entry(self) -> Seen | None:
+        """The committed entry this file shows, or None (pending, scratch, or gone)."""
+        if self.key is None or self.pending:
+            return None
+        if not self.linked or self.parent is None:
+            return self.last_seen
+        return self.parent.present(self.key)
+
+    def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
+        """What ``stat`` shows: a session's committed entry, never uncommitted bytes."""
+        nlink = 1 if self.linked else 0
+        seen = self.entry()
+        if seen is not None:
+            version = seen.version
+            return _attributes(
+                owner,
+                self.ino,
+                stat.S_IFREG | (0o600 if seen.writable else 0o400),
+                version.size,
+                nlink,
+                (version.mtime_ns, seen.ctime_ns),
+            )
+        size = 0 if self.key is not None else len(self.data)
+        return _attributes(
+            owner, self.ino, stat.S_IFREG | self.mode, size, nlink, (self.mtime_ns, self.ctime_ns)
+        )
+
 
 @dataclass(eq=False, slots=True)
 class Control(Node):
@@ -110,6 +201,9 @@ class Control(Node):
 
     name: str = ""
     render: Callable[[], bytes] = lambda: b""
+
+    def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
+        return _attributes(owner, self.ino, stat.S_IFREG | 0o400, len(self.render()))
 
 
 class Tree:
@@ -128,9 +222,9 @@ class Tree:
     def get(self, ino: int) -> Node:
         return self.nodes[ino]
 
-    def subdir(self, parent: Dir, name: str) -> Dir:
+    def subdir(self, parent: Dir, name: str, mode: int = CONTROL_MODE) -> Dir:
         """A fixed directory under *parent* (the control directory)."""
-        node = Dir(next(self._next_ino), name=name, parent=parent)
+        node = Dir(next(self._next_ino), name=name, parent=parent, mode=mode)
         parent.children[name] = node.ino
         self._add(node)
         return node
@@ -154,6 +248,11 @@ class Tree:
             self._add(node)
         return node
 
+    def session_dirs(self) -> Iterator[Dir]:
+        if self.root.holds_sessions:
+            yield self.root
+        yield from self.agent_dirs.values()
+
     def control(self, parent: Dir, name: str, render: Callable[[], bytes]) -> Control:
         node = Control(next(self._next_ino), name=name, render=render)
         parent.children[name] = node.ino
@@ -166,9 +265,7 @@ class Tree:
         """The file of *key* in *parent*; the same node until it is unlinked or renamed."""
         ino = parent.sessions.get(key)
         if ino is not None:
-            node = self.nodes[ino]
-            assert isinstance(node, File)
-            return node
+            return self._file(ino)
         new = File(next(self._next_ino), parent=parent, key=key)
         parent.sessions[key] = new.ino
         self._add(new)
@@ -219,7 +316,9 @@ class Tree:
         if ino is None:
             return None
         node = self._file(ino)
+        node.last_seen = parent.present(key) if key is not None else None
         node.linked = False
+        node.pending = False
         self._maybe_drop(node)
         return node
 
@@ -243,44 +342,6 @@ class Tree:
         else:
             parent.scratch[name] = node.ino
             self.scratch_files.add(node)
-
-    # -- what the store holds ---------------------------------------------------
-
-    @staticmethod
-    def bump(parent: Dir) -> int:
-        """A new generation of what *parent*'s store is known to hold; take it before the I/O."""
-        parent.generation += 1
-        return parent.generation
-
-    def learn(self, node: File, seen: Seen | None, stamp: int) -> bool:
-        """Record what the disk said at *stamp* (None: the entry is gone).
-
-        Nothing happens if something newer was learnt since *stamp*: a stat that
-        raced with a commit or a watcher event must not bring back an older
-        version.  Returns whether the version changed or the entry went.
-        """
-        if node.stamp > stamp:
-            return False
-        if seen is None:
-            return self.forget_entry(node, stamp)
-        return self.remember(node, seen, stamp)
-
-    @staticmethod
-    def remember(node: File, seen: Seen, stamp: int) -> bool:
-        """Record that *node*'s entry exists as *seen*; returns whether its version changed."""
-        changed = node.seen_version != seen.version
-        node.present, node.seen_version, node.stamp = True, seen.version, stamp
-        node.mode = 0o600 if seen.writable else 0o400
-        node.mtime_ns, node.ctime_ns = seen.version.mtime_ns, seen.ctime_ns
-        return changed
-
-    @staticmethod
-    def forget_entry(node: File, stamp: int) -> bool:
-        """Record that *node*'s entry is gone; returns whether it was there before."""
-        was = bool(node.present)
-        node.present, node.seen_version, node.stamp = False, None, stamp
-        node.cached_version = None
-        return was
 
     # -- the kernel's references ---------------------------------------------
 
@@ -307,3 +368,24 @@ class Tree:
 
     def scratch_bytes(self) -> int:
         return sum(len(f.data) for f in self.scratch_files)
+
+    def check(self) -> None:
+        """Invariants of the tree; tests call this after every operation."""
+        for parent in self.session_dirs():
+            for key, ino in parent.sessions.items():
+                node = self.nodes.get(ino)
+                assert isinstance(node, File), f"{key!r} maps to a missing inode {ino}"
+                assert node.key == key and node.parent is parent and node.linked, key
+            for name, ino in parent.scratch.items():
+                node = self.nodes.get(ino)
+                assert isinstance(node, File) and node.key is None, name
+                assert node.scratch_name == name and node.parent is parent and node.linked
+                assert node in self.scratch_files, name
+            for key, ino in parent.away.items():
+                backup = self.nodes.get(ino)
+                assert isinstance(backup, File) and backup.origin_key == key, key
+                assert key not in parent.sessions or self._file(parent.sessions[key]).pending, key
+            for key, known in parent.known.items():
+                assert known.stamp <= parent.generation, key
+        for file in self.scratch_files:
+            assert file.key is None

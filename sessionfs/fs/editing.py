@@ -1,0 +1,547 @@
+"""What a change through the mount means: commits, conflicts, editor saves, renames.
+
+Plain trio code over the tree, the index and the stores, so tests drive it without
+a mount.  The rules, in the order a user meets them:
+
+* A handle reads the committed version its open saw; what it writes stays in its
+  own buffer until a flush (close) or fsync commits it: validated, atomic, under
+  the key's lock.  A refusal reaches the caller as an errno, the log and
+  ``.sessionfs/errors``, and the old entry stays (the kernel is told to ask for
+  its attributes again, so nothing shows the refused size).
+* A conflict is a commit that replaces a version other than the one its handle
+  started from.  By default the later commit wins and the log says so; with
+  ``-o conflict=fail`` it fails with ESTALE and the outside version stays.
+* An editor's save is one change, not a conflict.  vim and emacs rename the
+  session to a backup name and write a new file; ``install``, ``tar -x`` and
+  ``git checkout`` unlink it and create a new one.  Either way the version that
+  went away is kept in a :class:`Grace` record for :data:`GRACE_SECONDS`: the new
+  file starts from it, so it is no conflict, and if its content is refused (or
+  it is never written), the session comes back, in the store and in the mount.
+  A session renamed away and not written anew within the grace period is
+  removed from the store (unless it changed meanwhile), so mount and store agree.
+  An unlink removes the entry at once; the record only allows the undo.
+* Writing exactly the bytes the store holds (or held, within the grace period)
+  is always accepted: a ``tar -cf``/``tar -xf`` round trip of the mount's own
+  data never fails, even for entries migrated without ``updatedAt``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import trio
+
+from ..errors import EntryExists, EntryNotFound, InvalidEntry, SessionFSError
+from ..keys import key_to_display
+from ..store import ABSENT, EntryChanged, Snapshot, Version
+from .backings import Backings
+from .cache import ContentCache
+from .handles import Handle, is_scratch_name
+from .index import Index
+from .kernel import Kernel
+from .names import Names, session_key
+from .requests import Rejections
+from .tree import Dir, File, Node, Seen, Tree
+
+log = logging.getLogger("sessionfs")
+
+GRACE_SECONDS = 2.0
+DEFAULT_SCRATCH_LIMIT = 64 * 1024 * 1024
+CONFLICT_LAST_WINS = "lww"
+CONFLICT_FAIL = "fail"
+
+
+def describe_version(version: Version | None) -> str:
+    if version is None or version == ABSENT:
+        return "absent"
+    stamp = dt.datetime.fromtimestamp(version.mtime_ns / 1e9, dt.UTC)
+    return stamp.isoformat(timespec="milliseconds")
+
+
+def user_path(parent: Dir | None, name: str) -> str:
+    """*name* as the user sees it relative to the mountpoint."""
+    if parent is not None and parent.agent_id is not None:
+        return f"{parent.agent_id}/{name}"
+    return name
+
+
+@dataclass(eq=False, slots=True)
+class Grace:
+    """A session that went away through the mount, kept so a failed save can bring it back."""
+
+    parent: Dir
+    key: str
+    snapshot: Snapshot  # the version that went away
+    deadline: float
+    backup: File | None  # renamed to this scratch file (the store still holds it); None: unlinked
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_entry_bytes: int
+    scratch_bytes: int = DEFAULT_SCRATCH_LIMIT
+    grace_seconds: float = GRACE_SECONDS
+
+
+class Editing:
+    """Open files, commits and namespace changes of session directories."""
+
+    def __init__(
+        self,
+        tree: Tree,
+        index: Index,
+        names: Names,
+        backings: Backings,
+        kernel: Kernel,
+        content: ContentCache,
+        rejections: Rejections,
+        limits: Limits,
+        *,
+        conflict: str = CONFLICT_LAST_WINS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tree = tree
+        self.index = index
+        self.names = names
+        self.backings = backings
+        self.kernel = kernel
+        self.content = content
+        self.rejections = rejections
+        self.limits = limits
+        self.conflict = conflict
+        self.clock = clock
+        self.handles: dict[int, Handle] = {}
+        self.graces: dict[tuple[int, str], Grace] = {}
+        self._next_fh = itertools.count(1)
+        self._grace_added = trio.Event()
+
+    # -- handles -------------------------------------------------------------
+
+    def new_handle(self, node: Node, flags: int, data: bytes | bytearray, **fields: Any) -> Handle:
+        handle = Handle(next(self._next_fh), node, flags, data, **fields)
+        self.handles[handle.fh] = handle
+        node.open_handles += 1
+        return handle
+
+    async def open(self, node: File, flags: int) -> Handle:
+        """A handle on *node* holding the committed version it reads (or its scratch bytes)."""
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if not node.is_session:
+            if writable and flags & os.O_TRUNC and isinstance(node.data, bytearray):
+                del node.data[:]  # shared by every handle of this scratch file
+                node.mtime_ns = node.ctime_ns = time.time_ns()
+            return self.new_handle(node, flags, node.data)
+        parent, key = node.parent, node.key
+        assert parent is not None and key is not None
+        if node.pending:
+            return self.new_handle(
+                node, flags, b"", version=self._base(parent, key), key=key if writable else None
+            )
+        seen = await self.index.entry(parent, key)
+        if seen is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if writable and not seen.writable:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        truncating = writable and bool(flags & os.O_TRUNC)
+        version, data = seen.version, b""
+        if not truncating:
+            cached = self.content.get((parent.ino, key), seen.version)
+            if cached is None:
+                snap = await self.index.read(parent, key)
+                self.content.put((parent.ino, key), snap.version, snap.data)
+                version, cached = snap.version, snap.data
+            data = cached
+        handle = self.new_handle(node, flags, data, version=version, key=key if writable else None)
+        if truncating:
+            handle.truncate_at_open()
+        return handle
+
+    async def create(self, parent: Dir, name: str, mode: int, flags: int) -> tuple[File, Handle]:
+        existing = await self.names.find_existing(parent, name)
+        if existing is not None:
+            if flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if not isinstance(existing, File):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            return existing, await self.open(existing, flags)
+        if is_scratch_name(name):
+            node = self.tree.new_scratch(parent, name, mode)
+            return node, self.new_handle(node, flags, node.data)
+        key = session_key(name)
+        node = self.tree.new_pending(parent, key)
+        return node, self.new_handle(node, flags, b"", version=self._base(parent, key), key=key)
+
+    def _base(self, parent: Dir, key: str) -> Version | None:
+        """The version a new file of *key* replaces: a backup's, if an editor is saving."""
+        grace = self.graces.get((parent.ino, key))
+        if grace is not None and grace.backup is not None:
+            return grace.snapshot.version  # the store still holds it
+        return None
+
+    # -- writing -------------------------------------------------------------
+
+    def change(self, handle: Handle, change: Callable[[Handle, int], object], growth: int) -> None:
+        """Apply a write or truncation to *handle*'s buffer within its size limit."""
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.key is not None:
+            limit = self.limits.max_entry_bytes
+        else:
+            self.check_scratch_room(growth)
+            limit = self.limits.scratch_bytes
+        try:
+            change(handle, limit)
+        except InvalidEntry as exc:
+            assert isinstance(handle.node, File)
+            raise self.rejections.add(self._path(handle.node), exc) from None
+
+    def check_scratch_room(self, growth: int) -> None:
+        if growth > 0 and self.tree.scratch_bytes() + growth > self.limits.scratch_bytes:
+            log.warning(
+                "scratch files would exceed %d bytes in memory; refused (ENOSPC)",
+                self.limits.scratch_bytes,
+            )
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+
+    async def flush(self, handle: Handle) -> None:
+        if handle.error is not None:
+            error, handle.error, handle.dirty = handle.error, None, False
+            raise pyfuse3.FUSEError(error.errno or errno.EIO)
+        if handle.should_commit(final=False):
+            await self.commit(handle)
+
+    async def commit(self, handle: Handle) -> None:
+        """Validate and atomically store what *handle* wrote; errors reach the caller."""
+        node = handle.node
+        assert isinstance(node, File) and handle.key is not None
+        if node.key != handle.key or not node.linked or node.parent is None:
+            handle.dirty = False  # unlinked or renamed since: like writing to an unlinked file
+            return
+        parent, key, data, opened = node.parent, handle.key, bytes(handle.data), handle.version
+        expected = (opened or ABSENT) if self.conflict == CONFLICT_FAIL else None
+        try:
+            with self.index.own(parent, key) as change:
+                commit = await self.backings.run(
+                    parent.agent_id,
+                    "write",
+                    lambda b: b.write(
+                        key, data, validate=self._validate(parent, key, data), expected=expected
+                    ),
+                )
+                change.made(Seen.of(commit.stat))
+        except EntryChanged as exc:
+            handle.dirty = False
+            self.kernel.forget_attributes(node.ino)
+            reason = (
+                f"changed behind the mount since it was opened (mtime "
+                f"{describe_version(exc.expected)}, now {describe_version(exc.current)}); "
+                "the outside version stays (-o conflict=fail)"
+            )
+            raise self.rejections.add(
+                self._path(node), SessionFSError(reason, code=errno.ESTALE)
+            ) from None
+        except (SessionFSError, OSError) as exc:
+            handle.dirty = False  # reported once; the next change tries again
+            self.kernel.forget_attributes(node.ino)
+            raise self.rejections.add(self._path(node), exc) from None
+        if commit.replaced != opened:
+            log.warning(
+                "conflict on %s: it changed behind the mount since it was opened (mtime %s, "
+                "then %s); this later commit wins",
+                self._path(node),
+                describe_version(opened),
+                describe_version(commit.replaced),
+            )
+        handle.committed(commit.version)
+        self._committed(parent, node, commit.version, data)
+        log.debug("committed %s (%d bytes)", self._path(node), len(data))
+
+    def _validate(self, parent: Dir, key: str, data: bytes) -> bool:
+        """Whether *data* must pass validation: not if it is the version that just went away."""
+        grace = self.graces.get((parent.ino, key))
+        return grace is None or grace.snapshot.data != data
+
+    def _committed(self, parent: Dir, node: File, version: Version, data: bytes) -> None:
+        assert node.key is not None
+        self._end_grace(parent, node.key)  # written anew: a backup of it is only a backup now
+        node.pending = False
+        self.content.put((parent.ino, node.key), version, data)
+        self.kernel.forget_attributes(node.ino)
+
+    async def release(self, handle: Handle) -> None:
+        del self.handles[handle.fh]
+        node = handle.node
+        try:
+            if handle.should_commit(final=True):
+                await self.commit(handle)
+        except pyfuse3.FUSEError:
+            pass  # release cannot report errors; commit logged and listed this one
+        finally:
+            if (
+                isinstance(node, File)
+                and node.pending
+                and handle.wrote
+                and node.open_handles == 1
+                and node.linked
+            ):
+                await self._abandon(node)
+            self.tree.release(node)
+
+    async def _abandon(self, node: File) -> None:
+        """A new file whose content was refused: it never existed, and what it would have
+        replaced (within the grace period) comes back; an empty touched one stays."""
+        parent, key = node.parent, node.key
+        assert parent is not None and key is not None
+        grace = self.graces.pop((parent.ino, key), None)
+        if grace is not None:
+            await self._bring_back(grace)
+        if parent.present(key) is not None and key not in parent.away:
+            node.pending = False  # the session shows again, under this file's number
+            self.kernel.forget_attributes(node.ino)
+            return
+        self.tree.unlink(parent, node.name, key)
+        self.kernel.forget_name(parent.ino, node.name)
+
+    async def _bring_back(self, grace: Grace) -> None:
+        """Undo a removal or a rename away whose replacement was refused."""
+        parent, key, snap = grace.parent, grace.key, grace.snapshot
+        if grace.backup is not None:
+            parent.away.pop(key, None)  # the store kept it all along
+        else:
+            try:
+                with self.index.own(parent, key) as change:
+                    commit = await self.backings.run(
+                        parent.agent_id,
+                        "write",
+                        lambda b: b.write(
+                            key,
+                            snap.data,
+                            validate=False,
+                            expected=ABSENT,
+                            mtime_ns=snap.stat.st_mtime_ns,
+                        ),
+                    )
+                    change.made(Seen.of(commit.stat))
+            except EntryChanged:
+                pass  # written meanwhile by someone else: that version stays
+        await self.index.stat(parent, key)
+        log.info("kept session %s: its replacement was refused", user_path(parent, key))
+
+    async def truncate(self, node: File, size: int, handle: Handle | None) -> None:
+        """``truncate``/``ftruncate``: resize a handle's buffer, or a path's entry at once."""
+        if handle is not None:
+            self.change(handle, lambda h, limit: h.truncate(size, limit), size - len(handle.data))
+            return
+        if not node.is_session:  # resized in place: handles share a scratch file's bytes
+            self.check_scratch_room(size - len(node.data))
+            Handle(0, node, os.O_WRONLY, node.data).truncate(size, self.limits.scratch_bytes)
+            return
+        # truncate(2) on a path: read, resize and commit in one go
+        assert node.key is not None and node.parent is not None
+        snap = await self.index.read(node.parent, node.key)
+        scratch = Handle(0, node, os.O_WRONLY, snap.data, snap.version, key=node.key)
+        scratch.truncate(size, self.limits.max_entry_bytes)
+        await self.commit(scratch)
+
+    # -- unlink and rename ---------------------------------------------------
+
+    async def unlink(self, parent: Dir, name: str) -> None:
+        if is_scratch_name(name):
+            scratch = self.tree.unlink(parent, name)
+            if scratch is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            grace = self._grace_of_backup(scratch)
+            if grace is not None:  # the last copy of a session renamed away: the user's intent
+                del self.graces[(parent.ino, grace.key)]
+                await self._finish(grace)
+            return
+        node = await self.names.find(parent, name)
+        assert isinstance(node, File) and node.key is not None
+        key = node.key
+        if node.pending:
+            self.tree.unlink(parent, name, key)  # never committed
+            return
+        with self.index.own(parent, key) as change:
+            removed = await self.backings.run(parent.agent_id, "remove", lambda b: b.remove(key))
+            change.made(None)
+        self.tree.unlink(parent, name, key)
+        self.content.drop((parent.ino, key))
+        self._start_grace(Grace(parent, key, removed, self._deadline(), backup=None))
+        log.info("removed session %s", user_path(parent, name))
+
+    async def rename(self, parent: Dir, old: str, new: str, *, replace: bool) -> None:
+        source = await self.names.find(parent, old)
+        if not isinstance(source, File):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if old == new:
+            return
+        if not replace and await self.names.find_existing(parent, new) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if is_scratch_name(new):
+            await self._rename_to_scratch(parent, source, new)
+        elif source.is_session and not source.pending:
+            await self._rename_session(parent, source, session_key(new), replace=replace)
+        else:
+            await self._rename_to_session(parent, source, new, session_key(new))
+
+    async def _rename_to_scratch(self, parent: Dir, source: File, new: str) -> None:
+        if source.is_session and not source.pending:
+            # An editor's backup (vim, emacs): the entry stays in the store while the
+            # new version is written (see Grace).
+            assert source.key is not None
+            key = source.key
+            snap = await self.index.read(parent, key)
+            self.tree.move(source, parent, new, None)
+            source.data = bytearray(snap.data)
+            source.mode, source.mtime_ns, source.ctime_ns = (
+                0o600,
+                snap.stat.st_mtime_ns,
+                snap.stat.st_ctime_ns,
+            )
+            source.origin_key, source.origin_version = key, snap.version
+            parent.away[key] = source.ino
+            self._start_grace(Grace(parent, key, snap, self._deadline(), backup=source))
+            return
+        source.pending = False
+        self.tree.move(source, parent, new, None)
+
+    async def _rename_session(self, parent: Dir, source: File, key: str, *, replace: bool) -> None:
+        assert source.key is not None
+        old_key = source.key
+        try:
+            with self.index.own(parent, old_key) as gone, self.index.own(parent, key) as arrived:
+                st = await self.backings.run(
+                    parent.agent_id, "rename", lambda b: b.rename(old_key, key, replace=replace)
+                )
+                gone.made(None)
+                arrived.made(Seen.of(st))
+        except EntryExists:
+            raise pyfuse3.FUSEError(errno.EEXIST) from None
+        self.tree.move(source, parent, key_to_display(key), key)
+        self._end_grace(parent, key)
+        self.content.drop((parent.ino, old_key))
+        log.info("renamed session %r to %r", old_key, key)
+
+    async def _rename_to_session(self, parent: Dir, source: File, new: str, key: str) -> None:
+        """A scratch file (``sed -i``, ``jq > t && mv t f``) or a pending file becomes a session."""
+        data = bytes(source.data)
+        try:
+            with self.index.own(parent, key) as change:
+                commit = await self.backings.run(
+                    parent.agent_id,
+                    "write",
+                    lambda b: b.write(key, data, validate=self._validate(parent, key, data)),
+                )
+                change.made(Seen.of(commit.stat))
+        except (SessionFSError, OSError) as exc:
+            where = user_path(parent, new)
+            raise self.rejections.add(f"{where} (renamed from {source.name})", exc) from None
+        origin = self._grace_of_backup(source)
+        self.tree.move(source, parent, new, key)
+        source.data = b""  # the content lives in the store now
+        source.origin_key = source.origin_version = None
+        self._committed(parent, source, commit.version, data)
+        if origin is not None and origin.key != key:
+            # a backup of another session, renamed to this key: that session moved here
+            del self.graces[(parent.ino, origin.key)]
+            await self._finish(origin)
+        log.info("committed %s (%d bytes, renamed into place)", self._path(source), len(data))
+
+    # -- grace periods ---------------------------------------------------------
+
+    def _deadline(self) -> float:
+        return self.clock() + self.limits.grace_seconds
+
+    def _start_grace(self, grace: Grace) -> None:
+        self.graces[(grace.parent.ino, grace.key)] = grace
+        self._grace_added.set()
+
+    def _end_grace(self, parent: Dir, key: str) -> None:
+        grace = self.graces.pop((parent.ino, key), None)
+        if grace is not None and grace.backup is not None:
+            parent.away.pop(key, None)
+
+    def _grace_of_backup(self, node: File) -> Grace | None:
+        """The record of the session *node* is the renamed-away copy of, if it is one."""
+        if node.origin_key is None or node.parent is None:
+            return None
+        grace = self.graces.get((node.parent.ino, node.origin_key))
+        return grace if grace is not None and grace.backup is node else None
+
+    async def expire(self) -> None:
+        """End every grace period that is over (a new file still being written gets longer)."""
+        now = self.clock()
+        for ident, grace in list(self.graces.items()):
+            if grace.deadline > now or self.graces.get(ident) is not grace:
+                continue
+            writer = self.tree.known_session(grace.parent, grace.key)
+            if writer is not None and writer.pending and writer.open_handles:
+                grace.deadline = self._deadline()
+                continue
+            del self.graces[ident]
+            await self._finish(grace)
+
+    async def _finish(self, grace: Grace) -> None:
+        """The grace period is over and the session did not come back: it goes for good."""
+        parent, key, version = grace.parent, grace.key, grace.snapshot.version
+        if grace.backup is None:
+            log.debug("removal of %s is final", user_path(parent, key))
+            return
+        parent.away.pop(key, None)
+        removed = False
+        try:
+            with self.index.own(parent, key) as change:
+                await self.backings.run(
+                    parent.agent_id,
+                    "remove",
+                    lambda b: b.remove(key, only_if=lambda s: s.version == version),
+                )
+                change.made(None)
+                removed = True
+        except (EntryNotFound, EntryChanged):
+            pass  # gone already, or changed since it was renamed away: not ours to remove
+        if removed:
+            log.info(
+                "removed session %s: renamed to %s and not written anew",
+                user_path(parent, key),
+                grace.backup.name,
+            )
+        else:
+            await self.index.stat(parent, key)
+            log.info(
+                "kept session %s: it changed after it was renamed to %s",
+                user_path(parent, key),
+                grace.backup.name,
+            )
+
+    async def run_grace_periods(self) -> None:
+        """Background task: end grace periods when they are due."""
+        while True:
+            deadline = min((g.deadline for g in self.graces.values()), default=math.inf)
+            with trio.move_on_after(max(0.0, deadline - self.clock())):
+                await self._grace_added.wait()
+            self._grace_added = trio.Event()
+            await self.expire()
+
+    def keep_all(self) -> None:
+        """The mount ends: sessions renamed away stay in the store (nothing is lost)."""
+        for grace in self.graces.values():
+            if grace.backup is not None:
+                log.info(
+                    "kept session %s: the mount ended within its grace period",
+                    user_path(grace.parent, grace.key),
+                )
+        self.graces.clear()
+
+    def _path(self, node: File) -> str:
+        return user_path(node.parent, node.name)

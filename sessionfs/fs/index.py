@@ -1,0 +1,282 @@
+"""What the daemon knows about each entry, and the rules that keep it true.
+
+This module is the one owner of the mount's knowledge of the store: for every key
+of every directory, whether the store holds an entry and which committed version
+(:class:`~.tree.Known`), whether that knowledge is kept current by the watcher
+(*trusted*), and the order in which knowledge taken at different moments is
+applied.  Commits, renames and unlinks through the mount, listings, lookups and
+the watcher all learn through :meth:`Index.learn`.
+
+Coherence, and why it holds
+===========================
+
+**Readers see committed versions only.**  A session file is opened with
+``direct_io``.  The kernel's rules (``fs/fuse/file.c``) leave no other choice:
+the page cache and ``i_size`` belong to the inode and are shared by every open
+of it; a writer's ``O_TRUNC`` open (atomic O_TRUNC, on in libfuse 3.14) sets
+``i_size`` to 0 for everyone; a cached read stops at that shared size, and pages
+filled through one open are served to all.  So with cached reads, a reader that
+opened version A reads it with the size of version B (truncated, or padded with
+NUL), or gets pages another open filled.  A ``direct_io`` read ignores ``i_size``
+and carries its file handle, and the daemon answers it from the bytes that handle
+took at open: always exactly one committed version, up to its end.  The cost is
+a round trip per ``read`` (and shared writable ``mmap`` is refused); a reopened
+unchanged session still needs no disk I/O (:mod:`.cache`).
+
+**``stat`` shows committed versions only.**  Attributes come from this index,
+never from a handle's uncommitted buffer; after every commit, refusal or outside
+change the kernel is told to ask again (:mod:`.kernel`), so a refused write or
+truncate leaves the old entry's size, not the one the kernel computed itself.
+
+**Knowledge is ordered by when it was taken, not when it arrives.**  Every piece
+of knowledge carries a *stamp*, a per-directory counter taken *before* the I/O
+that produced it (the stat, the read, the commit, the listing).  :meth:`learn`
+ignores knowledge older than what it holds for the key.  The watcher takes its
+stamp after reading an inotify event and before its stat, so the last change to
+any entry is always followed by a stat with a larger stamp than every operation
+that began before that change: whatever the interleaving of a commit's
+continuation, a listing, and the watcher, the final state learnt is the disk's
+final state.  (An operation that stamped itself after its I/O, as commits once
+did, could overwrite a newer outside version with its own.)
+
+**Own changes are recognised by version, not by counting events.**  The watcher
+stats every key an event names and compares the version with what is known.
+While an operation of the mount on a key is in flight (:meth:`own`), what the
+watcher learns for that key is recorded but the kernel is not told yet; when the
+operation ends, it records its own result, and only if the key then holds a
+version other than the one the operation produced was there an outside change
+to tell the kernel about.  Nothing is consumed, so no outside change can be
+mistaken for ours (ext4 reuses inode numbers, but a version is the inode number
+*and* the mtime and size of the file that is current).
+
+Knowledge is kept by key, not on nodes: a node can be unlinked or renamed while
+the gateway writes its old key a moment later, and that must not be lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..catalog import Backing
+from ..errors import EntryNotFound
+from ..store import Snapshot
+from .backings import Backings
+from .kernel import Kernel
+from .tree import Dir, File, Known, Seen, Tree
+
+SCAN_CHUNK = 1024
+
+
+@dataclass(slots=True)
+class OwnChange:
+    """An operation of the mount on one key, in flight: what it will have made current."""
+
+    parent: Dir
+    key: str
+    stamp: int
+    result: Seen | None = None
+    done: bool = False
+
+    def made(self, seen: Seen | None) -> None:
+        """The operation succeeded and left *seen* (None: the key is gone) as current."""
+        self.result, self.done = seen, True
+
+
+class Index:
+    """The knowledge of every key; see the module docstring for its rules."""
+
+    def __init__(self, tree: Tree, backings: Backings, kernel: Kernel) -> None:
+        self.tree = tree
+        self.backings = backings
+        self.kernel = kernel
+        self._watched: set[str | None] = set()
+        self._busy: collections.Counter[tuple[int, str]] = collections.Counter()
+        self._deferred: set[tuple[int, str]] = set()
+        self.outside_changes = 0
+
+    # -- trust -----------------------------------------------------------------
+
+    def watch(self, agent_id: str | None) -> None:
+        """The watcher now sees every change of this store."""
+        self._watched.add(agent_id)
+
+    def unwatch(self, agent_id: str | None) -> None:
+        """Changes of this store may go unseen: every answer asks the disk again."""
+        self._watched.discard(agent_id)
+        parent = self.dir_of(agent_id)
+        if parent is not None:
+            parent.complete = False
+
+    def trusted(self, parent: Dir) -> bool:
+        """Whether what is known of *parent*'s keys is current without asking the disk."""
+        return parent.holds_sessions and parent.agent_id in self._watched
+
+    def dir_of(self, agent_id: str | None) -> Dir | None:
+        return self.tree.root if agent_id is None else self.tree.agent_dirs.get(agent_id)
+
+    # -- the ordering rule -----------------------------------------------------
+
+    @staticmethod
+    def stamp(parent: Dir) -> int:
+        """A new stamp for knowledge about to be taken from *parent*'s store; take it first."""
+        parent.generation += 1
+        return parent.generation
+
+    def learn(self, parent: Dir, key: str, seen: Seen | None, stamp: int) -> bool:
+        """Record that at *stamp*, *key*'s entry was *seen* (None: absent).
+
+        Knowledge older than what is held is ignored.  Returns whether the
+        committed version changed (or appeared, or went).
+        """
+        known = parent.known.get(key)
+        if known is None:
+            parent.known[key] = Known(stamp, seen)
+            changed = seen is not None
+        elif known.stamp > stamp:
+            return False
+        else:
+            before = None if known.seen is None else known.seen.version
+            changed = before != (None if seen is None else seen.version)
+            known.stamp, known.seen = stamp, seen
+        if seen is not None and key not in parent.away:
+            node = self.tree.known_session(parent, key)
+            if node is not None and node.pending:
+                node.pending = False  # the store holds it now, whoever wrote it
+        return changed
+
+    # -- own operations ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def own(self, parent: Dir, key: str) -> Iterator[OwnChange]:
+        """Mark an operation of the mount on *key* as in flight; stamps it before its I/O."""
+        change = OwnChange(parent, key, self.stamp(parent))
+        ident = (parent.ino, key)
+        self._busy[ident] += 1
+        try:
+            yield change
+        finally:
+            if change.done:
+                self.learn(parent, key, change.result, change.stamp)
+            self._busy[ident] -= 1
+            if not self._busy[ident]:
+                del self._busy[ident]
+                if ident in self._deferred:
+                    self._deferred.discard(ident)
+                    ours = change.done and _version(parent.present(key)) == _version(change.result)
+                    if not ours:
+                        self._tell_kernel(parent, key)
+
+    def _learned_outside(self, parent: Dir, key: str, seen: Seen | None, stamp: int) -> None:
+        if not self.learn(parent, key, seen, stamp):
+            return
+        if (parent.ino, key) in self._busy:
+            self._deferred.add((parent.ino, key))  # decided when the operation ends
+            return
+        self._tell_kernel(parent, key)
+
+    def _tell_kernel(self, parent: Dir, key: str) -> None:
+        self.outside_changes += 1
+        node = self.tree.known_session(parent, key)
+        if node is None or node.pending:
+            return  # the kernel holds nothing of this key (or the mount's new file stands)
+        self.kernel.forget_attributes(node.ino, outside=True)
+        if parent.present(key) is None:
+            self.kernel.forget_name(parent.ino, node.name)
+
+    # -- knowledge from the disk ---------------------------------------------
+
+    async def entry(self, parent: Dir, key: str) -> Seen | None:
+        """The committed entry of *key*: from memory when trusted, else from a stat."""
+        if self.trusted(parent):
+            known = parent.known.get(key)
+            if known is not None:
+                return known.seen
+            if parent.complete:
+                return None
+        return await self.stat(parent, key)
+
+    async def stat(self, parent: Dir, key: str) -> Seen | None:
+        """Ask the store about *key*, learn the answer, and return what is known now."""
+        stamp = self.stamp(parent)
+        try:
+            st = await self.backings.run(parent.agent_id, "stat", lambda b: b.stat(key))
+        except EntryNotFound:
+            self.learn(parent, key, None, stamp)
+        else:
+            self.learn(parent, key, Seen.of(st), stamp)
+        return parent.present(key)
+
+    async def read(self, parent: Dir, key: str) -> Snapshot:
+        """Read *key*'s current version (the bytes an open serves) and learn its stat."""
+        stamp = self.stamp(parent)
+        try:
+            snap = await self.backings.run(parent.agent_id, "read", lambda b: b.read(key))
+        except EntryNotFound:
+            self.learn(parent, key, None, stamp)
+            raise
+        self.learn(parent, key, Seen.of(snap.stat), stamp)
+        return snap
+
+    async def scan(self, parent: Dir) -> None:
+        """Learn every entry of *parent*'s store in one pass (a listing).
+
+        With a watcher on the store the result stays current (``complete``).
+        """
+        stamp = self.stamp(parent)
+        trusted = self.trusted(parent)
+
+        def scan(store: Backing) -> list[tuple[str, Seen]]:
+            # Compact as it goes: 100,000 stat_results at once would cost ~60 MB.
+            keys, found = list(store.keys()), []
+            for first in range(0, len(keys), SCAN_CHUNK):
+                chunk = keys[first : first + SCAN_CHUNK]
+                found += [
+                    (k, Seen.of(st))
+                    for k, st in zip(chunk, store.stat_many(chunk), strict=True)
+                    if st
+                ]
+            return found
+
+        found = dict(await self.backings.run(parent.agent_id, "list", scan))
+        for key, seen in found.items():
+            self.learn(parent, key, seen, stamp)
+        for key, known in list(parent.known.items()):
+            if key not in found and known.seen is not None:
+                self.learn(parent, key, None, stamp)
+        parent.complete = trusted and self.trusted(parent)
+
+    async def refresh(self, parent: Dir, keys: list[str]) -> None:
+        """The watcher saw *keys* change: stat them and tell the kernel what differs."""
+        stamp = self.stamp(parent)
+        try:
+            stats = await self.backings.run(parent.agent_id, "stat", lambda b: b.stat_many(keys))
+        except OSError:
+            stats = [None] * len(keys)
+        for key, st in zip(keys, stats, strict=True):
+            if st is None and key not in parent.known and parent.complete:
+                continue  # a temp or unknown name that came and went
+            self._learned_outside(parent, key, None if st is None else Seen.of(st), stamp)
+
+    async def rescan(self, parent: Dir) -> None:
+        """After lost events: every key known, and every key on disk, is looked at again."""
+        parent.complete = False
+        await self.refresh(parent, sorted(parent.known))
+
+    def check(self) -> None:
+        """Invariants of the index and the tree; tests call this after every operation."""
+        self.tree.check()
+        for parent in self.tree.session_dirs():
+            for key, ino in parent.sessions.items():
+                node = self.tree.nodes[ino]
+                assert isinstance(node, File)
+                if not node.pending and self.trusted(parent) and parent.complete:
+                    assert key in parent.known, f"{key!r} has a node but no knowledge"
+        assert all(count > 0 for count in self._busy.values())
+        assert self._deferred <= set(self._busy), "deferred changes outlived their operation"
+
+
+def _version(seen: Seen | None) -> object:
+    return None if seen is None else seen.version

@@ -1,0 +1,390 @@
+"""Editing semantics and the index's ordering rule, without a mount.
+
+Race tests pause a store call inside its worker thread (a :class:`Gate`), let an
+outside writer and the watcher act, resume, and check what the mount then shows.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from sessionfs.fs import CONFLICT_FAIL, Filesystem
+from sessionfs.store import SessionStore
+from tests.driving import CTX, Clock, Driver, Gates, fields, make_filesystem, size_of
+from tests.helpers import entry_bytes
+
+KEY, NAME = "cron:1", "cron:1.json"
+OTHER, OTHER_NAME = "cron:2", "cron:2.json"
+ORIGINAL = entry_bytes("original")
+
+
+@pytest.fixture
+def sessions_dir(tmp_path: Path) -> Path:
+    (tmp_path / "sessions").mkdir()
+    return tmp_path / "sessions"
+
+
+@pytest.fixture
+def store(sessions_dir: Path) -> Iterator[SessionStore]:
+    """The store as the gateway sees it (another SessionStore, as another process has)."""
+    with SessionStore(sessions_dir / "sessions.d") as store:
+        store.write(KEY, ORIGINAL)
+        store.write(OTHER, entry_bytes("other"))
+        yield store
+
+
+@pytest.fixture
+def gates() -> Gates:
+    return Gates()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def watched(fs: Filesystem) -> Filesystem:
+    """As in a mount: the watcher keeps the index, so lookups answer from memory."""
+    fs.index.watch(None)
+    return fs
+
+
+@pytest.fixture
+def fs(store: SessionStore, gates: Gates, clock: Clock) -> Filesystem:
+    return watched(make_filesystem(store.path.parent, gates, clock))
+
+
+@pytest.fixture
+def drive(fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> Driver:
+    return Driver(fs, monkeypatch)
+
+
+async def settled(fs: Filesystem) -> None:
+    """What the watcher would do after every change: look at every key again."""
+    root = fs.operations.tree.root
+    await fs.index.refresh(root, sorted(root.known))
+    fs.index.check()
+
+
+async def shows(drive: Driver, name: str, data: bytes) -> None:
+    """The mount shows *data* under *name*: in stat, in the listing and in a fresh read."""
+    assert (await drive.lookup(name)).st_size == len(data)  # before a read could correct it
+    assert name in await drive.listdir()
+    assert await drive.read(name) == data
+
+
+async def while_paused(gates: Gates, point: str, call: object, meanwhile: object) -> None:
+    """Run *call* until its store call reaches *point*; run *meanwhile*; then let it finish."""
+    gate = gates.arm(point)
+    errors: list[BaseException] = []
+
+    async def run_call() -> None:
+        try:
+            await call()  # type: ignore[operator]
+        except pyfuse3.FUSEError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_call)
+        await trio.to_thread.run_sync(gate.reached.wait)
+        await meanwhile()  # type: ignore[operator]
+        gate.go.set()
+    if errors:
+        raise errors[0]
+
+
+# -- the index's ordering rule -------------------------------------------------
+
+
+async def test_commit_racing_an_outside_write_shows_the_outside_version(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    """The gateway writes between our rename and the commit's continuation."""
+    await drive.listdir()  # the index is complete, as in a mount
+    outside = entry_bytes("outside", pad="o" * 500)
+
+    async def gateway_writes() -> None:
+        store.write(KEY, outside)
+        await settled(fs)  # the watcher sees it before the commit's continuation runs
+
+    await while_paused(
+        gates, "after write", lambda: drive.write(NAME, entry_bytes("mine")), gateway_writes
+    )
+    await shows(drive, NAME, outside)
+    fs.index.check()
+
+
+async def test_conflict_fail_shows_the_outside_version_that_raced_the_lock(
+    store: SessionStore, gates: Gates, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = watched(make_filesystem(store.path.parent, gates, clock, conflict=CONFLICT_FAIL))
+    drive = Driver(fs, monkeypatch)
+    await drive.listdir()
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    await fs.operations.write(fh, 0, entry_bytes("mine"))
+    outside = entry_bytes("outside", pad="o" * 300)
+
+    async def gateway_writes() -> None:
+        store.write(KEY, outside)  # while our commit waits to take the key's lock
+        await settled(fs)
+
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await while_paused(gates, "before write", lambda: fs.operations.flush(fh), gateway_writes)
+    assert raised.value.errno == errno.ESTALE
+    await fs.operations.release(fh)
+    assert store.read(KEY).data == outside
+    await shows(drive, NAME, outside)
+
+
+async def test_unlink_racing_a_recreation_shows_the_recreated_entry(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    await drive.listdir()
+    recreated = entry_bytes("recreated", pad="r" * 200)
+
+    async def gateway_recreates() -> None:
+        store.write(KEY, recreated)
+        await settled(fs)
+
+    await while_paused(gates, "after remove", lambda: drive.unlink(NAME), gateway_recreates)
+    await shows(drive, NAME, recreated)
+
+
+async def test_rename_racing_an_outside_write_shows_it(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    await drive.listdir()
+    outside = entry_bytes("outside", pad="x" * 250)
+
+    async def gateway_writes() -> None:
+        store.write("cron:3", outside)
+        await settled(fs)
+        await fs.index.refresh(fs.operations.tree.root, ["cron:3"])
+
+    await while_paused(
+        gates, "after rename", lambda: drive.rename(NAME, "cron:3.json"), gateway_writes
+    )
+    await shows(drive, "cron:3.json", outside)
+    assert not await drive.exists(NAME)
+
+
+async def test_own_commit_seen_first_by_the_watcher_is_not_an_outside_change(
+    fs: Filesystem, drive: Driver, gates: Gates
+) -> None:
+    await drive.listdir()
+    await while_paused(
+        gates, "after write", lambda: drive.write(NAME, entry_bytes("mine")), lambda: settled(fs)
+    )
+    await drive.unlink(OTHER_NAME)
+    await settled(fs)
+    assert fs.index.outside_changes == 0
+    assert fs.kernel.invalidations == 0
+    await shows(drive, NAME, entry_bytes("mine"))
+
+
+async def test_outside_changes_are_told_once(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    await drive.listdir()
+    store.write(KEY, entry_bytes("outside"))
+    await settled(fs)
+    await settled(fs)
+    assert fs.kernel.invalidations == 1
+
+
+# -- refusals leave the old entry in every view ---------------------------------
+
+
+async def test_refused_write_shows_the_old_entry(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    # `jq ... f > f` whose jq failed: the empty commit is tried at release, which
+    # cannot report it (the shell exits 0); it is refused and listed
+    await drive.write(NAME, b"")
+    assert fs.editing.rejections.total == 1
+    await shows(drive, NAME, ORIGINAL)
+    assert store.read(KEY).data == ORIGINAL
+
+
+async def test_uncommitted_bytes_are_never_seen_by_another_handle(
+    fs: Filesystem, drive: Driver
+) -> None:
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    await fs.operations.write(fh, 0, b"{half")
+    assert await drive.read(NAME) == ORIGINAL
+    assert (await drive.lookup(NAME)).st_size == len(ORIGINAL)
+    await fs.operations.release(fh)  # refused at release: nothing changed
+    await shows(drive, NAME, ORIGINAL)
+
+
+async def test_refused_truncate_shows_the_old_entry(fs: Filesystem, drive: Driver) -> None:
+    fh = await drive.open(NAME, os.O_WRONLY)
+    ino = (await drive.lookup(NAME)).st_ino
+    attrs = await fs.operations.setattr(ino, size_of(10), fields(update_size=True), fh, CTX)
+    assert attrs.st_size == len(ORIGINAL)  # the kernel learns the committed size, not 10
+    with pytest.raises(pyfuse3.FUSEError):
+        await drive.close(fh)
+    await shows(drive, NAME, ORIGINAL)
+
+
+async def test_identical_write_makes_no_new_version(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    before = store.stat(KEY)
+    await drive.write(NAME, ORIGINAL)
+    after = store.stat(KEY)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+# -- editor saves ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conflict", ["lww", "fail"])
+async def test_editor_save_is_one_change_not_a_conflict(
+    store: SessionStore,
+    gates: Gates,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    conflict: str,
+) -> None:
+    fs = watched(make_filesystem(store.path.parent, gates, clock, conflict=conflict))
+    drive = Driver(fs, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="sessionfs"):
+        await drive.editor_save(NAME, entry_bytes("vim"))
+        await drive.rename(NAME, f"{NAME}~")  # emacs: mv K K~; cp new K
+        await drive.write(NAME, entry_bytes("emacs"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    assert "conflict" not in caplog.text
+    assert store.read(KEY).data == entry_bytes("emacs")
+    await shows(drive, NAME, entry_bytes("emacs"))
+    clock.now += 10
+    await fs.editing.expire()
+    assert store.read(KEY).data == entry_bytes("emacs")  # the backup's grace changes nothing
+    fs.index.check()
+
+
+async def test_real_conflict_in_an_editor_save_is_still_one(
+    fs: Filesystem, drive: Driver, store: SessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    await drive.rename(NAME, f"{NAME}~")
+    store.write(KEY, entry_bytes("gateway"))  # changed while the editor was saving
+    await settled(fs)
+    with caplog.at_level(logging.WARNING, logger="sessionfs"):
+        await drive.write(NAME, entry_bytes("editor"), os.O_WRONLY | os.O_CREAT)
+    assert f"conflict on {NAME}" in caplog.text
+
+
+async def test_renamed_away_is_removed_after_the_grace_period(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock
+) -> None:
+    await drive.rename(NAME, f"{NAME}.bak")
+    assert not await drive.exists(NAME)
+    assert NAME not in await drive.listdir()
+    assert store.read(KEY).data == ORIGINAL  # kept while an editor may be saving
+    clock.now += 1
+    await fs.editing.expire()
+    assert store.exists(KEY)
+    clock.now += 2
+    await fs.editing.expire()
+    assert not store.exists(KEY)  # renamed away means gone: the mount and the store agree
+    assert await drive.read(f"{NAME}.bak") == ORIGINAL  # the scratch copy lives on
+    await settled(fs)
+    assert not await drive.exists(NAME)
+
+
+async def test_renamed_away_but_changed_meanwhile_is_kept(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock
+) -> None:
+    await drive.rename(NAME, f"{NAME}~")
+    store.write(KEY, entry_bytes("gateway"))
+    await settled(fs)
+    clock.now += 5
+    await fs.editing.expire()
+    assert store.read(KEY).data == entry_bytes("gateway")
+    await shows(drive, NAME, entry_bytes("gateway"))
+
+
+@pytest.mark.parametrize("bad", [b"{broken", b""])
+async def test_refused_save_brings_the_session_back(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock, bad: bytes
+) -> None:
+    """perl -i.bak with a bad edit: rename away, create anew, content refused."""
+    await drive.rename(NAME, f"{NAME}.bak")
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    await fs.operations.write(fh, 0, bad or b" ")
+    with pytest.raises(pyfuse3.FUSEError):
+        await drive.close(fh)
+    await shows(drive, NAME, ORIGINAL)
+    clock.now += 10
+    await fs.editing.expire()
+    assert store.read(KEY).data == ORIGINAL
+    await shows(drive, NAME, ORIGINAL)
+
+
+async def test_delete_then_refused_create_brings_the_session_back(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock
+) -> None:
+    """install, tar -x, git checkout: unlink, then create; the new content is refused."""
+    mtime = store.stat(KEY).st_mtime_ns
+    await drive.unlink(NAME)
+    assert not store.exists(KEY)  # rm removes at once
+    with pytest.raises(pyfuse3.FUSEError):
+        await drive.write(NAME, b"{nope", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    assert store.read(KEY).data == ORIGINAL
+    assert store.stat(KEY).st_mtime_ns == mtime  # the same version, back: same mtime
+    await shows(drive, NAME, ORIGINAL)
+    clock.now += 10
+    await fs.editing.expire()
+    await shows(drive, NAME, ORIGINAL)
+
+
+async def test_unlink_is_final_after_the_grace_period(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock
+) -> None:
+    await drive.unlink(NAME)
+    clock.now += 10
+    await fs.editing.expire()
+    assert fs.editing.graces == {}
+    with pytest.raises(pyfuse3.FUSEError):
+        await drive.write(NAME, b"{nope", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    assert not store.exists(KEY)
+    assert NAME not in await drive.listdir()
+
+
+async def test_round_trip_of_an_entry_the_store_would_refuse_today(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    """An entry migrated without updatedAt: tar -cf, then tar -xf (unlink + create)."""
+    legacy = b'{"sessionId": "legacy"}'
+    store.write("cron:legacy", legacy, validate=False)
+    await settled(fs)
+    name = "cron:legacy.json"
+    saved = await drive.read(name)
+    await drive.write(name, saved)  # over the existing file
+    await drive.unlink(name)
+    await drive.write(name, saved, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    assert store.read("cron:legacy").data == legacy
+    with pytest.raises(pyfuse3.FUSEError):  # but not a different invalid content
+        await drive.write(name, b'{"sessionId": "changed"}')
+
+
+async def test_mount_end_keeps_sessions_renamed_away(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    await drive.rename(NAME, f"{NAME}~")
+    fs.editing.keep_all()
+    assert store.read(KEY).data == ORIGINAL
+
+
+async def test_scratch_file_opened_with_o_trunc_starts_empty(drive: Driver) -> None:
+    await drive.write("notes.txt", b"a long first line", os.O_WRONLY | os.O_CREAT)
+    await drive.write("notes.txt", b"b")
+    assert await drive.read("notes.txt") == b"b"
