@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -10,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from sessionfs.daemon import is_mounted
 from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes
-from tests.mounting import Mount, mounted
+from tests.mounting import Mount, cleanup, mounted, sessionfs, start_mount
 
 pytestmark = pytest.mark.fuse
 
@@ -107,3 +111,161 @@ def test_readers_see_only_whole_committed_versions(mnt: Mount, state_dir: Path) 
     assert reads[0] > 50
     torn = sum(1 for line in bad if line.startswith("read"))
     assert not bad, f"{torn} torn reads, {len(bad) - torn} bad stats in {reads[0]}: {bad[:5]}"
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_refused_redirect_and_truncate_leave_the_old_entry_in_view(
+    mnt: Mount, state_dir: Path, tmp_path: Path
+) -> None:
+    agent = mnt.path / "main"
+    before = (agent / NAME).read_bytes()
+    # the shell truncates first, jq fails on its bad filter, the empty commit is refused
+    result = run("bash", "-c", f"jq '.x=' {NAME} > {NAME}", cwd=agent)
+    assert result.returncode != 0
+    assert (agent / NAME).stat().st_size == len(before)
+    assert (agent / NAME).read_bytes() == before
+    assert run("cp", "-r", str(agent), str(tmp_path / "backup"), cwd=tmp_path).returncode == 0
+    assert (tmp_path / "backup" / NAME).read_bytes() == before  # a backup copies whole entries
+    result = run("truncate", "-s", "10", NAME, cwd=agent)
+    assert result.returncode == 1
+    assert (agent / NAME).read_bytes() == before  # the first reader after it, too
+    assert (agent / NAME).stat().st_size == len(before)
+    assert (agent / NAME).read_bytes() == before
+
+
+@pytest.mark.parametrize("tool", ["install", "tar"])
+def test_refused_replacement_keeps_the_session(
+    mnt: Mount, state_dir: Path, tmp_path: Path, tool: str
+) -> None:
+    """Tools that unlink the old file, then create the new one."""
+    agent = mnt.path / "main"
+    store_dir = state_dir / "agents/main/sessions/sessions.d"
+    backing = store_dir / "agent%3Amain%3Amain.json"
+    before = backing.read_bytes()
+    bad = tmp_path / "src" / NAME
+    bad.parent.mkdir()
+    bad.write_text("{not an entry")
+    if tool == "install":
+        result = run("install", "-m", "600", str(bad), NAME, cwd=agent)
+    else:
+        run("tar", "-cf", str(tmp_path / "bad.tar"), NAME, cwd=bad.parent)
+        result = run("tar", "-xf", str(tmp_path / "bad.tar"), cwd=agent)
+    assert result.returncode != 0
+    assert backing.read_bytes() == before
+    assert (agent / NAME).read_bytes() == before
+    assert NAME in os.listdir(agent)
+    time.sleep(2.5)  # past the grace period: still there, for good
+    assert backing.read_bytes() == before
+    assert (agent / NAME).read_bytes() == before
+
+
+def test_tar_round_trip_of_the_whole_mount(mnt: Mount, state_dir: Path, tmp_path: Path) -> None:
+    store_dir = state_dir / "agents/main/sessions/sessions.d"
+    # an entry migrated without updatedAt: the store keeps it as it is
+    with SessionStore(store_dir) as store:
+        store.write("cron:legacy", b'{"sessionId": "legacy"}', validate=False)
+    before = {name: (store_dir / name).read_bytes() for name in os.listdir(store_dir)}
+    archive = tmp_path / "mount.tar"
+    names = sorted(os.listdir(mnt.path / "main"))
+    assert run("tar", "-cf", str(archive), *names, cwd=mnt.path / "main").returncode == 0
+    result = run("tar", "-xf", str(archive), cwd=mnt.path / "main")
+    assert result.returncode == 0, result.stderr
+    after = {name: (store_dir / name).read_bytes() for name in os.listdir(store_dir)}
+    assert after == before
+    assert "rejected" not in mnt.log_text()
+
+
+def test_renamed_away_leaves_the_store_after_the_grace_period(mnt: Mount, state_dir: Path) -> None:
+    agent = mnt.path / "main"
+    backing = state_dir / "agents/main/sessions/sessions.d/agent%3Amain%3Amain.json"
+    before = backing.read_bytes()
+    os.rename(agent / NAME, agent / f"{NAME}.bak")
+    assert NAME not in os.listdir(agent)
+    assert backing.exists()  # an editor may be writing the new version
+    deadline = time.monotonic() + 5
+    while backing.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not backing.exists()  # the mount and the store agree
+    assert (agent / f"{NAME}.bak").read_bytes() == before
+    assert "removed session main/agent:main:main: renamed to" in mnt.log_text()
+
+
+def _vim_save(agent: Path, backupcopy: str) -> subprocess.CompletedProcess[str]:
+    commands = (
+        "set backupskip=",
+        f"set backupcopy={backupcopy}",
+        "set backupdir=.",
+        "set writebackup",
+        '%s/"chatType": "direct"/"chatType": "vim"/',
+        "wq",
+    )
+    args = [arg for command in commands for arg in ("-c", command)]
+    return run("vim", "-u", "NONE", "-N", "-es", *args, NAME, cwd=agent)
+
+
+@pytest.mark.parametrize("conflict", ["lww", "fail"])
+def test_vim_and_emacs_saves_are_no_conflicts(
+    state_dir: Path, tmp_path: Path, conflict: str
+) -> None:
+    with mounted(state_dir, tmp_path / "mnt", "-o", f"conflict={conflict}") as mount:
+        agent = mount.path / "main"
+        backing = state_dir / "agents/main/sessions/sessions.d/agent%3Amain%3Amain.json"
+        for backupcopy in ("no", "auto", "yes"):
+            before = backing.read_bytes()
+            result = _vim_save(agent, backupcopy)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert b'"chatType": "vim"' in backing.read_bytes()
+            backing.write_bytes(before)  # the gateway puts it back behind the mount
+            time.sleep(0.05)
+        # emacs's rename backup: mv K K~; then the new version
+        shutil.copy(agent / NAME, tmp_path / "new.json")
+        os.rename(agent / NAME, agent / f"{NAME}~")
+        shutil.copy(tmp_path / "new.json", agent / NAME)
+        assert (agent / NAME).read_bytes() == (tmp_path / "new.json").read_bytes()
+        log = mount.log_text()
+        assert "conflict" not in log
+        assert "changed behind the mount" not in log
+
+
+def _helper_of(mountpoint: Path) -> int | None:
+    """The fusermount3 process libfuse left to unmount *mountpoint* (auto_unmount)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"fusermount3") and os.fsencode(mountpoint) in argv:
+            return int(entry.name)
+    return None
+
+
+def test_dead_mount_of_killed_daemon_and_helper_is_recovered(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """An OOM or cgroup kill takes the daemon and its auto_unmount helper at once."""
+    mountpoint = tmp_path / "mnt"
+    dead = start_mount(state_dir, mountpoint)
+    try:
+        helper = _helper_of(mountpoint)
+        assert helper is not None
+        (mountpoint / "main" / NAME).read_bytes()
+        os.stat(mountpoint)  # now in the kernel's attribute cache, for 300 s
+        os.kill(helper, signal.SIGKILL)
+        dead.proc.send_signal(signal.SIGKILL)
+        dead.proc.wait()
+        assert is_mounted(mountpoint)
+        started = time.monotonic()
+        result = sessionfs("mount", str(state_dir), str(mountpoint))
+        took = time.monotonic() - started
+        assert result.returncode == 0, result.stderr
+        assert f"cleaned up a dead sessionfs mount at {mountpoint}" in result.stdout
+        assert (mountpoint / "main" / NAME).read_bytes()
+        assert took < 5  # the CLI's own start-up included; the check itself is instant
+        assert sessionfs("umount", str(mountpoint)).returncode == 0
+    finally:
+        cleanup(dead)

@@ -240,20 +240,14 @@ class Editing:
                 )
                 change.made(Seen.of(commit.stat))
         except EntryChanged as exc:
-            handle.dirty = False
-            self.kernel.forget_attributes(node.ino)
             reason = (
                 f"changed behind the mount since it was opened (mtime "
                 f"{describe_version(exc.expected)}, now {describe_version(exc.current)}); "
                 "the outside version stays (-o conflict=fail)"
             )
-            raise self.rejections.add(
-                self._path(node), SessionFSError(reason, code=errno.ESTALE)
-            ) from None
+            raise await self._refused(handle, SessionFSError(reason, code=errno.ESTALE)) from None
         except (SessionFSError, OSError) as exc:
-            handle.dirty = False  # reported once; the next change tries again
-            self.kernel.forget_attributes(node.ino)
-            raise self.rejections.add(self._path(node), exc) from None
+            raise await self._refused(handle, exc) from None
         if commit.replaced != opened:
             log.warning(
                 "conflict on %s: it changed behind the mount since it was opened (mtime %s, "
@@ -297,9 +291,31 @@ class Editing:
                 await self._abandon(node)
             self.tree.release(node)
 
+    async def _refused(self, handle: Handle, exc: OSError) -> pyfuse3.FUSEError:
+        """A commit of *handle* was refused: report it; the old entry stays in every view.
+
+        If the handle's file replaced a session that went away within the grace
+        period, that session comes back now, before close(2) returns (release,
+        which the kernel does not wait for, would leave a window without it); a
+        later successful commit of the same handle replaces it as usual.
+        """
+        node = handle.node
+        assert isinstance(node, File)
+        handle.dirty = False  # reported once; the next change tries again
+        self.kernel.forget_attributes(node.ino)
+        error = self.rejections.add(self._path(node), exc)
+        if node.pending and node.parent is not None and node.key is not None:
+            grace = self.graces.pop((node.parent.ino, node.key), None)
+            if grace is not None:
+                await self._bring_back(grace)
+                seen = node.parent.present(node.key)
+                if seen is not None:
+                    node.pending = False  # the session shows again, under this file's number
+                    handle.version = seen.version
+        return error
+
     async def _abandon(self, node: File) -> None:
-        """A new file whose content was refused: it never existed, and what it would have
-        replaced (within the grace period) comes back; an empty touched one stays."""
+        """A new file whose content was refused never existed; an empty touched one stays."""
         parent, key = node.parent, node.key
         assert parent is not None and key is not None
         grace = self.graces.pop((parent.ino, key), None)

@@ -106,8 +106,14 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        if isinstance(node, Dir):
+            # chmod, chown and touch of a directory change nothing and succeed, so
+            # copies into the mount (tar -x, rsync -a, cp -a) do not report failures
+            if fields.update_size:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            return node.attributes(self.names.owner)
         if not isinstance(node, File):
-            raise pyfuse3.FUSEError(errno.EPERM if isinstance(node, Dir) else errno.EACCES)
+            raise pyfuse3.FUSEError(errno.EACCES)
         if fields.update_size:
             handle = self.editing.handles.get(fh) if fh is not None else None
             await self.editing.truncate(node, attr.st_size, handle)

@@ -59,20 +59,23 @@ class Watcher:
         self.catalog = catalog
         self.index = index
         self.backings = backings
-        self.inotify = INotify()
+        self.inotify: INotify | None = None  # open while run() runs
         self.watches: dict[int, _Watch] = {}
         self.agents: set[str] = set()
         self.rescans = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.inotify = inotify = INotify()
         try:
             await self.reconcile(initial=True)
             task_status.started()
             while True:
-                await trio.lowlevel.wait_readable(self.inotify.fileno())
-                await self.handle(self.inotify.read(timeout=0))
+                await trio.lowlevel.wait_readable(inotify.fileno())
+                await self.handle(inotify.read(timeout=0))
         finally:
-            self.inotify.close()
+            inotify.close()
+            self.inotify = None
+            self.watches.clear()
 
     # -- events ------------------------------------------------------------
 
@@ -115,6 +118,8 @@ class Watcher:
 
         The *initial* pass only records what exists: the kernel has cached nothing yet.
         """
+        inotify = self.inotify
+        assert inotify is not None, "reconcile runs inside run()"
         targets = await self.backings.thread(self.catalog.watch_targets)
         wanted = {t.path: t for t in targets}
         for wd, watch in list(self.watches.items()):
@@ -123,7 +128,7 @@ class Watcher:
                 if watch.target.kind == "entries":
                     self.index.unwatch(watch.target.agent_id)
                 with contextlib.suppress(OSError):  # the directory went, and its watch with it
-                    self.inotify.rm_watch(wd)
+                    inotify.rm_watch(wd)
         watched = {w.target.path for w in self.watches.values()}
         fresh: list[WatchTarget] = []
         for target in targets:
@@ -131,7 +136,7 @@ class Watcher:
                 continue
             mask = ENTRY_EVENTS if target.kind == "entries" else TREE_EVENTS
             try:
-                wd = self.inotify.add_watch(target.path, mask | flags.ONLYDIR | flags.DONT_FOLLOW)
+                wd = inotify.add_watch(target.path, mask | flags.ONLYDIR | flags.DONT_FOLLOW)
             except OSError as exc:
                 log.debug("cannot watch %s: %s", target.path, exc)
                 continue
