@@ -1,8 +1,10 @@
 """A do-nothing pyfuse3 filesystem: the floor for sessionfs's read path in the benchmarks.
 
-It serves N fixed in-memory files with the same caching as sessionfs (long entry and
-attribute timeouts, keep_cache) and does no I/O at all, so what it costs is the price
-of a FUSE round trip into Python.  Usage: nullfs.py MOUNTPOINT COUNT SIZE
+It serves N fixed in-memory files with long entry and attribute timeouts and does no
+I/O at all, so what it costs is the price of a FUSE round trip into Python.  Files are
+opened with keep_cache (reads answered by the page cache), or with direct_io as
+sessionfs opens session files (every read a round trip) when MODE is "direct".
+Usage: nullfs.py MOUNTPOINT COUNT SIZE [cached|direct]
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ TIMEOUT = 300.0
 class NullFS(pyfuse3.Operations):
     supports_dot_lookup = False
 
-    def __init__(self, count: int, size: int) -> None:
+    def __init__(self, count: int, size: int, direct_io: bool = False) -> None:
         super().__init__()
+        self.direct_io = direct_io
         self.names = [f"agent:bench:webchat:direct:{i}.json".encode() for i in range(count)]
         self.inodes = {name: i + 2 for i, name in enumerate(self.names)}
         self.content = b"x" * size
@@ -70,6 +73,8 @@ class NullFS(pyfuse3.Operations):
         return None
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.direct_io:
+            return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -98,8 +103,11 @@ async def _serve() -> None:
 
 def main(argv: list[str]) -> None:
     mountpoint, count, size = argv[0], int(argv[1]), int(argv[2])
+    direct_io = argv[3:] == ["direct"]
     pyfuse3.init(
-        NullFS(count, size), mountpoint, {"fsname=nullfs", "subtype=nullfs", "auto_unmount"}
+        NullFS(count, size, direct_io),
+        mountpoint,
+        {"fsname=nullfs", "subtype=nullfs", "auto_unmount"},
     )
     try:
         trio.run(_serve)

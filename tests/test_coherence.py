@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from sessionfs.daemon import is_mounted
@@ -269,3 +270,32 @@ def test_dead_mount_of_killed_daemon_and_helper_is_recovered(
         assert sessionfs("umount", str(mountpoint)).returncode == 0
     finally:
         cleanup(dead)
+
+
+def _requests(mount: Mount) -> dict[str, int]:
+    stats = orjson.loads((mount.path / ".sessionfs" / "stats").read_bytes())
+    assert isinstance(stats, dict)
+    requests: dict[str, int] = stats["requests"]
+    return requests
+
+
+def test_an_update_costs_no_getattr_and_stat_stays_true(mnt: Mount) -> None:
+    """write() makes the kernel ask for size and mtime again, so a commit need not."""
+    path = mnt.path / "main" / NAME
+    path.stat()
+    before = _requests(mnt).get("getattr", 0)
+    for i in range(5):
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, entry_bytes(f"update-{i}"))
+        os.close(fd)
+    assert _requests(mnt).get("getattr", 0) == before
+    assert path.stat().st_size == len(entry_bytes("update-4"))
+    # a commit of an ftruncate alone (no write) must tell the kernel itself
+    padded = entry_bytes("padded") + b" " * 100
+    path.write_bytes(padded)
+    assert path.stat().st_size == len(padded)
+    fd = os.open(path, os.O_WRONLY)
+    os.ftruncate(fd, len(entry_bytes("padded")))
+    os.close(fd)
+    assert path.stat().st_size == len(entry_bytes("padded"))
+    assert path.read_bytes() == entry_bytes("padded")

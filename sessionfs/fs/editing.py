@@ -256,8 +256,10 @@ class Editing:
                 describe_version(opened),
                 describe_version(commit.replaced),
             )
+        self._committed(
+            parent, node, commit.version, data, kernel_refreshes=handle.kernel_refreshes
+        )
         handle.committed(commit.version)
-        self._committed(parent, node, commit.version, data)
         log.debug("committed %s (%d bytes)", self._path(node), len(data))
 
     def _validate(self, parent: Dir, key: str, data: bytes) -> bool:
@@ -265,12 +267,15 @@ class Editing:
         grace = self.graces.get((parent.ino, key))
         return grace is None or grace.snapshot.data != data
 
-    def _committed(self, parent: Dir, node: File, version: Version, data: bytes) -> None:
+    def _committed(
+        self, parent: Dir, node: File, version: Version, data: bytes, *, kernel_refreshes: bool
+    ) -> None:
         assert node.key is not None
         self._end_grace(parent, node.key)  # written anew: a backup of it is only a backup now
         node.pending = False
         self.content.put((parent.ino, node.key), version, data)
-        self.kernel.forget_attributes(node.ino)
+        if not kernel_refreshes:
+            self.kernel.forget_attributes(node.ino)
 
     async def release(self, handle: Handle) -> None:
         del self.handles[handle.fh]
@@ -466,7 +471,7 @@ class Editing:
         self.tree.move(source, parent, new, key)
         source.data = b""  # the content lives in the store now
         source.origin_key = source.origin_version = None
-        self._committed(parent, source, commit.version, data)
+        self._committed(parent, source, commit.version, data, kernel_refreshes=False)
         if origin is not None and origin.key != key:
             # a backup of another session, renamed to this key: that session moved here
             del self.graces[(parent.ino, origin.key)]

@@ -44,6 +44,10 @@ class Handle:
     key: str | None = None  # the session it writes to, None for scratch and control files
     dirty: bool = False  # changed since opened or last committed
     wrote: bool = False  # write() (not only a truncation) since then
+    # Every change since the last commit came through write() or an O_TRUNC open,
+    # after which the kernel itself asks for size and mtime again: a commit then
+    # needs no invalidation (which would also cost the next open a getattr).
+    kernel_refreshes: bool = True
     truncated_at_open: bool = False
     error: InvalidEntry | None = None  # sticky: e.g. the buffer outgrew the entry limit
     changed_ns: int = 0
@@ -73,7 +77,7 @@ class Handle:
         if offset > len(data):
             data.extend(bytes(offset - len(data)))
         data[offset:end] = buf
-        self._changed(wrote=True)
+        self._changed(wrote=True, through_write=True)
         return len(buf)
 
     def truncate(self, size: int, limit: int) -> None:
@@ -84,9 +88,13 @@ class Handle:
             del data[size:]
         else:
             data.extend(bytes(size - len(data)))
-        self._changed(wrote=True)
+        self._changed(wrote=True, through_write=False)
 
-    def _changed(self, *, wrote: bool) -> None:
+    def _changed(self, *, wrote: bool, through_write: bool) -> None:
+        if not self.dirty:
+            self.kernel_refreshes = through_write
+        else:
+            self.kernel_refreshes = self.kernel_refreshes and through_write
         self.dirty = True
         self.wrote = self.wrote or wrote
         self.changed_ns = time.time_ns()
@@ -96,7 +104,7 @@ class Handle:
     def truncate_at_open(self) -> None:
         """O_TRUNC arrives in open: the buffer starts empty."""
         self.data = bytearray()
-        self.dirty = self.truncated_at_open = True
+        self.dirty = self.truncated_at_open = self.kernel_refreshes = True
         self.changed_ns = time.time_ns()
 
     def should_commit(self, *, final: bool) -> bool:

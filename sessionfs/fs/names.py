@@ -107,9 +107,10 @@ class Names:
         if directory.holds_sessions:
             if not (directory.complete and self.index.trusted(directory)):
                 await self.index.scan(directory)
+            away, session = directory.away, self.tree.session
             for key, known in directory.known.items():
-                if known.seen is not None and key not in directory.away:
-                    node = self.tree.session(directory, key)
+                if known.seen is not None and key not in away:
+                    node = session(directory, key)
                     if not node.pending:
                         names.append((node.name, node))
             for ino in directory.sessions.values():

@@ -171,9 +171,10 @@ class Operations(pyfuse3.Operations):
                 if node is None:  # an agent: it may have gone since the listing
                     node = await self.names.find(handle.node, name)
                 if isinstance(node, File) and node.is_session and not node.pending:
-                    if node.entry() is None:
+                    seen = node.entry()
+                    if seen is None:
                         continue  # removed since the listing was taken
-                    attrs = node.attributes(self.names.owner)
+                    attrs = node.entry_attributes(self.names.owner, seen)
                 else:
                     attrs = await self.names.attributes(node)
             except pyfuse3.FUSEError:

@@ -70,12 +70,7 @@ class Owner:
 
 
 def _attributes(
-    owner: Owner,
-    ino: int,
-    mode: int,
-    size: int = 0,
-    nlink: int = 1,
-    times: tuple[int, int] = (0, 0),
+    owner: Owner, ino: int, mode: int, size: int, nlink: int, mtime_ns: int, ctime_ns: int
 ) -> pyfuse3.EntryAttributes:
     attrs = pyfuse3.EntryAttributes()
     attrs.st_ino = ino
@@ -86,8 +81,8 @@ def _attributes(
     attrs.st_nlink = nlink
     attrs.st_size = size
     attrs.st_blocks = (size + 511) // 512
-    mtime_ns, ctime_ns = times if times != (0, 0) else (owner.started_ns, owner.started_ns)
-    attrs.st_atime_ns, attrs.st_mtime_ns, attrs.st_ctime_ns = mtime_ns, mtime_ns, ctime_ns
+    attrs.st_atime_ns = attrs.st_mtime_ns = mtime_ns
+    attrs.st_ctime_ns = ctime_ns
     return attrs
 
 
@@ -123,7 +118,8 @@ class Dir(Node):
     generation: int = 0
 
     def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
-        return _attributes(owner, self.ino, stat.S_IFDIR | self.mode, nlink=2)
+        started = owner.started_ns
+        return _attributes(owner, self.ino, stat.S_IFDIR | self.mode, 0, 2, started, started)
 
     def present(self, key: str) -> Seen | None:
         """The entry of *key* as last learnt, if the store holds one."""
@@ -173,25 +169,31 @@ class File(Node):
             return None
         if not self.linked or self.parent is None:
             return self.last_seen
-        return self.parent.present(self.key)
+        known = self.parent.known.get(self.key)
+        return None if known is None else known.seen
 
     def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
         """What ``stat`` shows: a session's committed entry, never uncommitted bytes."""
-        nlink = 1 if self.linked else 0
         seen = self.entry()
         if seen is not None:
-            version = seen.version
-            return _attributes(
-                owner,
-                self.ino,
-                stat.S_IFREG | (0o600 if seen.writable else 0o400),
-                version.size,
-                nlink,
-                (version.mtime_ns, seen.ctime_ns),
-            )
+            return self.entry_attributes(owner, seen)
+        nlink = 1 if self.linked else 0
         size = 0 if self.key is not None else len(self.data)
         return _attributes(
-            owner, self.ino, stat.S_IFREG | self.mode, size, nlink, (self.mtime_ns, self.ctime_ns)
+            owner, self.ino, stat.S_IFREG | self.mode, size, nlink, self.mtime_ns, self.ctime_ns
+        )
+
+    def entry_attributes(self, owner: Owner, seen: Seen) -> pyfuse3.EntryAttributes:
+        """The attributes of a session whose committed entry is *seen*."""
+        version = seen.version
+        return _attributes(
+            owner,
+            self.ino,
+            stat.S_IFREG | (0o600 if seen.writable else 0o400),
+            version.size,
+            1 if self.linked else 0,
+            version.mtime_ns,
+            seen.ctime_ns,
         )
 
 
@@ -203,7 +205,10 @@ class Control(Node):
     render: Callable[[], bytes] = lambda: b""
 
     def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
-        return _attributes(owner, self.ino, stat.S_IFREG | 0o400, len(self.render()))
+        started = owner.started_ns
+        return _attributes(
+            owner, self.ino, stat.S_IFREG | 0o400, len(self.render()), 1, started, started
+        )
 
 
 class Tree:
@@ -265,7 +270,7 @@ class Tree:
         """The file of *key* in *parent*; the same node until it is unlinked or renamed."""
         ino = parent.sessions.get(key)
         if ino is not None:
-            return self._file(ino)
+            return self.nodes[ino]  # type: ignore[return-value]  # sessions map to files
         new = File(next(self._next_ino), parent=parent, key=key)
         parent.sessions[key] = new.ino
         self._add(new)
