@@ -62,10 +62,10 @@ from dataclasses import dataclass
 
 from ..catalog import Backing
 from ..errors import EntryNotFound
-from ..store import Snapshot
+from ..store import Snapshot, Version
 from .backings import Backings
 from .kernel import Kernel
-from .tree import Dir, File, Known, Seen, Tree
+from .tree import Dir, Entry, File, Known, Seen, Tree
 
 SCAN_CHUNK = 1024
 
@@ -133,19 +133,24 @@ class Index:
         """
         known = parent.known.get(key)
         if known is None:
-            parent.known[key] = Known(stamp, seen)
-            changed = seen is not None
+            known = parent.known[key] = Known(stamp, None)
+            before = None
         elif known.stamp > stamp:
             return False
         else:
-            before = None if known.seen is None else known.seen.version
-            changed = before != (None if seen is None else seen.version)
-            known.stamp, known.seen = stamp, seen
-        if seen is not None and key not in parent.away:
+            before = known.version
+        known.set(stamp, seen)
+        changed = before != known.version
+        if seen is not None:
+            self._appeared(parent, key)
+        return changed
+
+    def _appeared(self, parent: Dir, key: str) -> None:
+        """The store holds *key*: a new file of it made through the mount is pending no more."""
+        if key not in parent.away:
             node = self.tree.known_session(parent, key)
             if node is not None and node.pending:
                 node.pending = False  # the store holds it now, whoever wrote it
-        return changed
 
     # -- own operations ------------------------------------------------------
 
@@ -165,7 +170,8 @@ class Index:
                 del self._busy[ident]
                 if ident in self._deferred:
                     self._deferred.discard(ident)
-                    ours = change.done and _version(parent.present(key)) == _version(change.result)
+                    now = parent.present(key)
+                    ours = change.done and _version(now) == _version(change.result)
                     if not ours:
                         self._tell_kernel(parent, key)
 
@@ -193,7 +199,7 @@ class Index:
         if self.trusted(parent):
             known = parent.known.get(key)
             if known is not None:
-                return known.seen
+                return known.seen()
             if parent.complete:
                 return None
         return await self.stat(parent, key)
@@ -207,7 +213,8 @@ class Index:
             self.learn(parent, key, None, stamp)
         else:
             self.learn(parent, key, Seen.of(st), stamp)
-        return parent.present(key)
+        known = parent.present(key)
+        return None if known is None else known.seen()
 
     async def read(self, parent: Dir, key: str) -> Snapshot:
         """Read *key*'s current version (the bytes an open serves) and learn its stat."""
@@ -228,23 +235,29 @@ class Index:
         stamp = self.stamp(parent)
         trusted = self.trusted(parent)
 
-        def scan(store: Backing) -> list[tuple[str, Seen]]:
-            # Compact as it goes: 100,000 stat_results at once would cost ~60 MB.
-            keys, found = list(store.keys()), []
+        def scan(store: Backing) -> dict[str, Known]:
+            # Build the index's own records as it goes: 100,000 stat_results at
+            # once would cost ~60 MB, and any other intermediate object per entry
+            # raises the daemon's peak memory for good.
+            keys, found = list(store.keys()), {}
             for first in range(0, len(keys), SCAN_CHUNK):
                 chunk = keys[first : first + SCAN_CHUNK]
-                found += [
-                    (k, Seen.of(st))
-                    for k, st in zip(chunk, store.stat_many(chunk), strict=True)
-                    if st
-                ]
+                for key, st in zip(chunk, store.stat_many(chunk), strict=True):
+                    if st is not None:
+                        found[key] = Known.of(stamp, st)
             return found
 
-        found = dict(await self.backings.run(parent.agent_id, "list", scan))
-        for key, seen in found.items():
-            self.learn(parent, key, seen, stamp)
-        for key, known in list(parent.known.items()):
-            if key not in found and known.seen is not None:
+        found = await self.backings.run(parent.agent_id, "list", scan)
+        known = parent.known
+        for key, record in found.items():
+            held = known.get(key)
+            if held is None:
+                known[key] = record  # adopted as it is: the common case, no copy
+                self._appeared(parent, key)
+            else:
+                self.learn(parent, key, record.seen(), stamp)
+        for key, held in list(known.items()):
+            if key not in found and held.version is not None:
                 self.learn(parent, key, None, stamp)
         parent.complete = trusted and self.trusted(parent)
 
@@ -278,5 +291,5 @@ class Index:
         assert self._deferred <= set(self._busy), "deferred changes outlived their operation"
 
 
-def _version(seen: Seen | None) -> object:
-    return None if seen is None else seen.version
+def _version(entry: Entry | None) -> Version | None:
+    return None if entry is None else entry.version

@@ -109,7 +109,7 @@ class Names:
                 await self.index.scan(directory)
             away, session = directory.away, self.tree.session
             for key, known in directory.known.items():
-                if known.seen is not None and key not in away:
+                if known.version is not None and key not in away:
                     node = session(directory, key)
                     if not node.pending:
                         names.append((node.name, node))
