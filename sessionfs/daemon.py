@@ -319,7 +319,7 @@ async def _serve(
     try:
         await _serve_until_unmounted(config, fs, ready_fd, shutdown)
     finally:
-        fs.editing.keep_all()
+        fs.graces.keep_all()
 
 
 async def _serve_until_unmounted(
@@ -335,7 +335,7 @@ async def _serve_until_unmounted(
 
         await nursery.start(_stop_on_signals, shutdown)
         await nursery.start(fs.watcher.run)
-        nursery.start_soon(fs.editing.run_grace_periods)
+        nursery.start_soon(fs.graces.run)
         if config.maintain_every:
             nursery.start_soon(_maintain_periodically, config)
         nursery.start_soon(fuse_loop)

@@ -266,7 +266,7 @@ async def test_editor_save_is_one_change_not_a_conflict(
     assert store.read(KEY).data == entry_bytes("emacs")
     await shows(drive, NAME, entry_bytes("emacs"))
     clock.now += 10
-    await fs.editing.expire()
+    await fs.graces.expire()
     assert store.read(KEY).data == entry_bytes("emacs")  # the backup's grace changes nothing
     fs.index.check()
 
@@ -290,10 +290,10 @@ async def test_renamed_away_is_removed_after_the_grace_period(
     assert NAME not in await drive.listdir()
     assert store.read(KEY).data == ORIGINAL  # kept while an editor may be saving
     clock.now += 1
-    await fs.editing.expire()
+    await fs.graces.expire()
     assert store.exists(KEY)
     clock.now += 2
-    await fs.editing.expire()
+    await fs.graces.expire()
     assert not store.exists(KEY)  # renamed away means gone: the mount and the store agree
     assert await drive.read(f"{NAME}.bak") == ORIGINAL  # the scratch copy lives on
     await settled(fs)
@@ -307,7 +307,7 @@ async def test_renamed_away_but_changed_meanwhile_is_kept(
     store.write(KEY, entry_bytes("gateway"))
     await settled(fs)
     clock.now += 5
-    await fs.editing.expire()
+    await fs.graces.expire()
     assert store.read(KEY).data == entry_bytes("gateway")
     await shows(drive, NAME, entry_bytes("gateway"))
 
@@ -324,7 +324,7 @@ async def test_refused_save_brings_the_session_back(
         await drive.close(fh)
     await shows(drive, NAME, ORIGINAL)
     clock.now += 10
-    await fs.editing.expire()
+    await fs.graces.expire()
     assert store.read(KEY).data == ORIGINAL
     await shows(drive, NAME, ORIGINAL)
 
@@ -342,7 +342,7 @@ async def test_delete_then_refused_create_brings_the_session_back(
     assert store.stat(KEY).st_mtime_ns == mtime  # the same version, back: same mtime
     await shows(drive, NAME, ORIGINAL)
     clock.now += 10
-    await fs.editing.expire()
+    await fs.graces.expire()
     await shows(drive, NAME, ORIGINAL)
 
 
@@ -351,8 +351,8 @@ async def test_unlink_is_final_after_the_grace_period(
 ) -> None:
     await drive.unlink(NAME)
     clock.now += 10
-    await fs.editing.expire()
-    assert fs.editing.graces == {}
+    await fs.graces.expire()
+    assert len(fs.graces) == 0
     with pytest.raises(pyfuse3.FUSEError):
         await drive.write(NAME, b"{nope", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     assert not store.exists(KEY)
@@ -380,7 +380,7 @@ async def test_mount_end_keeps_sessions_renamed_away(
     fs: Filesystem, drive: Driver, store: SessionStore
 ) -> None:
     await drive.rename(NAME, f"{NAME}~")
-    fs.editing.keep_all()
+    fs.graces.keep_all()
     assert store.read(KEY).data == ORIGINAL
 
 

@@ -177,7 +177,7 @@ class EditingModel(RuleBasedStateMachine):
     @rule()
     def grace_periods_end(self) -> None:
         self.clock.now += 5
-        self.run(self.fs.editing.expire)
+        self.run(self.fs.graces.expire)
         for key, changed in self.hidden.items():
             if not changed:
                 self.model.pop(key, None)

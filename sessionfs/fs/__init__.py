@@ -22,6 +22,7 @@ from .backings import Backings
 from .cache import ContentCache
 from .control import ControlFiles, MountStatistics
 from .editing import CONFLICT_FAIL, CONFLICT_LAST_WINS, Editing, Limits
+from .grace import GracePeriods
 from .index import Index
 from .kernel import Kernel
 from .names import Names
@@ -45,6 +46,7 @@ class Filesystem:
 
     operations: Operations
     editing: Editing
+    graces: GracePeriods
     index: Index
     watcher: Watcher
     kernel: Kernel
@@ -70,6 +72,8 @@ def assemble(
     owner = Owner.current(cache_timeout)
     names = Names(tree, index, backings, catalog, owner)
     rejections = Rejections()
+    limits = limits or Limits(max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES)
+    graces = GracePeriods(tree, index, backings, seconds=limits.grace_seconds, clock=clock)
     editing = Editing(
         tree,
         index,
@@ -78,9 +82,9 @@ def assemble(
         kernel,
         ContentCache(),
         rejections,
-        limits or Limits(max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES),
+        graces,
+        limits,
         conflict=conflict,
-        clock=clock,
     )
     requests = Requests(debug=debug)
     watcher = Watcher(catalog, index, backings)
@@ -94,7 +98,7 @@ def assemble(
             inodes=len(tree.nodes),
             open_files=len(editing.handles),
             scratch_bytes=tree.scratch_bytes(),
-            grace_periods=len(editing.graces),
+            grace_periods=len(graces),
             rejected_writes=rejections.total,
             invalidations=kernel.invalidations,
             rescans=watcher.rescans,
@@ -103,4 +107,4 @@ def assemble(
     control = ControlFiles(
         tree, source=catalog.source.path, statistics=statistics, rejections=rejections
     )
-    return Filesystem(operations, editing, index, watcher, kernel, control)
+    return Filesystem(operations, editing, graces, index, watcher, kernel, control)

@@ -11,15 +11,9 @@ a mount.  The rules, in the order a user meets them:
 * A conflict is a commit that replaces a version other than the one its handle
   started from.  By default the later commit wins and the log says so; with
   ``-o conflict=fail`` it fails with ESTALE and the outside version stays.
-* An editor's save is one change, not a conflict.  vim and emacs rename the
-  session to a backup name and write a new file; ``install``, ``tar -x`` and
-  ``git checkout`` unlink it and create a new one.  Either way the version that
-  went away is kept in a :class:`Grace` record for :data:`GRACE_SECONDS`: the new
-  file starts from it, so it is no conflict, and if its content is refused (or
-  it is never written), the session comes back, in the store and in the mount.
-  A session renamed away and not written anew within the grace period is
-  removed from the store (unless it changed meanwhile), so mount and store agree.
-  An unlink removes the entry at once; the record only allows the undo.
+* An editor's save is one change, not a conflict: the version a rename or an
+  unlink took away is kept for a grace period (:mod:`.grace`), a new file of the
+  key starts from it, and if its content is refused, the session comes back.
 * Writing exactly the bytes the store holds (or held, within the grace period)
   is always accepted: a ``tar -cf``/``tar -xf`` round trip of the mount's own
   data never fails, even for entries migrated without ``updatedAt``.
@@ -31,7 +25,6 @@ import datetime as dt
 import errno
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -39,13 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
-import trio
 
-from ..errors import EntryExists, EntryNotFound, InvalidEntry, SessionFSError
+from ..errors import EntryExists, InvalidEntry, SessionFSError
 from ..keys import key_to_display
-from ..store import ABSENT, EntryChanged, Snapshot, Version
+from ..store import ABSENT, EntryChanged, Version
 from .backings import Backings
 from .cache import ContentCache
+from .grace import GRACE_SECONDS, GracePeriods, user_path
 from .handles import Handle, is_scratch_name
 from .index import Index
 from .kernel import Kernel
@@ -55,7 +48,6 @@ from .tree import Dir, File, Node, Seen, Tree
 
 log = logging.getLogger("sessionfs")
 
-GRACE_SECONDS = 2.0
 DEFAULT_SCRATCH_LIMIT = 64 * 1024 * 1024
 CONFLICT_LAST_WINS = "lww"
 CONFLICT_FAIL = "fail"
@@ -66,24 +58,6 @@ def describe_version(version: Version | None) -> str:
         return "absent"
     stamp = dt.datetime.fromtimestamp(version.mtime_ns / 1e9, dt.UTC)
     return stamp.isoformat(timespec="milliseconds")
-
-
-def user_path(parent: Dir | None, name: str) -> str:
-    """*name* as the user sees it relative to the mountpoint."""
-    if parent is not None and parent.agent_id is not None:
-        return f"{parent.agent_id}/{name}"
-    return name
-
-
-@dataclass(eq=False, slots=True)
-class Grace:
-    """A session that went away through the mount, kept so a failed save can bring it back."""
-
-    parent: Dir
-    key: str
-    snapshot: Snapshot  # the version that went away
-    deadline: float
-    backup: File | None  # renamed to this scratch file (the store still holds it); None: unlinked
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +79,10 @@ class Editing:
         kernel: Kernel,
         content: ContentCache,
         rejections: Rejections,
+        graces: GracePeriods,
         limits: Limits,
         *,
         conflict: str = CONFLICT_LAST_WINS,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tree = tree
         self.index = index
@@ -117,13 +91,11 @@ class Editing:
         self.kernel = kernel
         self.content = content
         self.rejections = rejections
+        self.graces = graces
         self.limits = limits
         self.conflict = conflict
-        self.clock = clock
         self.handles: dict[int, Handle] = {}
-        self.graces: dict[tuple[int, str], Grace] = {}
         self._next_fh = itertools.count(1)
-        self._grace_added = trio.Event()
 
     # -- handles -------------------------------------------------------------
 
@@ -145,7 +117,11 @@ class Editing:
         assert parent is not None and key is not None
         if node.pending:
             return self.new_handle(
-                node, flags, b"", version=self._base(parent, key), key=key if writable else None
+                node,
+                flags,
+                b"",
+                version=self.graces.replaced_version(parent, key),
+                key=key if writable else None,
             )
         seen = await self.index.entry(parent, key)
         if seen is None:
@@ -179,14 +155,9 @@ class Editing:
             return node, self.new_handle(node, flags, node.data)
         key = session_key(name)
         node = self.tree.new_pending(parent, key)
-        return node, self.new_handle(node, flags, b"", version=self._base(parent, key), key=key)
-
-    def _base(self, parent: Dir, key: str) -> Version | None:
-        """The version a new file of *key* replaces: a backup's, if an editor is saving."""
-        grace = self.graces.get((parent.ino, key))
-        if grace is not None and grace.backup is not None:
-            return grace.snapshot.version  # the store still holds it
-        return None
+        return node, self.new_handle(
+            node, flags, b"", version=self.graces.replaced_version(parent, key), key=key
+        )
 
     # -- writing -------------------------------------------------------------
 
@@ -229,14 +200,13 @@ class Editing:
             return
         parent, key, data, opened = node.parent, handle.key, bytes(handle.data), handle.version
         expected = (opened or ABSENT) if self.conflict == CONFLICT_FAIL else None
+        held = self.graces.holds(parent, key, data)  # a round trip of what went away
         try:
             with self.index.own(parent, key) as change:
                 commit = await self.backings.run(
                     parent.agent_id,
                     "write",
-                    lambda b: b.write(
-                        key, data, validate=self._validate(parent, key, data), expected=expected
-                    ),
+                    lambda b: b.write(key, data, validate=not held, expected=expected),
                 )
                 change.made(Seen.of(commit.stat))
         except EntryChanged as exc:
@@ -262,16 +232,11 @@ class Editing:
         handle.committed(commit.version)
         log.debug("committed %s (%d bytes)", self._path(node), len(data))
 
-    def _validate(self, parent: Dir, key: str, data: bytes) -> bool:
-        """Whether *data* must pass validation: not if it is the version that just went away."""
-        grace = self.graces.get((parent.ino, key))
-        return grace is None or grace.snapshot.data != data
-
     def _committed(
         self, parent: Dir, node: File, version: Version, data: bytes, *, kernel_refreshes: bool
     ) -> None:
         assert node.key is not None
-        self._end_grace(parent, node.key)  # written anew: a backup of it is only a backup now
+        self.graces.end(parent, node.key)
         node.pending = False
         self.content.put((parent.ino, node.key), version, data)
         if not kernel_refreshes:
@@ -309,54 +274,30 @@ class Editing:
         handle.dirty = False  # reported once; the next change tries again
         self.kernel.forget_attributes(node.ino)
         error = self.rejections.add(self._path(node), exc)
-        if node.pending and node.parent is not None and node.key is not None:
-            grace = self.graces.pop((node.parent.ino, node.key), None)
-            if grace is not None:
-                await self._bring_back(grace)
-                seen = node.parent.present(node.key)
-                if seen is not None:
-                    node.pending = False  # the session shows again, under this file's number
-                    handle.version = seen.version
+        parent, key = node.parent, node.key
+        if (
+            node.pending
+            and parent is not None
+            and key is not None
+            and await self.graces.undo(parent, key)
+        ):
+            known = parent.present(key)
+            if known is not None:
+                node.pending = False  # the session shows again, under this file's number
+                handle.version = known.version
         return error
 
     async def _abandon(self, node: File) -> None:
         """A new file whose content was refused never existed; an empty touched one stays."""
         parent, key = node.parent, node.key
         assert parent is not None and key is not None
-        grace = self.graces.pop((parent.ino, key), None)
-        if grace is not None:
-            await self._bring_back(grace)
+        await self.graces.undo(parent, key)
         if parent.present(key) is not None and key not in parent.away:
             node.pending = False  # the session shows again, under this file's number
             self.kernel.forget_attributes(node.ino)
             return
         self.tree.unlink(parent, node.name, key)
         self.kernel.forget_name(parent.ino, node.name)
-
-    async def _bring_back(self, grace: Grace) -> None:
-        """Undo a removal or a rename away whose replacement was refused."""
-        parent, key, snap = grace.parent, grace.key, grace.snapshot
-        if grace.backup is not None:
-            parent.away.pop(key, None)  # the store kept it all along
-        else:
-            try:
-                with self.index.own(parent, key) as change:
-                    commit = await self.backings.run(
-                        parent.agent_id,
-                        "write",
-                        lambda b: b.write(
-                            key,
-                            snap.data,
-                            validate=False,
-                            expected=ABSENT,
-                            mtime_ns=snap.stat.st_mtime_ns,
-                        ),
-                    )
-                    change.made(Seen.of(commit.stat))
-            except EntryChanged:
-                pass  # written meanwhile by someone else: that version stays
-        await self.index.stat(parent, key)
-        log.info("kept session %s: its replacement was refused", user_path(parent, key))
 
     async def truncate(self, node: File, size: int, handle: Handle | None) -> None:
         """``truncate``/``ftruncate``: resize a handle's buffer, or a path's entry at once."""
@@ -381,10 +322,9 @@ class Editing:
             scratch = self.tree.unlink(parent, name)
             if scratch is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            grace = self._grace_of_backup(scratch)
+            grace = self.graces.of_backup(scratch)
             if grace is not None:  # the last copy of a session renamed away: the user's intent
-                del self.graces[(parent.ino, grace.key)]
-                await self._finish(grace)
+                await self.graces.conclude(grace)
             return
         node = await self.names.find(parent, name)
         assert isinstance(node, File) and node.key is not None
@@ -397,7 +337,7 @@ class Editing:
             change.made(None)
         self.tree.unlink(parent, name, key)
         self.content.drop((parent.ino, key))
-        self._start_grace(Grace(parent, key, removed, self._deadline(), backup=None))
+        self.graces.removed(parent, key, removed)
         log.info("removed session %s", user_path(parent, name))
 
     async def rename(self, parent: Dir, old: str, new: str, *, replace: bool) -> None:
@@ -430,8 +370,7 @@ class Editing:
                 snap.stat.st_ctime_ns,
             )
             source.origin_key, source.origin_version = key, snap.version
-            parent.away[key] = source.ino
-            self._start_grace(Grace(parent, key, snap, self._deadline(), backup=source))
+            self.graces.renamed_away(parent, key, snap, source)
             return
         source.pending = False
         self.tree.move(source, parent, new, None)
@@ -449,120 +388,34 @@ class Editing:
         except EntryExists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None
         self.tree.move(source, parent, key_to_display(key), key)
-        self._end_grace(parent, key)
+        self.graces.end(parent, key)
         self.content.drop((parent.ino, old_key))
         log.info("renamed session %r to %r", old_key, key)
 
     async def _rename_to_session(self, parent: Dir, source: File, new: str, key: str) -> None:
         """A scratch file (``sed -i``, ``jq > t && mv t f``) or a pending file becomes a session."""
         data = bytes(source.data)
+        held = self.graces.holds(parent, key, data)
         try:
             with self.index.own(parent, key) as change:
                 commit = await self.backings.run(
                     parent.agent_id,
                     "write",
-                    lambda b: b.write(key, data, validate=self._validate(parent, key, data)),
+                    lambda b: b.write(key, data, validate=not held),
                 )
                 change.made(Seen.of(commit.stat))
         except (SessionFSError, OSError) as exc:
             where = user_path(parent, new)
             raise self.rejections.add(f"{where} (renamed from {source.name})", exc) from None
-        origin = self._grace_of_backup(source)
+        origin = self.graces.of_backup(source)
         self.tree.move(source, parent, new, key)
         source.data = b""  # the content lives in the store now
         source.origin_key = source.origin_version = None
         self._committed(parent, source, commit.version, data, kernel_refreshes=False)
         if origin is not None and origin.key != key:
             # a backup of another session, renamed to this key: that session moved here
-            del self.graces[(parent.ino, origin.key)]
-            await self._finish(origin)
+            await self.graces.conclude(origin)
         log.info("committed %s (%d bytes, renamed into place)", self._path(source), len(data))
-
-    # -- grace periods ---------------------------------------------------------
-
-    def _deadline(self) -> float:
-        return self.clock() + self.limits.grace_seconds
-
-    def _start_grace(self, grace: Grace) -> None:
-        self.graces[(grace.parent.ino, grace.key)] = grace
-        self._grace_added.set()
-
-    def _end_grace(self, parent: Dir, key: str) -> None:
-        grace = self.graces.pop((parent.ino, key), None)
-        if grace is not None and grace.backup is not None:
-            parent.away.pop(key, None)
-
-    def _grace_of_backup(self, node: File) -> Grace | None:
-        """The record of the session *node* is the renamed-away copy of, if it is one."""
-        if node.origin_key is None or node.parent is None:
-            return None
-        grace = self.graces.get((node.parent.ino, node.origin_key))
-        return grace if grace is not None and grace.backup is node else None
-
-    async def expire(self) -> None:
-        """End every grace period that is over (a new file still being written gets longer)."""
-        now = self.clock()
-        for ident, grace in list(self.graces.items()):
-            if grace.deadline > now or self.graces.get(ident) is not grace:
-                continue
-            writer = self.tree.known_session(grace.parent, grace.key)
-            if writer is not None and writer.pending and writer.open_handles:
-                grace.deadline = self._deadline()
-                continue
-            del self.graces[ident]
-            await self._finish(grace)
-
-    async def _finish(self, grace: Grace) -> None:
-        """The grace period is over and the session did not come back: it goes for good."""
-        parent, key, version = grace.parent, grace.key, grace.snapshot.version
-        if grace.backup is None:
-            log.debug("removal of %s is final", user_path(parent, key))
-            return
-        parent.away.pop(key, None)
-        removed = False
-        try:
-            with self.index.own(parent, key) as change:
-                await self.backings.run(
-                    parent.agent_id,
-                    "remove",
-                    lambda b: b.remove(key, only_if=lambda s: s.version == version),
-                )
-                change.made(None)
-                removed = True
-        except (EntryNotFound, EntryChanged):
-            pass  # gone already, or changed since it was renamed away: not ours to remove
-        if removed:
-            log.info(
-                "removed session %s: renamed to %s and not written anew",
-                user_path(parent, key),
-                grace.backup.name,
-            )
-        else:
-            await self.index.stat(parent, key)
-            log.info(
-                "kept session %s: it changed after it was renamed to %s",
-                user_path(parent, key),
-                grace.backup.name,
-            )
-
-    async def run_grace_periods(self) -> None:
-        """Background task: end grace periods when they are due."""
-        while True:
-            deadline = min((g.deadline for g in self.graces.values()), default=math.inf)
-            with trio.move_on_after(max(0.0, deadline - self.clock())):
-                await self._grace_added.wait()
-            self._grace_added = trio.Event()
-            await self.expire()
-
-    def keep_all(self) -> None:
-        """The mount ends: sessions renamed away stay in the store (nothing is lost)."""
-        for grace in self.graces.values():
-            if grace.backup is not None:
-                log.info(
-                    "kept session %s: the mount ended within its grace period",
-                    user_path(grace.parent, grace.key),
-                )
-        self.graces.clear()
 
     def _path(self, node: File) -> str:
         return user_path(node.parent, node.name)

@@ -1,0 +1,230 @@
+"""Grace periods: a session that went away through the mount, kept so a failed save can undo it.
+
+Editors and tools replace a file in two steps: vim and emacs rename it to a backup
+name and write a new one; ``install``, ``tar -x`` and ``git checkout`` unlink it and
+create a new one.  Between the steps the session is gone, and if the new content
+is refused, it must come back.  So the version that went away is kept in a
+:class:`Grace` record for a short while (2 s: an editor's save takes
+milliseconds):
+
+* a new file of the key starts from that version (no conflict with it), and may
+  write exactly its bytes back even if they would not pass validation today;
+* if the new file is refused or abandoned, the version comes back
+  (:meth:`GracePeriods.undo`): a renamed-away session was never removed from the
+  store and only shows again; an unlinked one is written back, with its mtime;
+* when the period ends without the key coming back, the removal is final: a
+  session renamed away is removed from the store then, unless it changed
+  meanwhile (so the mount and the store agree); an unlinked one already was.
+
+A crash inside a grace period leaves the store as it was before the rename (the
+session stays) or after the unlink (it is gone): never a partial entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..errors import EntryNotFound
+from ..store import ABSENT, EntryChanged, Snapshot, Version
+from .backings import Backings
+from .index import Index
+from .tree import Dir, File, Seen, Tree
+
+log = logging.getLogger("sessionfs")
+
+GRACE_SECONDS = 2.0
+
+
+def user_path(parent: Dir | None, name: str) -> str:
+    """*name* (a file name or a key) as the user sees it relative to the mountpoint."""
+    if parent is not None and parent.agent_id is not None:
+        return f"{parent.agent_id}/{name}"
+    return name
+
+
+@dataclass(eq=False, slots=True)
+class Grace:
+    """A session that went away through the mount, kept so a failed save can bring it back."""
+
+    parent: Dir
+    key: str
+    snapshot: Snapshot  # the version that went away
+    deadline: float
+    backup: File | None  # renamed to this scratch file (the store still holds it); None: unlinked
+
+
+class GracePeriods:
+    """Every grace record of the mount, and the task that ends them."""
+
+    def __init__(
+        self,
+        tree: Tree,
+        index: Index,
+        backings: Backings,
+        *,
+        seconds: float = GRACE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tree = tree
+        self.index = index
+        self.backings = backings
+        self.seconds = seconds
+        self.clock = clock
+        self.records: dict[tuple[int, str], Grace] = {}
+        self._added = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # -- starting and ending ---------------------------------------------------
+
+    def renamed_away(self, parent: Dir, key: str, snapshot: Snapshot, backup: File) -> None:
+        """*key* was renamed to the scratch file *backup*; the store still holds it."""
+        parent.away[key] = backup.ino
+        self._start(Grace(parent, key, snapshot, self._deadline(), backup))
+
+    def removed(self, parent: Dir, key: str, snapshot: Snapshot) -> None:
+        """*key* was unlinked; *snapshot* is the version that went."""
+        self._start(Grace(parent, key, snapshot, self._deadline(), None))
+
+    def end(self, parent: Dir, key: str) -> None:
+        """*key* was written anew: a backup of it is only a backup now."""
+        self._drop(self.records.pop((parent.ino, key), None))
+
+    def _start(self, grace: Grace) -> None:
+        self._drop(self.records.get((grace.parent.ino, grace.key)))
+        self.records[(grace.parent.ino, grace.key)] = grace
+        self._added.set()
+
+    @staticmethod
+    def _drop(grace: Grace | None) -> None:
+        backup = None if grace is None else grace.backup
+        if (
+            grace is not None
+            and backup is not None
+            and grace.parent.away.get(grace.key) == backup.ino
+        ):
+            del grace.parent.away[grace.key]
+
+    def _deadline(self) -> float:
+        return self.clock() + self.seconds
+
+    # -- what a new file of the key may do ------------------------------------
+
+    def replaced_version(self, parent: Dir, key: str) -> Version | None:
+        """The version a new file of *key* replaces: a backup's, while an editor saves."""
+        grace = self.records.get((parent.ino, key))
+        if grace is not None and grace.backup is not None:
+            return grace.snapshot.version  # the store still holds it
+        return None
+
+    def holds(self, parent: Dir, key: str, data: bytes) -> bool:
+        """Whether *data* is exactly the version of *key* that just went away."""
+        grace = self.records.get((parent.ino, key))
+        return grace is not None and grace.snapshot.data == data
+
+    def of_backup(self, node: File) -> Grace | None:
+        """The record of the session *node* is the renamed-away copy of, if it is one."""
+        if node.origin_key is None or node.parent is None:
+            return None
+        grace = self.records.get((node.parent.ino, node.origin_key))
+        return grace if grace is not None and grace.backup is node else None
+
+    # -- undo and finish -------------------------------------------------------
+
+    async def undo(self, parent: Dir, key: str) -> bool:
+        """Bring back what went away of *key*, if anything did within its grace period."""
+        grace = self.records.pop((parent.ino, key), None)
+        if grace is None:
+            return False
+        self._drop(grace)
+        snap = grace.snapshot
+        if grace.backup is None:
+            try:
+                with self.index.own(parent, key) as change:
+                    commit = await self.backings.run(
+                        parent.agent_id,
+                        "write",
+                        lambda b: b.write(
+                            key,
+                            snap.data,
+                            validate=False,
+                            expected=ABSENT,
+                            mtime_ns=snap.stat.st_mtime_ns,
+                        ),
+                    )
+                    change.made(Seen.of(commit.stat))
+            except EntryChanged:
+                pass  # written meanwhile by someone else: that version stays
+        await self.index.stat(parent, key)
+        log.info("kept session %s: its replacement was refused", user_path(parent, key))
+        return True
+
+    async def conclude(self, grace: Grace) -> None:
+        """End *grace* now (its backup was removed, or renamed to another key)."""
+        if self.records.get((grace.parent.ino, grace.key)) is grace:
+            del self.records[(grace.parent.ino, grace.key)]
+            await self._finish(grace)
+
+    async def expire(self) -> None:
+        """End every grace period that is over (a new file still being written gets longer)."""
+        now = self.clock()
+        for grace in list(self.records.values()):
+            if grace.deadline > now:
+                continue
+            writer = self.tree.known_session(grace.parent, grace.key)
+            if writer is not None and writer.pending and writer.open_handles:
+                grace.deadline = self._deadline()
+                continue
+            await self.conclude(grace)
+
+    async def _finish(self, grace: Grace) -> None:
+        """The session did not come back: the removal is final."""
+        self._drop(grace)
+        parent, key, version = grace.parent, grace.key, grace.snapshot.version
+        if grace.backup is None:
+            log.debug("removal of %s is final", user_path(parent, key))
+            return
+        removed = False
+        try:
+            with self.index.own(parent, key) as change:
+                await self.backings.run(
+                    parent.agent_id,
+                    "remove",
+                    lambda b: b.remove(key, only_if=lambda s: s.version == version),
+                )
+                change.made(None)
+                removed = True
+        except (EntryNotFound, EntryChanged):
+            pass  # gone already, or changed since it was renamed away: not ours to remove
+        where, backup = user_path(parent, key), grace.backup.name
+        if removed:
+            log.info("removed session %s: renamed to %s and not written anew", where, backup)
+        else:
+            await self.index.stat(parent, key)
+            log.info("kept session %s: it changed after it was renamed to %s", where, backup)
+
+    async def run(self) -> None:
+        """Background task: end grace periods when they are due."""
+        while True:
+            deadline = min((g.deadline for g in self.records.values()), default=math.inf)
+            with trio.move_on_after(max(0.0, deadline - self.clock())):
+                await self._added.wait()
+            self._added = trio.Event()
+            await self.expire()
+
+    def keep_all(self) -> None:
+        """The mount ends: sessions renamed away stay in the store (nothing is lost)."""
+        for grace in self.records.values():
+            if grace.backup is not None:
+                log.info(
+                    "kept session %s: the mount ended within its grace period",
+                    user_path(grace.parent, grace.key),
+                )
+        self.records.clear()
