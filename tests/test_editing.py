@@ -58,8 +58,10 @@ def watched(fs: Filesystem) -> Filesystem:
 
 
 @pytest.fixture
-def fs(store: SessionStore, gates: Gates, clock: Clock) -> Filesystem:
-    return watched(make_filesystem(store.path.parent, gates, clock))
+def fs(store: SessionStore, gates: Gates, clock: Clock) -> Iterator[Filesystem]:
+    filesystem = watched(make_filesystem(store.path.parent, gates, clock))
+    yield filesystem
+    filesystem.index.check()  # every test ends with the invariants holding
 
 
 @pytest.fixture

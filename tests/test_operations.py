@@ -29,8 +29,10 @@ def sessions(tmp_path: Path) -> Iterator[SessionStore]:
 
 
 @pytest.fixture
-def fs(sessions: SessionStore) -> Filesystem:
-    return make_filesystem(sessions.path.parent)
+def fs(sessions: SessionStore) -> Iterator[Filesystem]:
+    filesystem = make_filesystem(sessions.path.parent)
+    yield filesystem
+    filesystem.index.check()  # every test ends with the invariants holding
 
 
 @pytest.fixture
