@@ -321,10 +321,10 @@ class SessionStore:
         with self.locks.hold(key):
             previous = self._target(name)
             replaced = Version.of(previous) if previous is not None else None
+            if previous is not None and self._holds(name, previous, data):
+                return Commit(previous, replaced)  # whoever wrote it, it is what we hold
             if expected is not None and (replaced or ABSENT) != expected:
                 raise EntryChanged(key, expected, replaced)
-            if previous is not None and self._holds(name, previous, data):
-                return Commit(previous, replaced)
             if refusal is not None:
                 raise refusal
             return Commit(self._commit(name, data, durable=durable, mtime_ns=mtime_ns), replaced)

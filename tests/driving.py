@@ -80,9 +80,14 @@ class PausingStore(SessionStore):
         return commit
 
     def remove(self, key: str, **kwargs: Any) -> Snapshot:
+        self.gates.pause("before remove")
         removed = super().remove(key, **kwargs)
         self.gates.pause("after remove")
         return removed
+
+    def stat_many(self, keys: list[str]) -> list[os.stat_result | None]:
+        self.gates.pause("in stat_many")  # a listing has its keys, not yet their stats
+        return super().stat_many(keys)
 
     def rename(self, old: str, new: str, *, replace: bool = True) -> os.stat_result:
         st = super().rename(old, new, replace=replace)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import orjson
 import pyfuse3
 import pytest
 import trio
@@ -390,3 +391,298 @@ async def test_scratch_file_opened_with_o_trunc_starts_empty(drive: Driver) -> N
     await drive.write("notes.txt", b"a long first line", os.O_WRONLY | os.O_CREAT)
     await drive.write("notes.txt", b"b")
     assert await drive.read("notes.txt") == b"b"
+
+
+# -- races and edges ------------------------------------------------------------
+
+
+class KernelCalls:
+    """Records what the kernel would be told (the filesystem is not mounted in these tests)."""
+
+    def __init__(self, fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.names: list[str] = []
+        self.inodes: list[int] = []
+        fs.kernel.mounted = True
+        monkeypatch.setattr(
+            pyfuse3, "invalidate_inode", lambda ino, attr_only=False: self.inodes.append(ino)
+        )
+        monkeypatch.setattr(
+            pyfuse3,
+            "invalidate_entry_async",
+            lambda parent, name, ignore_enoent=False: self.names.append(name.decode()),
+        )
+
+
+async def test_a_failing_grace_end_keeps_the_session_and_the_mount(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock
+) -> None:
+    await drive.rename(NAME, f"{NAME}~")
+    backing = store.path / "cron%3A1.json"
+    os.unlink(backing)
+    os.symlink("/etc/passwd", backing)  # a hostile file where the entry was
+    clock.now += 10
+    await fs.graces.expire()  # must not raise: it would end the mount
+    assert len(fs.graces) == 0
+    assert os.path.islink(backing)
+
+
+async def test_readdir_never_replies_a_name_that_moved_or_went(
+    fs: Filesystem, drive: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = fs.operations
+    await drive.listdir()
+    replied: list[tuple[str, int]] = []
+
+    def reply(token: object, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        if token == "first" and replied:
+            return False  # the kernel's buffer is full: one entry per getdents
+        replied.append((name.decode(), attrs.st_ino))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    fh = await ops.opendir(pyfuse3.ROOT_INODE, CTX)
+    await ops.readdir(fh, 0, "first")  # type: ignore[arg-type]
+    later = OTHER_NAME if replied[0][0] == NAME else NAME
+    await drive.rename(later, "cron:9.json")  # between two getdents calls
+    await ops.readdir(fh, 1, "rest")  # type: ignore[arg-type]
+    await ops.releasedir(fh)
+    assert later not in dict(replied)
+
+
+async def test_refused_rename_into_place_keeps_the_session(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock
+) -> None:
+    """sed -i.bak with a bad edit: f -> f.bak, then the refused sedXXXX -> f."""
+    await drive.write("sedAbc123", b"{broken", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    await drive.rename(NAME, f"{NAME}.bak")
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await drive.rename("sedAbc123", NAME)
+    assert raised.value.errno == errno.EINVAL
+    await shows(drive, NAME, ORIGINAL)
+    clock.now += 10
+    await fs.graces.expire()
+    assert store.read(KEY).data == ORIGINAL
+
+
+async def test_renaming_the_backup_back_as_its_grace_ends_keeps_the_session(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates, clock: Clock
+) -> None:
+    await drive.rename(NAME, f"{NAME}~")
+    clock.now += 10
+
+    async def user_puts_it_back() -> None:
+        await drive.rename(f"{NAME}~", NAME)  # writes the identical bytes: no new version
+
+    await while_paused(gates, "before remove", fs.graces.expire, user_puts_it_back)
+    await settled(fs)
+    assert store.read(KEY).data == ORIGINAL
+    await shows(drive, NAME, ORIGINAL)
+
+
+async def test_a_lookup_while_a_grace_ends_leaves_no_stale_name(
+    fs: Filesystem,
+    drive: Driver,
+    store: SessionStore,
+    gates: Gates,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await drive.listdir()
+    await drive.rename(NAME, f"{NAME}~")
+    clock.now += 10
+
+    async def lookup() -> None:
+        assert not await drive.exists(NAME)  # still hidden while it is being removed
+
+    await while_paused(gates, "after remove", fs.graces.expire, lookup)
+    assert not store.exists(KEY)
+    assert not await drive.exists(NAME)
+
+
+@pytest.mark.parametrize("target", ["cron:7.json", f"{NAME}~"])
+async def test_data_written_then_renamed_then_closed_lands_under_the_new_name(
+    fs: Filesystem, drive: Driver, store: SessionStore, target: str
+) -> None:
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    new = entry_bytes("written-before-rename")
+    await fs.operations.write(fh, 0, new)
+    await drive.rename(NAME, target)
+    await drive.close(fh)
+    if target.endswith(".json"):
+        assert store.read("cron:7").data == new
+    else:
+        assert await drive.read(target) == new  # the scratch file it became holds it
+
+
+async def test_commit_racing_a_rename_to_a_backup_is_no_internal_error(
+    fs: Filesystem, drive: Driver, gates: Gates, caplog: pytest.LogCaptureFixture
+) -> None:
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    await fs.operations.write(fh, 0, entry_bytes("mine"))
+    await while_paused(
+        gates,
+        "after write",
+        lambda: fs.operations.flush(fh),
+        lambda: drive.rename(NAME, f"{NAME}~"),  # vim, in another process
+    )
+    await fs.operations.release(fh)
+    assert "internal error" not in caplog.text
+
+
+async def test_fstat_of_an_open_file_after_rm_or_replace_shows_its_bytes(
+    fs: Filesystem, drive: Driver
+) -> None:
+    ops = fs.operations
+    for name, change in ((NAME, "rm"), (OTHER_NAME, "mv")):
+        ino = (await drive.lookup(name)).st_ino
+        fh = (await ops.open(ino, os.O_RDONLY, CTX)).fh
+        if change == "rm":
+            await drive.unlink(name)
+        else:
+            await drive.write(
+                "cron:3.json", entry_bytes("longer", pad="x" * 300), os.O_WRONLY | os.O_CREAT
+            )
+            await drive.rename("cron:3.json", name)
+        attrs = await ops.getattr(ino, CTX)
+        data = await ops.read(fh, 0, 1 << 20)
+        await ops.release(fh)
+        assert attrs.st_size == len(data), change
+        assert attrs.st_mtime_ns > 0, change
+        assert attrs.st_nlink == 0, change
+
+
+async def test_outside_touch_is_a_change_and_estale_shows_what_is_there(
+    store: SessionStore, gates: Gates, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = watched(make_filesystem(store.path.parent, gates, clock, conflict=CONFLICT_FAIL))
+    drive = Driver(fs, monkeypatch)
+    await drive.listdir()
+    os.utime(store.path / "cron%3A1.json", ns=(1, 1))  # touched behind the mount, unseen
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await drive.write(NAME, entry_bytes("mine"))
+    assert raised.value.errno == errno.ESTALE
+    await drive.write(NAME, entry_bytes("mine"))  # the refusal refreshed what is known
+    assert store.read(KEY).data == entry_bytes("mine")
+
+
+async def test_identical_bytes_are_accepted_even_under_conflict_fail(
+    store: SessionStore, gates: Gates, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = watched(make_filesystem(store.path.parent, gates, clock, conflict=CONFLICT_FAIL))
+    drive = Driver(fs, monkeypatch)
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    outside = entry_bytes("outside")
+    store.write(KEY, outside)
+    await settled(fs)
+    await fs.operations.write(fh, 0, outside)
+    await drive.close(fh)
+    assert store.read(KEY).data == outside
+
+
+async def test_a_listing_never_undoes_an_operation_that_ended_during_it(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    """A create stamps itself, a listing starts, the create ends, the listing ends."""
+    new = entry_bytes("new")
+    create_gate = gates.arm("before write")  # the create has taken its stamp
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drive.write, "cron:new.json", new, os.O_WRONLY | os.O_CREAT)
+        await trio.to_thread.run_sync(create_gate.reached.wait)
+        listing_gate = gates.arm("in stat_many")
+        nursery.start_soon(drive.listdir)  # its keys do not include the new file yet
+        await trio.to_thread.run_sync(listing_gate.reached.wait)
+        create_gate.go.set()
+        while not store.exists("cron:new"):
+            await trio.sleep(0.01)
+        await trio.sleep(0.05)  # the create's continuation has run
+        listing_gate.go.set()
+    await shows(drive, "cron:new.json", new)
+
+
+async def test_a_listing_that_learns_an_outside_removal_tells_the_kernel(
+    fs: Filesystem, drive: Driver, store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = KernelCalls(fs, monkeypatch)
+    await drive.lookup(NAME)  # the kernel holds the name
+    store.delete(KEY)  # the gateway; its event not processed yet
+    await drive.listdir()
+    assert NAME in kernel.names
+
+
+async def test_a_failed_watcher_stat_forgets_rather_than_removes(
+    fs: Filesystem, drive: Driver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    await drive.listdir()
+    backings = fs.operations.backings
+    real = backings.run
+
+    async def failing(agent_id: str | None, what: str, call: object) -> object:
+        if what == "stat":
+            raise OSError(errno.EIO, "transient")
+        return await real(agent_id, what, call)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backings, "run", failing)
+    await fs.index.refresh(fs.operations.tree.root, [KEY])
+    monkeypatch.setattr(backings, "run", real)
+    assert "could not look at 1 changed session(s)" in caplog.text
+    await shows(drive, NAME, ORIGINAL)
+
+
+async def test_renames_to_scratch_names_count_against_the_scratch_budget(
+    store: SessionStore, gates: Gates, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sessionfs.fs import Limits
+
+    big = entry_bytes("big", pad="x" * 5000)
+    for i in range(4):
+        store.write(f"cron:big{i}", big)
+    limits = Limits(max_entry_bytes=1 << 20, scratch_bytes=12000)
+    fs = watched(make_filesystem(store.path.parent, gates, clock, limits=limits))
+    drive = Driver(fs, monkeypatch)
+    await drive.rename("cron:big0.json", "cron:big0.bak")
+    await drive.rename("cron:big1.json", "cron:big1.bak")
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await drive.rename("cron:big2.json", "cron:big2.bak")
+    assert raised.value.errno == errno.ENOSPC
+    assert await drive.exists("cron:big2.json")
+
+
+async def test_the_control_directory_name_is_never_a_rename_target(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock
+) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await drive.rename(NAME, ".sessionfs")
+    assert raised.value.errno == errno.EISDIR
+    clock.now += 10
+    await fs.graces.expire()
+    assert store.read(KEY).data == ORIGINAL
+
+
+async def test_an_uncommitted_new_file_can_be_renamed_and_truncated(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    await drive.write("new.json", b"", os.O_WRONLY | os.O_CREAT)  # touch
+    await drive.rename("new.json", "newer.json")
+    assert "newer.json" in await drive.listdir()
+    ino = (await drive.lookup("newer.json")).st_ino
+    await fs.operations.setattr(ino, size_of(0), fields(update_size=True), None, CTX)
+    await drive.write("newer.json", entry_bytes("now"))
+    assert store.read("newer").data == entry_bytes("now")
+
+
+async def test_read_only_stores_refuse_new_files_and_renames_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / "sessions.json").write_bytes(orjson.dumps({KEY: {"sessionId": "s"}}))
+    drive = Driver(make_filesystem(tmp_path / "legacy"), monkeypatch)
+    attempts: list[Callable[[], Awaitable[None]]] = [
+        lambda: drive.write("cron:new.json", b"", os.O_WRONLY | os.O_CREAT),
+        lambda: drive.rename(NAME, f"{NAME}.bak"),
+        lambda: drive.unlink(NAME),
+    ]
+    for attempt in attempts:
+        with pytest.raises(pyfuse3.FUSEError) as raised:
+            await attempt()
+        assert raised.value.errno == errno.EROFS
+    assert await drive.listdir() == [".sessionfs", NAME]

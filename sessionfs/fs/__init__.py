@@ -73,7 +73,7 @@ def assemble(
     names = Names(tree, index, backings, catalog, owner)
     rejections = Rejections()
     limits = limits or Limits(max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES)
-    graces = GracePeriods(tree, index, backings, seconds=limits.grace_seconds, clock=clock)
+    graces = GracePeriods(tree, index, backings, kernel, seconds=limits.grace_seconds, clock=clock)
     editing = Editing(
         tree,
         index,

@@ -154,10 +154,16 @@ class Editing:
             node = self.tree.new_scratch(parent, name, mode)
             return node, self.new_handle(node, flags, node.data)
         key = session_key(name)
+        await self._check_writable(parent)
         node = self.tree.new_pending(parent, key)
         return node, self.new_handle(
             node, flags, b"", version=self.graces.replaced_version(parent, key), key=key
         )
+
+    async def _check_writable(self, parent: Dir) -> None:
+        """EROFS, at once, for a directory shown read-only (a legacy ``sessions.json``)."""
+        if not await self.backings.run(parent.agent_id, "writable", lambda b: b.writable):
+            raise pyfuse3.FUSEError(errno.EROFS)
 
     # -- writing -------------------------------------------------------------
 
@@ -192,15 +198,24 @@ class Editing:
             await self.commit(handle)
 
     async def commit(self, handle: Handle) -> None:
-        """Validate and atomically store what *handle* wrote; errors reach the caller."""
+        """Validate and atomically store what *handle* wrote; errors reach the caller.
+
+        The commit goes to the file's key *now*: written, then renamed, then closed,
+        the data lands under the new name, as on any filesystem (in the scratch
+        file, if renamed to one; nowhere, if unlinked).
+        """
         node = handle.node
         assert isinstance(node, File) and handle.key is not None
-        if node.key != handle.key or not node.linked or node.parent is None:
-            handle.dirty = False  # unlinked or renamed since: like writing to an unlinked file
+        if not node.linked or node.parent is None:
+            handle.dirty = False  # like writing to an unlinked file
             return
-        parent, key, data, opened = node.parent, handle.key, bytes(handle.data), handle.version
+        if node.key is None:
+            self._into_scratch(handle, node)
+            return
+        parent, key, data, opened = node.parent, node.key, bytes(handle.data), handle.version
         expected = (opened or ABSENT) if self.conflict == CONFLICT_FAIL else None
         held = self.graces.holds(parent, key, data)  # a round trip of what went away
+        self.graces.claim(parent, key)
         try:
             with self.index.own(parent, key) as change:
                 commit = await self.backings.run(
@@ -215,6 +230,7 @@ class Editing:
                 f"{describe_version(exc.expected)}, now {describe_version(exc.current)}); "
                 "the outside version stays (-o conflict=fail)"
             )
+            await self.index.stat(parent, key)  # show the outside version, whatever was known
             raise await self._refused(handle, SessionFSError(reason, code=errno.ESTALE)) from None
         except (SessionFSError, OSError) as exc:
             raise await self._refused(handle, exc) from None
@@ -226,11 +242,20 @@ class Editing:
                 describe_version(opened),
                 describe_version(commit.replaced),
             )
-        self._committed(
-            parent, node, commit.version, data, kernel_refreshes=handle.kernel_refreshes
-        )
+        kernel_refreshes = handle.kernel_refreshes
         handle.committed(commit.version)
+        if node.key != key or node.parent is not parent:
+            return  # renamed while it committed: that rename decided what the name shows
+        self._committed(parent, node, commit.version, data, kernel_refreshes=kernel_refreshes)
         log.debug("committed %s (%d bytes)", self._path(node), len(data))
+
+    def _into_scratch(self, handle: Handle, node: File) -> None:
+        """The session was renamed to a scratch name while open: its scratch file gets the data."""
+        if isinstance(node.data, bytearray) and node.data != handle.data:
+            self.check_scratch_room(len(handle.data) - len(node.data))
+            node.data[:] = handle.data
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+        handle.dirty = False
 
     def _committed(
         self, parent: Dir, node: File, version: Version, data: bytes, *, kernel_refreshes: bool
@@ -251,15 +276,17 @@ class Editing:
         except pyfuse3.FUSEError:
             pass  # release cannot report errors; commit logged and listed this one
         finally:
-            if (
-                isinstance(node, File)
-                and node.pending
-                and handle.wrote
-                and node.open_handles == 1
-                and node.linked
-            ):
-                await self._abandon(node)
-            self.tree.release(node)
+            try:
+                if (
+                    isinstance(node, File)
+                    and node.pending
+                    and handle.wrote
+                    and node.open_handles == 1
+                    and node.linked
+                ):
+                    await self._abandon(node)
+            finally:
+                self.tree.release(node)
 
     async def _refused(self, handle: Handle, exc: OSError) -> pyfuse3.FUSEError:
         """A commit of *handle* was refused: report it; the old entry stays in every view.
@@ -308,8 +335,13 @@ class Editing:
             self.check_scratch_room(size - len(node.data))
             Handle(0, node, os.O_WRONLY, node.data).truncate(size, self.limits.scratch_bytes)
             return
-        # truncate(2) on a path: read, resize and commit in one go
         assert node.key is not None and node.parent is not None
+        if node.pending:  # created through the mount, nothing committed: it holds no bytes
+            if size:
+                exc = InvalidEntry(f"{size} NUL bytes are not a session entry")
+                raise self.rejections.add(self._path(node), exc)
+            return
+        # truncate(2) on a path: read, resize and commit in one go
         snap = await self.index.read(node.parent, node.key)
         scratch = Handle(0, node, os.O_WRONLY, snap.data, snap.version, key=node.key)
         scratch.truncate(size, self.limits.max_entry_bytes)
@@ -332,10 +364,11 @@ class Editing:
         if node.pending:
             self.tree.unlink(parent, name, key)  # never committed
             return
+        shown = node.shown()  # what an open handle's fstat keeps showing
         with self.index.own(parent, key) as change:
             removed = await self.backings.run(parent.agent_id, "remove", lambda b: b.remove(key))
             change.made(None)
-        self.tree.unlink(parent, name, key)
+        self.tree.unlink(parent, name, key, last_seen=shown)
         self.content.drop((parent.ino, key))
         self.graces.removed(parent, key, removed)
         log.info("removed session %s", user_path(parent, name))
@@ -346,6 +379,8 @@ class Editing:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if old == new:
             return
+        if new in parent.children:
+            raise pyfuse3.FUSEError(errno.EISDIR)  # .sessionfs: the mount's own directory
         if not replace and await self.names.find_existing(parent, new) is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
         if is_scratch_name(new):
@@ -361,7 +396,9 @@ class Editing:
             # new version is written (see Grace).
             assert source.key is not None
             key = source.key
+            await self._check_writable(parent)
             snap = await self.index.read(parent, key)
+            self.check_scratch_room(len(snap.data))  # it lives in memory from now on
             self.tree.move(source, parent, new, None)
             source.data = bytearray(snap.data)
             source.mode, source.mtime_ns, source.ctime_ns = (
@@ -378,6 +415,8 @@ class Editing:
     async def _rename_session(self, parent: Dir, source: File, key: str, *, replace: bool) -> None:
         assert source.key is not None
         old_key = source.key
+        target = self.tree.known_session(parent, key)
+        replaced = None if target is None else target.shown()  # what its open handles show
         try:
             with self.index.own(parent, old_key) as gone, self.index.own(parent, key) as arrived:
                 st = await self.backings.run(
@@ -387,15 +426,22 @@ class Editing:
                 arrived.made(Seen.of(st))
         except EntryExists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None
-        self.tree.move(source, parent, key_to_display(key), key)
+        self.tree.move(source, parent, key_to_display(key), key, replaced_seen=replaced)
         self.graces.end(parent, key)
         self.content.drop((parent.ino, old_key))
         log.info("renamed session %r to %r", old_key, key)
 
     async def _rename_to_session(self, parent: Dir, source: File, new: str, key: str) -> None:
         """A scratch file (``sed -i``, ``jq > t && mv t f``) or a pending file becomes a session."""
+        if source.pending and parent.present(key) is None and key not in parent.away:
+            self.tree.move(source, parent, new, key)  # `touch a.json; mv a.json b.json`
+            source.pending = True
+            return
         data = bytes(source.data)
         held = self.graces.holds(parent, key, data)
+        target = self.tree.known_session(parent, key)
+        replaced = None if target is None else target.shown()
+        self.graces.claim(parent, key)
         try:
             with self.index.own(parent, key) as change:
                 commit = await self.backings.run(
@@ -406,9 +452,11 @@ class Editing:
                 change.made(Seen.of(commit.stat))
         except (SessionFSError, OSError) as exc:
             where = user_path(parent, new)
-            raise self.rejections.add(f"{where} (renamed from {source.name})", exc) from None
+            error = self.rejections.add(f"{where} (renamed from {source.name})", exc)
+            await self.graces.undo(parent, key)  # `sed -i.bak` with a bad edit: it stays
+            raise error from None
         origin = self.graces.of_backup(source)
-        self.tree.move(source, parent, new, key)
+        self.tree.move(source, parent, new, key, replaced_seen=replaced)
         source.data = b""  # the content lives in the store now
         source.origin_key = source.origin_version = None
         self._committed(parent, source, commit.version, data, kernel_refreshes=False)

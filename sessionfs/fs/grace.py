@@ -34,6 +34,7 @@ from ..errors import EntryNotFound
 from ..store import ABSENT, EntryChanged, Snapshot, Version
 from .backings import Backings
 from .index import Index
+from .kernel import Kernel
 from .tree import Dir, File, Seen, Tree
 
 log = logging.getLogger("sessionfs")
@@ -57,6 +58,11 @@ class Grace:
     snapshot: Snapshot  # the version that went away
     deadline: float
     backup: File | None  # renamed to this scratch file (the store still holds it); None: unlinked
+    # A write of the key through the mount began: the store's version may be the
+    # snapshot's (an identical write changes nothing) and yet it must not be
+    # removed.  Read by the removal's worker thread, under the key's lock.
+    claimed: bool = False
+    finishing: bool = False
 
 
 class GracePeriods:
@@ -67,6 +73,7 @@ class GracePeriods:
         tree: Tree,
         index: Index,
         backings: Backings,
+        kernel: Kernel,
         *,
         seconds: float = GRACE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
@@ -74,6 +81,7 @@ class GracePeriods:
         self.tree = tree
         self.index = index
         self.backings = backings
+        self.kernel = kernel
         self.seconds = seconds
         self.clock = clock
         self.records: dict[tuple[int, str], Grace] = {}
@@ -92,6 +100,12 @@ class GracePeriods:
     def removed(self, parent: Dir, key: str, snapshot: Snapshot) -> None:
         """*key* was unlinked; *snapshot* is the version that went."""
         self._start(Grace(parent, key, snapshot, self._deadline(), None))
+
+    def claim(self, parent: Dir, key: str) -> None:
+        """A write of *key* through the mount is about to start: never remove it now."""
+        grace = self.records.get((parent.ino, key))
+        if grace is not None:
+            grace.claimed = True
 
     def end(self, parent: Dir, key: str) -> None:
         """*key* was written anew: a backup of it is only a backup now."""
@@ -167,16 +181,33 @@ class GracePeriods:
         return True
 
     async def conclude(self, grace: Grace) -> None:
-        """End *grace* now (its backup was removed, or renamed to another key)."""
-        if self.records.get((grace.parent.ino, grace.key)) is grace:
-            del self.records[(grace.parent.ino, grace.key)]
+        """End *grace* now (its period is over, or its backup was removed or moved).
+
+        A failure is logged and leaves the session in the store: a background
+        task must never end the mount, and keeping is the safe side.
+        """
+        ident = (grace.parent.ino, grace.key)
+        if self.records.get(ident) is not grace or grace.finishing:
+            return
+        grace.finishing = True
+        try:
             await self._finish(grace)
+        except Exception as exc:  # any store error: keep the session, report, go on
+            log.error(
+                "could not end the grace period of %s (%s); the session stays in the store",
+                user_path(grace.parent, grace.key),
+                exc,
+            )
+        finally:
+            if self.records.get(ident) is grace:
+                del self.records[ident]
+            self._drop(grace)
 
     async def expire(self) -> None:
         """End every grace period that is over (a new file still being written gets longer)."""
         now = self.clock()
         for grace in list(self.records.values()):
-            if grace.deadline > now:
+            if grace.deadline > now or grace.finishing:
                 continue
             writer = self.tree.known_session(grace.parent, grace.key)
             if writer is not None and writer.pending and writer.open_handles:
@@ -185,8 +216,12 @@ class GracePeriods:
             await self.conclude(grace)
 
     async def _finish(self, grace: Grace) -> None:
-        """The session did not come back: the removal is final."""
-        self._drop(grace)
+        """The session did not come back: the removal is final.
+
+        The record and the backup's hold on the name stay until the removal is
+        done, so a lookup meanwhile cannot bring the name back, and a write that
+        starts meanwhile (:meth:`claim`) keeps the session.
+        """
         parent, key, version = grace.parent, grace.key, grace.snapshot.version
         if grace.backup is None:
             log.debug("removal of %s is final", user_path(parent, key))
@@ -197,14 +232,20 @@ class GracePeriods:
                 await self.backings.run(
                     parent.agent_id,
                     "remove",
-                    lambda b: b.remove(key, only_if=lambda s: s.version == version),
+                    lambda b: b.remove(
+                        key, only_if=lambda s: not grace.claimed and s.version == version
+                    ),
                 )
                 change.made(None)
                 removed = True
         except (EntryNotFound, EntryChanged):
-            pass  # gone already, or changed since it was renamed away: not ours to remove
+            pass  # gone already, written anew, or changed behind the mount: not ours to remove
+        self._drop(grace)
         where, backup = user_path(parent, key), grace.backup.name
         if removed:
+            node = self.tree.known_session(parent, key)
+            if node is not None and not node.pending:
+                self.kernel.forget_name(parent.ino, node.name)
             log.info("removed session %s: renamed to %s and not written anew", where, backup)
         else:
             await self.index.stat(parent, key)
@@ -217,7 +258,10 @@ class GracePeriods:
             with trio.move_on_after(max(0.0, deadline - self.clock())):
                 await self._added.wait()
             self._added = trio.Event()
-            await self.expire()
+            try:
+                await self.expire()
+            except Exception:  # never expected (conclude guards each); never fatal either
+                log.exception("internal error while ending grace periods; will retry")
 
     def keep_all(self) -> None:
         """The mount ends: sessions renamed away stay in the store (nothing is lost)."""

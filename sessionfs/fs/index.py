@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ from .kernel import Kernel
 from .tree import Dir, Entry, File, Known, Seen, Tree
 
 SCAN_CHUNK = 1024
+log = logging.getLogger("sessionfs")
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class Index:
         self._watched: set[str | None] = set()
         self._busy: collections.Counter[tuple[int, str]] = collections.Counter()
         self._deferred: set[tuple[int, str]] = set()
+        self._scans: dict[int, list[set[str]]] = {}  # listings in flight, per directory
         self.outside_changes = 0
 
     # -- trust -----------------------------------------------------------------
@@ -139,6 +142,8 @@ class Index:
             return False
         else:
             before = known.version
+        for touched in self._scans.get(parent.ino, ()):
+            touched.add(key)
         known.set(stamp, seen)
         changed = before != known.version
         if seen is not None:
@@ -247,18 +252,27 @@ class Index:
                         found[key] = Known.of(stamp, st)
             return found
 
-        found = await self.backings.run(parent.agent_id, "list", scan)
+        touched: set[str] = set()  # keys learnt by anyone while the listing ran
+        self._scans.setdefault(parent.ino, []).append(touched)
+        try:
+            found = await self.backings.run(parent.agent_id, "list", scan)
+        finally:
+            self._scans[parent.ino].remove(touched)
         known = parent.known
         for key, record in found.items():
+            if key in touched or (parent.ino, key) in self._busy:
+                continue  # an operation that ended during the listing knows better
             held = known.get(key)
             if held is None:
                 known[key] = record  # adopted as it is: the common case, no copy
                 self._appeared(parent, key)
             else:
-                self.learn(parent, key, record.seen(), stamp)
+                self._learned_outside(parent, key, record.seen(), stamp)
         for key, held in list(known.items()):
-            if key not in found and held.version is not None:
-                self.learn(parent, key, None, stamp)
+            if key in found or key in touched or (parent.ino, key) in self._busy:
+                continue
+            if held.version is not None:
+                self._learned_outside(parent, key, None, stamp)
         parent.complete = trusted and self.trusted(parent)
 
     async def refresh(self, parent: Dir, keys: list[str]) -> None:
@@ -266,12 +280,29 @@ class Index:
         stamp = self.stamp(parent)
         try:
             stats = await self.backings.run(parent.agent_id, "stat", lambda b: b.stat_many(keys))
-        except OSError:
-            stats = [None] * len(keys)
+        except OSError as exc:
+            self._unknown(parent, keys, exc)
+            return
         for key, st in zip(keys, stats, strict=True):
             if st is None and key not in parent.known and parent.complete:
                 continue  # a temp or unknown name that came and went
             self._learned_outside(parent, key, None if st is None else Seen.of(st), stamp)
+
+    def _unknown(self, parent: Dir, keys: list[str], exc: OSError) -> None:
+        """*keys* could not be looked at: forget what was known, so the next access asks."""
+        log.warning(
+            "could not look at %d changed session(s) in %s: %s; asking the disk on next access",
+            len(keys),
+            parent.agent_id or "the store",
+            exc,
+        )
+        parent.complete = False
+        for key in keys:
+            if (parent.ino, key) not in self._busy:
+                parent.known.pop(key, None)
+                node = self.tree.known_session(parent, key)
+                if node is not None:
+                    self.kernel.forget_attributes(node.ino)
 
     async def rescan(self, parent: Dir) -> None:
         """After lost events: every key known, and every key on disk, is looked at again."""

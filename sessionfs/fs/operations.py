@@ -167,6 +167,10 @@ class Operations(pyfuse3.Operations):
         while position < len(listing):
             name, node = listing[position]
             position += 1
+            if isinstance(node, File) and (
+                not node.linked or node.parent is not handle.node or node.name != name
+            ):
+                continue  # renamed or removed since the listing: never a stale name
             try:
                 if node is None:  # an agent: it may have gone since the listing
                     node = await self.names.find(handle.node, name)

@@ -188,6 +188,11 @@ class File(Node):
         # Derived, not stored: a mount of 100,000 sessions would keep 100,000 copies.
         return key_to_display(self.key) if self.key is not None else self.scratch_name
 
+    def shown(self) -> Seen | None:
+        """The committed entry this file shows now, as a value that will not change."""
+        entry = self.entry()
+        return entry.seen() if isinstance(entry, Known) else entry
+
     def entry(self) -> Entry | None:
         """The committed entry this file shows, or None (pending, scratch, or gone)."""
         if self.key is None or self.pending:
@@ -341,21 +346,42 @@ class Tree:
         assert isinstance(node, File)
         return node
 
-    def unlink(self, parent: Dir, name: str, key: str | None = None) -> File | None:
-        """Take *name* (the scratch name, or the session *key*) out of *parent*."""
+    def unlink(
+        self,
+        parent: Dir,
+        name: str,
+        key: str | None = None,
+        *,
+        last_seen: Seen | None = None,
+    ) -> File | None:
+        """Take *name* (the scratch name, or the session *key*) out of *parent*.
+
+        *last_seen* is the entry the file showed before it went (its open handles'
+        ``fstat`` keeps showing it); by then the index may know the key's next state.
+        """
         ino = parent.sessions.pop(key, None) if key is not None else parent.scratch.pop(name, None)
         if ino is None:
             return None
         node = self._file(ino)
-        known = parent.present(key) if key is not None else None
-        node.last_seen = None if known is None else known.seen()
+        node.last_seen = last_seen
         node.linked = False
         node.pending = False
         self._maybe_drop(node)
         return node
 
-    def move(self, node: File, parent: Dir, name: str, key: str | None) -> None:
-        """Put *node* at *name* (session *key*, or scratch if None), replacing what is there."""
+    def move(
+        self,
+        node: File,
+        parent: Dir,
+        name: str,
+        key: str | None,
+        *,
+        replaced_seen: Seen | None = None,
+    ) -> None:
+        """Put *node* at *name* (session *key*, or scratch if None), replacing what is there.
+
+        *replaced_seen* is the entry the replaced file showed (see :meth:`unlink`).
+        """
         assert node.parent is not None
         old_parent = node.parent
         if node.key is not None:
@@ -363,7 +389,7 @@ class Tree:
                 del old_parent.sessions[node.key]
         elif old_parent.scratch.get(node.scratch_name) == node.ino:
             del old_parent.scratch[node.scratch_name]
-        self.unlink(parent, name, key)
+        self.unlink(parent, name, key, last_seen=replaced_seen)
         node.parent, node.key, node.linked = parent, key, True
         node.scratch_name = "" if key is not None else name
         if key is None and not isinstance(node.data, bytearray):

@@ -25,10 +25,11 @@ from .index import Index
 log = logging.getLogger("sessionfs")
 
 # Entries change by rename (OpenClaw and sessionfs both write temp + rename) or,
-# for in-place writers, end in CLOSE_WRITE; MODIFY and CREATE would only add
-# events for every temp file.
+# for in-place writers, end in CLOSE_WRITE; ATTRIB is a touch or chmod (the mtime
+# is part of a version).  MODIFY and CREATE would only add events for every temp file.
 ENTRY_EVENTS = (
     flags.DELETE
+    | flags.ATTRIB
     | flags.MOVED_FROM
     | flags.MOVED_TO
     | flags.CLOSE_WRITE
