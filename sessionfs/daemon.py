@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import shutil
@@ -177,6 +178,10 @@ def default_log_file(mountpoint: Path) -> Path:
 
 
 def _configure_logging(stream: TextIO, debug: bool) -> None:
+    if isinstance(stream, io.TextIOWrapper):
+        # File names on disk need not be UTF-8 (they reach us surrogate-escaped):
+        # a log line must show them escaped, never fail with "--- Logging error ---".
+        stream.reconfigure(errors="backslashreplace")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         logging.Formatter(
@@ -252,8 +257,8 @@ def _detach_stdio(log_file: Path) -> None:
     os.dup2(log_fd, 2)
     os.close(null)
     os.close(log_fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
 
 
 def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:

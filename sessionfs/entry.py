@@ -8,6 +8,7 @@ relies on when it reads an entry back.
 from __future__ import annotations
 
 import errno
+import json
 import re
 from typing import Any
 
@@ -33,11 +34,38 @@ def validate(data: bytes, max_bytes: int = DEFAULT_MAX_ENTRY_BYTES) -> Entry:
     if not data.strip():
         raise InvalidEntry("entry is empty")
     try:
-        entry = orjson.loads(data)
+        entry = loads(data)
     except orjson.JSONDecodeError as exc:
         raise InvalidEntry(f"not valid JSON: {exc}") from None
     check(entry)
     return entry  # type: ignore[no-any-return]
+
+
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(data: bytes) -> Any:
+    """Parse JSON the way OpenClaw's Node.js does: lone surrogate escapes are kept.
+
+    Node writes a string cut inside an emoji as ``"\\ud83d"``; orjson refuses such
+    text, so it alone goes through the standard library's parser (with NaN and
+    Infinity refused, as orjson and JSON do).  Raises ``orjson.JSONDecodeError``.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if "surrogate" not in str(exc):
+            raise
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise orjson.JSONDecodeError(exc.msg, exc.doc, exc.pos) from None
+    except ValueError as exc:  # invalid UTF-8, or NaN / Infinity
+        raise orjson.JSONDecodeError(str(exc), "", 0) from None
 
 
 def check(entry: object) -> None:
@@ -56,9 +84,19 @@ def check(entry: object) -> None:
         raise InvalidEntry('entry needs a numeric "updatedAt" (epoch milliseconds)')
 
 
-def dumps(entry: Entry) -> bytes:
-    """Serialize *entry* the way OpenClaw writes one: 2-space indent, no trailing newline."""
-    return orjson.dumps(entry, option=orjson.OPT_INDENT_2)
+def dumps(entry: object) -> bytes:
+    """Serialize *entry* the way OpenClaw writes one: 2-space indent, no trailing newline.
+
+    Strings holding lone surrogates (see :func:`loads`) are written as Node writes
+    them, as ``\\uXXXX`` escapes, so nothing of them is lost.
+    """
+    try:
+        return orjson.dumps(entry, option=orjson.OPT_INDENT_2)
+    except orjson.JSONEncodeError as exc:
+        if "surrogate" not in str(exc):
+            raise
+    text = json.dumps(entry, ensure_ascii=False, indent=2)
+    return _LONE_SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode()
 
 
 def updated_at(entry: object) -> float | None:

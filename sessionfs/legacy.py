@@ -13,8 +13,6 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-import orjson
-
 from . import entry as entry_rules
 from .errors import EntryNotFound, ReadOnlyStore, SessionFSError
 from .store import Snapshot
@@ -39,7 +37,7 @@ class LegacyView:
         identity = (st.st_ino, st.st_mtime_ns, st.st_size)
         with self._lock:
             if identity != self._identity:
-                raw: Any = orjson.loads(self.path.read_bytes() or b"{}")
+                raw: Any = entry_rules.loads(self.path.read_bytes() or b"{}")
                 if not isinstance(raw, dict):
                     raw = {}
                 self._entries = {key: entry_rules.dumps(value) for key, value in raw.items()}

@@ -28,6 +28,7 @@ from .store import SessionStore, Snapshot
 DAY_MS = 86_400_000
 ARCHIVE_RE = re.compile(r"^.+\.jsonl\.(?:bak|reset|deleted)\..+$")
 TRANSCRIPT_RE = re.compile(r"^(?P<sid>.+?)(?:-topic-.+)?\.jsonl$")
+EPOCH_MS_RE = re.compile(r"[0-9]{1,19}")
 
 
 class Mode(enum.Enum):
@@ -91,6 +92,7 @@ class AgentResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     archived: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # reported, never removed
     error: str | None = None
 
     @property
@@ -136,6 +138,7 @@ class AgentResult:
             out.append(f"  remove {removal.entry.key!r}: {removal.reason}{archive}")
         out += [f"  delete {d.name}: {d.reason} ({_size(d.size)})" for d in self.deletions]
         out += [f"  kept {key!r}: {why}" for key, why in self.skipped]
+        out += [f"  not read {key!r}: {why}" for key, why in self.unreadable]
         return out
 
 
@@ -161,21 +164,28 @@ def archive_name(name: str, now: dt.datetime) -> str:
 # -- planning --------------------------------------------------------------------
 
 
-def read_entries(store: SessionStore) -> list[Entry]:
-    """One pass over the store (the only full read maintenance does)."""
-    entries = []
+def read_entries(store: SessionStore) -> tuple[list[Entry], list[tuple[str, str]]]:
+    """One pass over the store (the only full read maintenance does).
+
+    Returns the entries, and the keys that could not be read with the reason (an
+    entry over the size cap, say): those are reported and never removed.
+    """
+    entries, unreadable = [], []
     for key, _ in store.scan():
         try:
             snap = store.read(key)
-        except (EntryNotFound, SessionFSError):
+        except EntryNotFound:
+            continue
+        except SessionFSError as exc:
+            unreadable.append((key, str(exc)))
             continue
         entries.append(_entry(key, snap))
-    return entries
+    return entries, unreadable
 
 
 def _parse(data: bytes) -> object:
     try:
-        return orjson.loads(data)
+        return entry_rules.loads(data)
     except orjson.JSONDecodeError:
         return None  # never removed for being unreadable: it has no updatedAt
 
@@ -229,7 +239,7 @@ def plan(agent: AgentStore, policy: Policy, *, now_ms: float, mode: Mode) -> Age
     """What maintenance would do to one agent's store; reads, never writes."""
     result = AgentResult(agent.label, mode)
     with SessionStore(agent.entries, create=False) as store:
-        entries = read_entries(store)
+        entries, result.unreadable = read_entries(store)
     kept = []
     for e in entries:
         if e.updated_at is not None and now_ms - e.updated_at > policy.prune_after_ms:
@@ -323,7 +333,8 @@ def _plan_budget(
 
 def _backup_age_ms(name: str, st: os.stat_result, now_ms: float) -> float:
     suffix = name[len(BACKUP_PREFIX) :]
-    written_ms = int(suffix) if suffix.isdigit() else st.st_mtime_ns / 1e6
+    # ASCII digits only: "²".isdigit() is true, and int() refuses it
+    written_ms = int(suffix) if EPOCH_MS_RE.fullmatch(suffix) else st.st_mtime_ns / 1e6
     return now_ms - written_ms
 
 

@@ -181,7 +181,7 @@ def read_legacy(path: Path) -> dict[str, Any]:
     if not data.strip():
         raise SessionFSError("sessions.json is empty; nothing was migrated or renamed")
     try:
-        legacy = orjson.loads(data)
+        legacy = entry_rules.loads(data)
     except orjson.JSONDecodeError as exc:
         raise SessionFSError(
             f"sessions.json is not valid JSON ({exc}); nothing was migrated or renamed"

@@ -222,9 +222,19 @@ class SessionStore:
         try:
             st = os.fstat(fd)
             self._check_regular(st, name)
-            chunks = []
-            while chunk := os.read(fd, max(st.st_size + 1, 65536)):
+            cap = self.max_entry_bytes
+            if st.st_size > cap:
+                raise self._too_large(name, st.st_size)
+            # Never more than the cap (+1 to notice a file that grew meanwhile):
+            # a hostile 1 GiB file must not take the daemon's memory with it.
+            chunks, total = [], 0
+            while total <= cap and (
+                chunk := os.read(fd, min(max(st.st_size + 1, 65536), cap + 1 - total))
+            ):
                 chunks.append(chunk)
+                total += len(chunk)
+            if total > cap:
+                raise self._too_large(name, total)
         finally:
             os.close(fd)
         return Snapshot(b"".join(chunks), st)
@@ -339,7 +349,7 @@ class SessionStore:
         name = key_to_filename(key)
         with self.locks.hold(key):
             try:
-                current = orjson.loads(self.read(key).data)
+                current = entry_rules.loads(self.read(key).data)
             except EntryNotFound:
                 current = None
             except orjson.JSONDecodeError as exc:
@@ -526,6 +536,14 @@ class SessionStore:
         except UnsafeEntry as exc:
             self._report(name, str(exc))
             raise
+
+    def _too_large(self, name: str, size: int) -> InvalidEntry:
+        reason = (
+            f"{name} in the store is {size} bytes, over the {self.max_entry_bytes}-byte cap; "
+            "refused, never read whole"
+        )
+        self._report(name, reason)
+        return InvalidEntry(reason, code=errno.EFBIG)
 
     def _unsafe(self, name: str, kind: str) -> UnsafeEntry:
         exc = UnsafeEntry(f"{name} in the store is {kind}; sessionfs leaves it alone")

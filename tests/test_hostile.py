@@ -1,0 +1,129 @@
+"""Hostile files and failing parts: nothing stalls, nothing crashes, every report is readable."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sessionfs import entry as entry_rules
+from sessionfs import sources
+from sessionfs.errors import InvalidEntry
+from sessionfs.maintain import Mode, Policy, maintain_source
+from sessionfs.migrate import migrate_source
+from sessionfs.store import SessionStore
+from tests.helpers import entry_bytes, raises_errno
+from tests.mounting import REPO, mounted, sessionfs
+
+CUT_EMOJI = b'{"agent:main:main": {"sessionId": "s1", "updatedAt": 1, "label": "hi \\ud83d"}}'
+
+
+def test_lone_surrogates_are_carried_over_without_loss(tmp_path: Path) -> None:
+    """Node writes a string cut inside an emoji as a lone surrogate escape."""
+    sessions = tmp_path / "agents" / "main" / "sessions"
+    sessions.mkdir(parents=True)
+    (sessions / "sessions.json").write_bytes(CUT_EMOJI)
+    (report,) = migrate_source(sources.resolve(tmp_path), progress=None)
+    assert report.outcome.ok, report.lines()
+    stored = (sessions / "sessions.d" / "agent%3Amain%3Amain.json").read_bytes()
+    assert b'"label": "hi \\ud83d"' in stored  # written as Node writes it
+    assert entry_rules.loads(stored)["label"] == "hi \ud83d"
+    with SessionStore(sessions / "sessions.d") as store:  # and it round-trips as a valid entry
+        store.write("agent:main:other", stored)
+
+
+def test_a_file_over_the_cap_is_refused_never_read_whole(tmp_path: Path) -> None:
+    with SessionStore(tmp_path / "sessions.d", max_entry_bytes=1 << 20) as store:
+        huge = store.path / "cron%3Ahuge.json"
+        with open(huge, "wb") as f:
+            f.truncate(1 << 40)  # sparse: 1 TiB that a whole read would try to allocate
+        started = time.monotonic()
+        with pytest.raises(InvalidEntry) as raised:
+            store.read("cron:huge")
+        assert raised.value.errno == errno.EFBIG
+        assert time.monotonic() - started < 1
+        assert "over the 1048576-byte cap" in str(raised.value)
+
+
+def test_maintenance_reports_what_it_cannot_read_and_odd_backup_names(tmp_path: Path) -> None:
+    sessions = tmp_path / "state" / "agents" / "main" / "sessions"
+    sessions.mkdir(parents=True)
+    with SessionStore(sessions / "sessions.d") as store:
+        store.write("cron:ok", entry_bytes("ok"))
+    with open(sessions / "sessions.d" / "cron%3Ahuge.json", "wb") as f:
+        f.truncate(64 << 20)
+    (sessions / "sessions.json.bak.²").write_bytes(b"{}")  # "²".isdigit() is true
+    (sessions / "sessions.json.bak.123abc").write_bytes(b"{}")
+    policy = Policy(max_disk_bytes=1000)
+    (result,) = maintain_source(sources.resolve(tmp_path / "state"), policy, Mode.WARN)
+    assert result.error is None
+    assert any("not read 'cron:huge'" in line for line in result.lines())
+
+
+def test_commands_never_print_a_traceback_for_non_utf8_names(tmp_path: Path) -> None:
+    sessions = tmp_path / "state" / "agents" / "main" / "sessions"
+    (sessions / "sessions.d").mkdir(parents=True)
+    (sessions / "sessions.d" / os.fsdecode(b"\xff\xfe.json")).write_bytes(entry_bytes())
+    (sessions / os.fsdecode(b"sessions.json.bak.\xff")).write_bytes(b"{}")
+    for command in (["ls"], ["maintain", "--max-disk-bytes", "10"], ["migrate"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "sessionfs", *command, str(tmp_path / "state")],
+            capture_output=True,
+            timeout=60,
+            cwd=REPO,
+            check=False,
+        )
+        out = result.stdout + result.stderr
+        assert b"Traceback" not in out, (command, out)
+        assert b"Logging error" not in out, (command, out)
+
+
+@pytest.mark.fuse
+def test_daemon_logs_non_utf8_names_escaped(tmp_path: Path) -> None:
+    sessions = tmp_path / "sessions"
+    sessions.mkdir()
+    with SessionStore(sessions / "sessions.d") as store:
+        store.write("cron:ok", entry_bytes("ok"))
+    (sessions / "sessions.d" / os.fsdecode(b"bad-\xff.json")).write_bytes(entry_bytes())
+    (tmp_path / "mnt").mkdir()
+    log = tmp_path / "daemon.log"
+    result = sessionfs("mount", str(sessions), str(tmp_path / "mnt"), "--log", str(log))
+    assert result.returncode == 0, result.stderr
+    try:
+        assert os.listdir(tmp_path / "mnt") == [".sessionfs", "cron:ok.json"]
+    finally:
+        assert sessionfs("umount", str(tmp_path / "mnt")).returncode == 0
+    text = log.read_text()
+    assert "Logging error" not in text
+    assert "Traceback" not in text
+    assert "bad-\\udcff.json" in text  # named, escaped
+
+
+@pytest.mark.fuse
+def test_an_entry_over_the_cap_is_efbig_in_the_mount(tmp_path: Path) -> None:
+    sessions = tmp_path / "sessions"
+    sessions.mkdir()
+    with SessionStore(sessions / "sessions.d") as store:
+        store.write("cron:ok", entry_bytes("ok"))
+    with open(sessions / "sessions.d" / "cron%3Ahuge.json", "wb") as f:
+        f.truncate(300 << 20)
+    with mounted(sessions, tmp_path / "mnt") as mount:
+        with raises_errno(errno.EFBIG):
+            (mount.path / "cron:huge.json").read_bytes()
+        assert (mount.path / "cron:ok.json").read_bytes() == entry_bytes("ok")
+        status = Path(f"/proc/{mount.pid}/status").read_text()
+        rss_kb = int(next(line.split()[1] for line in status.splitlines() if "VmHWM" in line))
+        assert rss_kb < 200 * 1024  # the 300 MB file was never read
+        assert "over the 16777216-byte cap" in mount.log_text()
+
+
+def test_entry_loads_refuses_what_json_refuses() -> None:
+    for bad in (b'{"a": NaN}', b'{"a": Infinity}', b'{"a": "\\ud83d"', b"\xff"):
+        with pytest.raises(orjson.JSONDecodeError):
+            entry_rules.loads(bad)
