@@ -148,6 +148,24 @@ def size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
+def count(text: str) -> int:
+    """A number of entries: a whole number, zero or more."""
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (a whole number, 0 or more)")
+    return int(text)
+
+
+def percent(text: str) -> float:
+    """A share in percent, above 0 and at most 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage above 0 and up to 100")
+    return value
+
+
 def _policy(args: argparse.Namespace) -> maintain.Policy:
     return maintain.Policy(
         prune_after_ms=int(args.prune_after * 1000),
@@ -221,7 +239,7 @@ def _maintenance_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--max-entries",
-        type=int,
+        type=count,
         default=500,
         metavar="N",
         help="keep at most N entries, the newest (default 500)",
@@ -235,7 +253,7 @@ def _maintenance_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--high-water",
-        type=float,
+        type=percent,
         default=80.0,
         metavar="PERCENT",
         help="above this share of the budget, free space down to it (default 80)",

@@ -46,6 +46,14 @@ class Policy:
     high_water_percent: float = 80.0
     keep_backups_ms: int = 30 * DAY_MS  # a migration backup is never deleted before this age
 
+    def __post_init__(self) -> None:
+        for name in ("prune_after_ms", "max_entries", "max_disk_bytes", "keep_backups_ms"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative (got {value})")
+        if not 0 < self.high_water_percent <= 100:
+            raise ValueError(f"high water must be in (0, 100] (got {self.high_water_percent})")
+
     @property
     def high_water_bytes(self) -> int | None:
         if self.max_disk_bytes is None:
@@ -93,6 +101,7 @@ class AgentResult:
     archived: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # reported, never removed
+    implausible: list[tuple[str, str]] = field(default_factory=list)  # reported, never removed
     error: str | None = None
 
     @property
@@ -108,7 +117,13 @@ class AgentResult:
 
     def summary(self) -> str:
         if self.error is not None:
-            return f"{self.label}: failed: {self.error}"
+            done = ""
+            if self.removed or self.deleted:
+                done = (
+                    f"; before that it removed {len(self.removed)} entries, archived "
+                    f"{len(self.archived)} transcripts and deleted {len(self.deleted)} files"
+                )
+            return f"{self.label}: failed: {self.error}{done}"
         archives = sum(len(r.transcripts) for r in self.removals)
         budget = ""
         if self.usage_bytes is not None:
@@ -139,6 +154,7 @@ class AgentResult:
         out += [f"  delete {d.name}: {d.reason} ({_size(d.size)})" for d in self.deletions]
         out += [f"  kept {key!r}: {why}" for key, why in self.skipped]
         out += [f"  not read {key!r}: {why}" for key, why in self.unreadable]
+        out += [f"  not removed {key!r}: {why}" for key, why in self.implausible]
         return out
 
 
@@ -235,33 +251,63 @@ def _age_order(entry: Entry) -> tuple[bool, float]:
     return (entry.updated_at is not None, entry.updated_at or 0.0)
 
 
+PLAUSIBLE_FROM_MS = 946_684_800_000  # 2000-01-01: no OpenClaw session is older
+
+
+def implausible(updated_at: float | None, now_ms: float) -> str | None:
+    """Why *updated_at* cannot be a real epoch-ms time, or None if it can (or is absent)."""
+    if updated_at is None:
+        return None
+    if updated_at < PLAUSIBLE_FROM_MS:
+        hint = (
+            " (seconds instead of milliseconds?)" if updated_at > PLAUSIBLE_FROM_MS / 1000 else ""
+        )
+        return f"updatedAt {updated_at:.0f} is before the year 2000{hint}"
+    if updated_at > now_ms + DAY_MS:
+        return f"updatedAt {updated_at:.0f} is in the future"
+    return None
+
+
 def plan(agent: AgentStore, policy: Policy, *, now_ms: float, mode: Mode) -> AgentResult:
-    """What maintenance would do to one agent's store; reads, never writes."""
+    """What maintenance would do to one agent's store; reads, never writes.
+
+    The sessions dir is listed before the entries are read: a session created
+    while planning then has no transcript in the listing, so it can never be
+    taken for an unreferenced one and deleted by the disk budget.
+    """
     result = AgentResult(agent.label, mode)
+    files = _files(agent.sessions_dir)
     with SessionStore(agent.entries, create=False) as store:
         entries, result.unreadable = read_entries(store)
-    kept = []
+    kept, removable = [], []
     for e in entries:
-        if e.updated_at is not None and now_ms - e.updated_at > policy.prune_after_ms:
+        why = implausible(e.updated_at, now_ms)
+        if why is not None:
+            result.implausible.append((e.key, why))  # reported, never removed
+            kept.append(e)
+        elif e.updated_at is not None and now_ms - e.updated_at > policy.prune_after_ms:
             age = _days(now_ms - e.updated_at)
             result.removals.append(
                 Removal(e, f"last updated {age} ago (prune after {_days(policy.prune_after_ms)})")
             )
         else:
             kept.append(e)
-    kept.sort(key=_age_order)
-    over = len(kept) - policy.max_entries
+            removable.append(e)
+    removable.sort(key=_age_order)
+    over = min(len(kept) - policy.max_entries, len(removable))
     if over > 0:
-        for e in kept[:over]:
+        capped = removable[:over]
+        for e in capped:
             result.removals.append(
                 Removal(e, f"over the cap of {policy.max_entries} entries (oldest first)")
             )
-        kept = kept[over:]
-    files = _files(agent.sessions_dir)
+        gone = {e.key for e in capped}
+        kept = [e for e in kept if e.key not in gone]
+        removable = removable[over:]
     transcripts = _transcripts(files)
     _assign_transcripts(result.removals, kept, transcripts)
     if policy.max_disk_bytes is not None:
-        _plan_budget(agent, policy, now_ms, result, kept, files)
+        _plan_budget(agent, policy, now_ms, result, kept, removable, files)
         # the budget may have removed the last entry sharing a transcript with an earlier one
         _assign_transcripts(result.removals, kept, transcripts)
     return result
@@ -283,9 +329,13 @@ def _plan_budget(
     now_ms: float,
     result: AgentResult,
     kept: list[Entry],
+    removable: list[Entry],
     files: list[os.DirEntry[str]],
 ) -> None:
-    """Above the high-water mark: archives, then unreferenced transcripts, then oldest entries."""
+    """Above the high-water mark: archives, then unreferenced transcripts, then oldest entries.
+
+    *removable* (oldest first) are the entries of *kept* the budget may remove.
+    """
     high = policy.high_water_bytes
     assert high is not None
     usage = _usage(agent.sessions_dir)
@@ -324,8 +374,9 @@ def _plan_budget(
         result.deletions.append(Deletion(name, size, mtime_ns, reason))
         usage -= size
     budget_removals = []
-    while usage > high and kept:
-        e = kept.pop(0)  # kept is oldest first
+    while usage > high and removable:
+        e = removable.pop(0)
+        kept.remove(e)
         budget_removals.append(Removal(e, "disk budget: oldest entry"))
         usage -= e.size
     result.removals += budget_removals
@@ -409,11 +460,12 @@ def maintain_source(
     for agent in source.stores():
         if not agent.has_entries():
             continue
+        result = AgentResult(agent.label, mode)
         try:
             result = plan(agent, policy, now_ms=now_ms, mode=Mode.WARN if dry_run else mode)
             if result.mode is Mode.ENFORCE:
                 enforce(agent, result, now=now)
-        except (OSError, SessionFSError) as exc:
-            result = AgentResult(agent.label, mode, error=str(exc))
+        except Exception as exc:  # one agent's failure is reported; the others go on
+            result.error = str(exc) or type(exc).__name__  # keeps what enforce already did
         results.append(result)
     return results

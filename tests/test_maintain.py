@@ -172,7 +172,16 @@ def test_warn_and_dry_run_change_nothing(
 
 
 @pytest.mark.parametrize(
-    "args", [["--prune-after", "soon"], ["--max-disk-bytes", "lots"], ["--mode", "x"]]
+    "args",
+    [
+        ["--prune-after", "soon"],
+        ["--max-disk-bytes", "lots"],
+        ["--mode", "x"],
+        ["--max-entries", "-1"],
+        ["--max-disk-bytes", "-5"],
+        ["--high-water", "0"],
+        ["--high-water", "150"],
+    ],
 )
 def test_maintain_usage_errors(tmp_path: Path, args: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -255,3 +264,56 @@ def test_daemon_maintains_in_the_background_and_the_mount_shows_it(tmp_path: Pat
         runs = [line for line in mount.log_text().splitlines() if "maintenance (enforce): " in line]
         assert "maintenance (enforce): main: removed 1 entries" in runs[0]  # one line per run
         assert (mount.path / "main" / "agent:main:fresh.json").exists()
+
+
+def test_implausible_updated_at_is_reported_never_pruned(tmp_path: Path) -> None:
+    seconds = {"sessionId": "s", "updatedAt": NOW_MS // 1000}  # a hand-editing slip
+    future = {"sessionId": "f", "updatedAt": NOW_MS + 400 * DAY_MS}
+    sessions = make_store(tmp_path, {"seconds": seconds, "future": future, "stale": aged(90, "t")})
+    result = run(sessions, max_entries=0, max_disk_bytes=1)
+    assert result.removed == ["stale"]
+    assert keys(sessions) == {"seconds", "future"}
+    lines = "\n".join(result.lines())
+    assert "not removed 'seconds': updatedAt 1795521600 is before the year 2000" in lines
+    assert "(seconds instead of milliseconds?)" in lines
+    assert "not removed 'future'" in lines
+
+
+def test_enforce_failing_midway_keeps_the_record_of_what_it_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sessions = make_store(tmp_path, {"a": aged(90, "a"), "b": aged(91, "b"), "c": aged(1, "c")})
+    real_delete = SessionStore.delete
+    calls = []
+
+    def delete_then_fail(self: SessionStore, key: str, **kwargs: Any) -> bool:
+        calls.append(key)
+        if len(calls) > 1:
+            raise OSError(5, "Input/output error")
+        return real_delete(self, key, **kwargs)
+
+    monkeypatch.setattr(SessionStore, "delete", delete_then_fail)
+    result = run(sessions)
+    assert len(result.removed) == 1
+    assert result.error == "[Errno 5] Input/output error"
+    assert "before that it removed 1 entries" in result.summary()
+
+
+def test_a_session_created_while_planning_keeps_its_transcript(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sessionfs import maintain
+
+    sessions = make_store(tmp_path, {"old": aged(1, "old")}, {"old.jsonl": 100})
+    real_read = maintain.read_entries
+
+    def gateway_creates_a_session(store: SessionStore) -> Any:
+        found = real_read(store)  # the entries as read
+        (sessions / "new.jsonl").write_bytes(b"x" * 5000)  # then a session starts
+        store.write("new", entry_bytes("new", updated_at=NOW_MS))
+        return found
+
+    monkeypatch.setattr(maintain, "read_entries", gateway_creates_a_session)
+    result = run(sessions, max_disk_bytes=1000)
+    assert (sessions / "new.jsonl").exists()
+    assert "new.jsonl" not in result.deleted
