@@ -17,6 +17,7 @@ import hashlib
 import os
 import stat
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,13 +160,22 @@ def is_stale(lock_path: Path, stale_after: float = STORE_LOCK_STALE_AFTER) -> bo
     return isinstance(starttime, int) and process_starttime(pid) not in (None, starttime)
 
 
+STORE_LOCK_REFRESH = 10.0  # seconds: well inside OpenClaw's 30 s staleness by createdAt
+
+
 @contextlib.contextmanager
 def openclaw_store_lock(
     sessions_json: Path,
     timeout: float = STORE_LOCK_TIMEOUT,
     stale_after: float = STORE_LOCK_STALE_AFTER,
+    refresh_every: float = STORE_LOCK_REFRESH,
 ) -> Iterator[None]:
-    """Hold ``sessions.json.lock`` with OpenClaw's protocol, so a JSON-era gateway waits."""
+    """Hold ``sessions.json.lock`` with OpenClaw's protocol, so a JSON-era gateway waits.
+
+    While held, ``createdAt`` is renewed every *refresh_every* seconds (atomically,
+    by rename), so a long migration is never taken for a stale lock; on release
+    the file is removed only if it is still ours.
+    """
     lock_path = sessions_json.with_name(sessions_json.name + ".lock")
     deadline = time.monotonic() + timeout
     attempt = 0
@@ -192,13 +202,53 @@ def openclaw_store_lock(
             time.sleep(min(min(1000, 50 * attempt) / 1000, remaining))
             continue
         break
+    stop = threading.Event()
     try:
         with os.fdopen(fd, "wb") as lock_file:
             lock_file.write(_lock_payload())
-        yield
+        refresher = threading.Thread(
+            target=_keep_fresh, args=(lock_path, stop, refresh_every), daemon=True
+        )
+        refresher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            refresher.join()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()
+        if _is_ours(lock_path):
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+
+
+def _is_ours(lock_path: Path) -> bool:
+    holder = lock_holder(lock_path)
+    return holder is not None and holder.get("pid") == os.getpid()
+
+
+def _keep_fresh(lock_path: Path, stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        if not _is_ours(lock_path):
+            return  # taken over (we were judged stale): never write someone else's lock
+        temp = lock_path.with_name(f"{lock_path.name}.{os.getpid()}.tmp")
+        try:
+            temp.write_bytes(_lock_payload())
+            os.rename(temp, lock_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+
+def remove_stale_lock(sessions_json: Path) -> bool:
+    """Remove a ``sessions.json.lock`` whose holder died (a migration killed after its backup).
+
+    Returns whether one was removed; a live holder's lock is left alone.
+    """
+    lock_path = sessions_json.with_name(sessions_json.name + ".lock")
+    if not lock_path.is_file() or lock_path.is_symlink() or not is_stale(lock_path):
+        return False
+    _remove_stale(lock_path)
+    return True
 
 
 def _remove_stale(lock_path: Path) -> None:

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,9 +33,9 @@ import orjson
 from . import entry as entry_rules
 from .errors import InvalidKey, SessionFSError
 from .keys import key_to_filename, normalize_key
-from .locking import STORE_LOCK_TIMEOUT, openclaw_store_lock
+from .locking import STORE_LOCK_TIMEOUT, openclaw_store_lock, remove_stale_lock
 from .sources import AgentStore, Source
-from .store import SessionStore
+from .store import SessionStore, rename_noreplace
 
 STAGING_DIR = "sessions.d.migrating"
 BACKUP_PREFIX = "sessions.json.bak."
@@ -42,11 +43,16 @@ PROGRESS_MIN_ENTRIES = 5000
 
 # Fault injection for the crash tests: SIGKILL ourselves when reaching this step.
 _CRASH_AT = os.environ.get("SESSIONFS_MIGRATE_CRASH_AT")
+# In-process tests may act at a step (a gateway writing, a directory appearing).
+STEP_HOOKS: dict[str, Callable[[], None]] = {}
 
 
 def _step(name: str) -> None:
     if name == _CRASH_AT:
         os.kill(os.getpid(), signal.SIGKILL)
+    hook = STEP_HOOKS.get(name)
+    if hook is not None:
+        hook()
 
 
 class Outcome(enum.Enum):
@@ -80,6 +86,8 @@ class AgentReport:
     folded: list[Fold] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     kept_live: list[str] = field(default_factory=list)
+    carried_over: list[str] = field(default_factory=list)  # written to sessions.json meanwhile
+    notes: list[str] = field(default_factory=list)
     backup: Path | None = None
 
     def lines(self) -> list[str]:
@@ -108,6 +116,11 @@ class AgentReport:
             " the legacy one stays in the backup)"
             for key in self.kept_live
         ]
+        out += [
+            f"  carried over: {key!r} was written to sessions.json during the migration"
+            for key in self.carried_over
+        ]
+        out += [f"  {note}" for note in self.notes]
         return out
 
 
@@ -217,6 +230,8 @@ def migrate_store(
                 return _fail(report, "sessions.json is a symlink; not followed")
             if not dry_run:
                 _remove_dir(staging)  # only ever a copy of data that now lives elsewhere
+                if remove_stale_lock(agent.legacy):
+                    report.notes.append("removed a stale sessions.json.lock (its holder had died)")
             report.reason = "already migrated" if agent.has_entries() else "no sessions.json"
             return report
         if dry_run:
@@ -258,7 +273,9 @@ def _fill(report: AgentReport, decided: Plan) -> None:
 def _migrate_locked(
     agent: AgentStore, staging: Path, report: AgentReport, progress: TextIO | None
 ) -> AgentReport:
-    decided = plan(read_legacy(agent.legacy))
+    parsed = os.stat(agent.legacy, follow_symlinks=False)
+    legacy = read_legacy(agent.legacy)
+    decided = plan(legacy)
     _fill(report, decided)
     _step("parsed")
 
@@ -266,27 +283,30 @@ def _migrate_locked(
     _step("staging-cleared")
     bar = _Progress(agent.label, len(decided.entries), progress)
     with SessionStore(staging) as staged:
-        for n, (key, value) in enumerate(decided.entries.items()):
-            staged.create_unlocked(key, entry_rules.dumps(value))
-            bar.tick()
-            if n == len(decided.entries) // 2:
-                _step("staging-half")
+        _stage(staged, staging, decided, bar)
         staged.sync()
         _step("staged")
 
-        if not agent.entries.exists() and not agent.entries.is_symlink():
-            os.rename(staging, agent.entries)
-            _fsync_dir(agent.sessions_dir)
-            report.migrated = len(decided.entries)
-            _step("live")
-        else:
+        try:
+            # RENAME_NOREPLACE: a sessions.d/ created meanwhile is merged into, never replaced
+            rename_noreplace(staging, agent.entries)
+        except FileExistsError:
             with SessionStore(agent.entries, create=False) as live:
                 _step("merging")
-                moved, report.kept_live = staged.move_into(live)
+                moved, kept = staged.move_into(live)
+                report.kept_live = _differing(live, decided, kept)
             report.migrated = len(moved)
             _step("merged")
             _remove_dir(staging)
             _step("staging-removed")
+            if not moved and kept and not report.kept_live:
+                report.notes.append(
+                    "completed an interrupted migration: every entry was already live"
+                )
+        else:
+            _fsync_dir(agent.sessions_dir)
+            report.migrated = len(decided.entries)
+            _step("live")
 
     backup = agent.sessions_dir / f"{BACKUP_PREFIX}{int(time.time() * 1000)}"
     while backup.exists():  # two runs within one millisecond must not clobber a backup
@@ -295,8 +315,76 @@ def _migrate_locked(
     _fsync_dir(agent.sessions_dir)
     _step("backed-up")
     report.backup = backup
+    report.carried_over = _carry_over(agent, backup, parsed, decided)
     report.outcome = Outcome.MIGRATED
     return report
+
+
+def _stage(staged: SessionStore, staging: Path, decided: Plan, bar: _Progress) -> None:
+    """Write every entry into the staging dir; on failure, remove it and name the file."""
+    name = ""
+    try:
+        for n, (key, value) in enumerate(decided.entries.items()):
+            name = key_to_filename(key)
+            staged.create_unlocked(key, entry_rules.dumps(value))
+            bar.tick()
+            if n == len(decided.entries) // 2:
+                _step("staging-half")
+    except OSError as exc:
+        _remove_dir(staging)  # it holds the last free space, and nothing of value
+        raise SessionFSError(
+            f"could not write {staging / name}: {exc.strerror}; removed the partial copy "
+            f"{staging}; sessions.json is untouched"
+        ) from None
+
+
+def _differing(live: SessionStore, decided: Plan, kept: list[str]) -> list[str]:
+    """Keys kept live whose live entry differs from the legacy one (equal ones are no news)."""
+    out = []
+    for key in kept:
+        try:
+            same = live.read(key).data == entry_rules.dumps(decided.entries[key])
+        except SessionFSError:
+            same = False
+        if not same:
+            out.append(key)
+    return out
+
+
+def _carry_over(
+    agent: AgentStore, backup: Path, parsed: os.stat_result, decided: Plan
+) -> list[str]:
+    """Entries a gateway wrote to sessions.json after it was parsed, despite the lock.
+
+    The rename to the backup is atomic, so the backup holds every write that
+    reached sessions.json; whatever changed since the parse is written into
+    sessions.d/ too, where the live entry is not newer.
+    """
+    now = os.stat(backup, follow_symlinks=False)
+    if (now.st_ino, now.st_mtime_ns, now.st_size) == (
+        parsed.st_ino,
+        parsed.st_mtime_ns,
+        parsed.st_size,
+    ):
+        return []
+    try:
+        later = plan(read_legacy(backup))
+    except SessionFSError:
+        return []
+    carried = []
+    with SessionStore(agent.entries, create=False) as live:
+        for key, value in later.entries.items():
+            if decided.entries.get(key) == value:
+                continue
+            try:
+                current = entry_rules.loads(live.read(key).data)
+            except SessionFSError:
+                current = None
+            if _recency(current) > _recency(value):
+                continue
+            live.write(key, entry_rules.dumps(value), validate=False)
+            carried.append(key)
+    return carried
 
 
 def _fsync_dir(path: Path) -> None:

@@ -48,13 +48,18 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def _check_libc(result: int, path: str | None = None) -> None:
     if result != 0:
         code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
+        raise OSError(code, os.strerror(code), path)  # EEXIST makes a FileExistsError
 
 
 def _renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
     _check_libc(
         _libc.renameat2(old_dir_fd, os.fsencode(old), new_dir_fd, os.fsencode(new), flags), new
     )
+
+
+def rename_noreplace(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> None:
+    """Rename *old* to *new* unless *new* exists (``FileExistsError`` then)."""
+    _renameat2(-100, os.fspath(old), -100, os.fspath(new), _RENAME_NOREPLACE)  # AT_FDCWD
 
 
 def _syncfs(fd: int) -> None:

@@ -486,3 +486,135 @@ def test_progress_line_only_on_a_terminal(
     out = stream.getvalue()
     assert (f"\rbig: {report.migrated}/{report.migrated} entries (" in out) is on_terminal
     assert (out == "") is not on_terminal
+
+
+# -- leftovers and races ---------------------------------------------------------
+
+
+@pytest.fixture
+def at_step(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run a callback when migration reaches a step (in this process)."""
+
+    def arm(step: str, action: Any) -> None:
+        monkeypatch.setitem(migrate.STEP_HOOKS, step, action)
+
+    return arm
+
+
+def test_enospc_while_staging_removes_the_copy_and_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sessions_dir = tmp_path / "sessions"
+    write_legacy_store(sessions_dir, "a", 20, transcripts=False)
+    original = (sessions_dir / "sessions.json").read_bytes()
+    real_create = SessionStore.create_unlocked
+    created: list[str] = []
+
+    def disk_fills_up(self: SessionStore, key: str, data: bytes) -> None:
+        if len(created) == 5:
+            raise OSError(28, "No space left on device")
+        created.append(key)
+        real_create(self, key, data)
+
+    monkeypatch.setattr(SessionStore, "create_unlocked", disk_fills_up)
+    report = migrate_store(AgentStore(sessions_dir))
+    assert report.outcome is Outcome.FAILED
+    assert f"could not write {sessions_dir / 'sessions.d.migrating'}/" in report.reason
+    assert "No space left on device" in report.reason
+    assert not (sessions_dir / "sessions.d.migrating").exists()
+    assert (sessions_dir / "sessions.json").read_bytes() == original
+
+
+def test_a_lock_left_by_a_killed_migration_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    sessions_dir = tmp_path / "sessions"
+    write_legacy_store(sessions_dir, "a", 10, transcripts=False)
+    assert _run_migrate(sessions_dir, crash_at="backed-up") == -signal.SIGKILL
+    assert (sessions_dir / "sessions.json.lock").exists()
+    report = migrate_store(AgentStore(sessions_dir))
+    assert report.outcome is Outcome.NOTHING_TO_DO
+    assert "removed a stale sessions.json.lock" in "\n".join(report.lines())
+    assert not (sessions_dir / "sessions.json.lock").exists()
+
+
+def test_a_lock_that_is_not_ours_is_never_removed(tmp_path: Path, at_step: Any) -> None:
+    sessions_dir = tmp_path / "sessions"
+    write_legacy_store(sessions_dir, "a", 10, transcripts=False)
+    lock = sessions_dir / "sessions.json.lock"
+    theirs = orjson.dumps({"pid": 1, "createdAt": "2099-01-01T00:00:00.000Z", "starttime": 1})
+    # we were judged stale and the gateway took the lock over
+    at_step("staged", lambda: lock.write_bytes(theirs))
+    migrate_store(AgentStore(sessions_dir))
+    assert lock.read_bytes() == theirs
+
+
+def test_a_long_migration_keeps_its_lock_fresh(
+    tmp_path: Path, at_step: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sessionfs import locking
+
+    sessions_dir = tmp_path / "sessions"
+    write_legacy_store(sessions_dir, "a", 10, transcripts=False)
+    lock = sessions_dir / "sessions.json.lock"
+    seen: list[object] = []
+
+    def slow_step() -> None:
+        seen.append(orjson.loads(lock.read_bytes())["createdAt"])
+        time.sleep(0.3)
+        seen.append(orjson.loads(lock.read_bytes())["createdAt"])
+
+    at_step("staged", slow_step)
+    real_lock = locking.openclaw_store_lock
+
+    def fast_refresh(path: Path, **kwargs: Any) -> Any:
+        return real_lock(path, refresh_every=0.05, **kwargs)
+
+    monkeypatch.setattr(migrate, "openclaw_store_lock", fast_refresh)
+    assert migrate_store(AgentStore(sessions_dir)).outcome is Outcome.MIGRATED
+    assert seen[0] != seen[1]  # renewed while the migration ran
+    assert not lock.exists()
+
+
+def test_a_gateway_write_during_the_migration_is_carried_over(tmp_path: Path, at_step: Any) -> None:
+    sessions_dir = tmp_path / "sessions"
+    write_legacy_store(sessions_dir, "a", 10, transcripts=False)
+    legacy = orjson.loads((sessions_dir / "sessions.json").read_bytes())
+    key = next(iter(legacy))
+    changed = {**legacy, key: {**legacy[key], "updatedAt": 9e12, "label": "late"}}
+
+    def lockless_gateway_writes() -> None:
+        temp = sessions_dir / "sessions.json.tmp"
+        temp.write_bytes(orjson.dumps(changed, option=orjson.OPT_INDENT_2))
+        os.replace(temp, sessions_dir / "sessions.json")
+
+    at_step("live", lockless_gateway_writes)
+    report = migrate_store(AgentStore(sessions_dir))
+    assert report.carried_over == [normalize_key(key)]
+    assert live_entries(sessions_dir)[normalize_key(key)]["label"] == "late"
+
+
+def test_a_sessions_d_created_meanwhile_is_merged_into_never_replaced(
+    tmp_path: Path, at_step: Any
+) -> None:
+    sessions_dir = tmp_path / "sessions"
+    write_legacy_store(sessions_dir, "a", 10, transcripts=False)
+    planned = plan(orjson.loads((sessions_dir / "sessions.json").read_bytes())).entries
+
+    def someone_creates_it() -> None:
+        with SessionStore(sessions_dir / "sessions.d") as store:
+            store.write("cron:meanwhile", orjson.dumps(entry("meanwhile")))
+
+    at_step("staged", someone_creates_it)
+    report = migrate_store(AgentStore(sessions_dir))
+    assert report.outcome is Outcome.MIGRATED
+    assert "cron:meanwhile" in live_entries(sessions_dir)
+    assert report.migrated == len(planned)
+
+
+def test_rerun_after_a_crash_between_go_live_and_backup_says_so(tmp_path: Path) -> None:
+    sessions_dir = tmp_path / "sessions"
+    write_legacy_store(sessions_dir, "a", 10, transcripts=False)
+    assert _run_migrate(sessions_dir, crash_at="live") == -signal.SIGKILL
+    report = migrate_store(AgentStore(sessions_dir))
+    lines = "\n".join(report.lines())
+    assert "completed an interrupted migration" in lines
+    assert "kept:" not in lines
