@@ -48,13 +48,20 @@ class Backing(Protocol):
         validate: bool = True,
         expected: Version | None = None,
         mtime_ns: int | None = None,
+        lock_wait: float | None = None,
     ) -> Commit: ...
 
     def remove(
-        self, key: str, *, only_if: Callable[[Snapshot], bool] | None = None
+        self,
+        key: str,
+        *,
+        only_if: Callable[[Snapshot], bool] | None = None,
+        lock_wait: float | None = None,
     ) -> Snapshot: ...
 
-    def rename(self, old: str, new: str, *, replace: bool = True) -> os.stat_result: ...
+    def rename(
+        self, old: str, new: str, *, replace: bool = True, lock_wait: float | None = None
+    ) -> os.stat_result: ...
 
 
 StoreFactory = Callable[[Path, int], SessionStore]

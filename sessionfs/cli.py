@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__, maintain, migrate, sources
 from .errors import SessionFSError
+from .fs.editing import LOCK_TIMEOUT
 from .keys import key_to_display
 from .store import SessionStore
 
@@ -28,8 +29,16 @@ MOUNT_OPTIONS = {
     "conflict=lww|fail": "when an entry open for editing changed behind the mount, the later "
     "commit wins and the log says so (lww, the default), or the commit fails with ESTALE (fail)",
     "no_auto_unmount": "leave a dead mount behind if the daemon dies (for debugging)",
+    "lock_timeout=SECONDS": "how long a write waits for a session another process has locked "
+    "before it fails with EBUSY (default 30)",
 }
-_OPTION_VALUES = {"allow_other": None, "no_auto_unmount": None, "conflict": {"lww", "fail"}}
+_SECONDS = "SECONDS"
+_OPTION_VALUES: dict[str, set[str] | str | None] = {
+    "allow_other": None,
+    "no_auto_unmount": None,
+    "conflict": {"lww", "fail"},
+    "lock_timeout": _SECONDS,
+}
 DEMO_STATE = Path("~/.local/share/sessionfs/demo-state")
 DEMO_MOUNTPOINT = Path("~/sessionfs-demo")
 
@@ -69,7 +78,10 @@ def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> 
         if name not in _OPTION_VALUES:
             parser.error(f"unknown mount option {opt!r}; known: {', '.join(MOUNT_OPTIONS)}")
         allowed = _OPTION_VALUES[name]
-        if (allowed is None) != (value == "") or (allowed is not None and value not in allowed):
+        if allowed == _SECONDS:
+            if not re.fullmatch(r"\d+(\.\d+)?", value):
+                parser.error(f"mount option {opt!r}: expected {name}=SECONDS (a number)")
+        elif (allowed is None) != (value == "") or (allowed is not None and value not in allowed):
             parser.error(
                 f"mount option {opt!r}: expected {name}"
                 + (f"={'|'.join(sorted(allowed))}" if allowed else "")
@@ -95,6 +107,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         debug=args.debug,
         log_file=Path(args.log).expanduser() if args.log else None,
         conflict=options.get("conflict", "lww"),
+        lock_timeout=float(options.get("lock_timeout", LOCK_TIMEOUT)),
         maintain_every=args.maintain_every,
         maintain_mode=args.maintain_mode,
         maintain_policy=_policy(args),

@@ -31,8 +31,9 @@ import trio
 from . import maintain, migrate
 from .catalog import Catalog
 from .errors import SessionFSError
-from .fs import CONFLICT_LAST_WINS, Filesystem, assemble
+from .fs import CONFLICT_LAST_WINS, Filesystem, Limits, assemble
 from .fs.control import CONTROL_DIR
+from .fs.editing import LOCK_TIMEOUT
 from .locking import pid_alive
 from .sources import Source
 
@@ -42,6 +43,10 @@ FS_TYPE = "fuse.sessionfs"
 CACHE_TIMEOUT = 300.0  # seconds; the watcher invalidates changes long before
 UNMOUNT_WAIT = 10.0
 CONTROL_TIMEOUT = 3.0
+# Requests served at once.  Each waiting request holds one pyfuse3 task (cheap: a
+# trio task, no thread); pyfuse3's default of 99 would let 99 writers waiting for
+# one locked session stop the mount from reading any other request.
+MAX_REQUESTS = 10_000
 
 
 class MountError(SessionFSError):
@@ -59,6 +64,7 @@ class MountConfig:
     debug: bool = False
     log_file: Path | None = None
     conflict: str = CONFLICT_LAST_WINS
+    lock_timeout: float = LOCK_TIMEOUT
     maintain_every: float | None = None  # seconds between background maintenance runs
     maintain_mode: str = "warn"
     maintain_policy: maintain.Policy = field(default_factory=maintain.Policy)
@@ -265,8 +271,13 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
     """Mount, serve until unmounted or signalled, unmount.  The daemon's (or -f's) main."""
     # The watcher invalidates what changes behind the mount, so the kernel may
     # cache entries, attributes and pages for long.
+    limits = Limits(max_entry_bytes=catalog.max_entry_bytes, lock_timeout=config.lock_timeout)
     fs = assemble(
-        catalog, debug=config.debug, cache_timeout=CACHE_TIMEOUT, conflict=config.conflict
+        catalog,
+        debug=config.debug,
+        cache_timeout=CACHE_TIMEOUT,
+        conflict=config.conflict,
+        limits=limits,
     )
     options = {"fsname=sessionfs", "subtype=sessionfs", "default_permissions"}
     if config.auto_unmount:
@@ -335,7 +346,7 @@ async def _serve_until_unmounted(
         async def fuse_loop() -> None:
             # pyfuse3.main returns when the session ends (a signal or an outside
             # unmount); nothing else in the nursery has a reason to live then.
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=MAX_REQUESTS)
             nursery.cancel_scope.cancel()
 
         await nursery.start(_stop_on_signals, shutdown)

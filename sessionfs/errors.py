@@ -64,6 +64,19 @@ class LockTimeout(SessionFSError):
     default_errno = _errno.ETIMEDOUT
 
 
+class LockBusy(SessionFSError):
+    """Another holder has the lock of a session; the caller chose not to wait (longer)."""
+
+    default_errno = _errno.EBUSY
+
+    def __init__(self, key: str, message: str | None = None) -> None:
+        super().__init__(message or f"session {key!r} is locked by another process")
+        self.key = key
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (LockBusy, (self.key, str(self)))
+
+
 class NoStore(SessionFSError):
     """A SOURCE that holds no session store."""
 

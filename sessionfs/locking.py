@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from .errors import LockTimeout, UnsafeEntry
+from .errors import LockBusy, LockTimeout, UnsafeEntry
 
 LOCK_FILE = ".lock"
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux
@@ -55,21 +55,41 @@ class KeyLocks:
         return fd
 
     @contextlib.contextmanager
-    def hold(self, *keys: str) -> Iterator[None]:
-        """Hold the locks of *keys*, blocking until they are free.
+    def hold(self, *keys: str, wait: float | None = None) -> Iterator[None]:
+        """Hold the locks of *keys*.
 
-        Several keys are taken in offset order so that two holders can never
-        wait for each other in a cycle.
+        *wait* None blocks until they are free; a number of seconds gives up
+        after that long (0: one try) with :class:`LockBusy` (EBUSY), so a
+        caller that must not hang (the mount) can wait elsewhere.  Several
+        keys are taken in offset order so that two holders can never wait for
+        each other in a cycle.
         """
         fd = self._open()
         try:
-            for offset in sorted({key_offset(key) for key in keys}):
-                fcntl.fcntl(
-                    fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-                )
+            deadline = None if wait is None else time.monotonic() + wait
+            for offset, key in sorted({key_offset(k): k for k in keys}.items()):
+                self._take(fd, offset, key, deadline)
             yield
         finally:
             os.close(fd)  # closing the description releases its locks
+
+    @staticmethod
+    def _take(fd: int, offset: int, key: str, deadline: float | None) -> None:
+        request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        if deadline is None:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, request)
+            return
+        delay = 0.001
+        while True:
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+                return
+            except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: held elsewhere
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LockBusy(key) from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.05)
 
     def is_held(self, key: str) -> bool:
         """Whether another holder has *key* locked right now (for tests and diagnostics)."""

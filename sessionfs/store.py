@@ -313,6 +313,7 @@ class SessionStore:
         durable: bool = True,
         expected: Version | None = None,
         mtime_ns: int | None = None,
+        lock_wait: float | None = None,
     ) -> Commit:
         """Atomically replace (or create) *key* with *data* under its lock.
 
@@ -325,6 +326,7 @@ class SessionStore:
         so the mtime stays) and is accepted even if those bytes would not pass
         validation today: a round trip of what the store gave out never fails.
         *mtime_ns* sets the new file's mtime (restoring a version keeps its time).
+        *lock_wait* bounds the wait for the key's lock (see :meth:`KeyLocks.hold`).
         """
         name = key_to_filename(key)
         refusal: InvalidEntry | None = None
@@ -333,7 +335,7 @@ class SessionStore:
                 entry_rules.validate(data, self.max_entry_bytes)
             except InvalidEntry as exc:
                 refusal = exc
-        with self.locks.hold(key):
+        with self.locks.hold(key, wait=lock_wait):
             previous = self._target(name)
             replaced = Version.of(previous) if previous is not None else None
             if previous is not None and self._holds(name, previous, data):
@@ -366,30 +368,47 @@ class SessionStore:
             self._commit(name, data, durable=True)
             return new
 
-    def delete(self, key: str, *, only_if: Callable[[Snapshot], bool] | None = None) -> bool:
+    def delete(
+        self,
+        key: str,
+        *,
+        only_if: Callable[[Snapshot], bool] | None = None,
+        lock_wait: float | None = None,
+    ) -> bool:
         """Remove *key* under its lock.
 
         With *only_if*, the current version is read under the lock and removed only
         if the predicate accepts it.  Returns whether the entry was removed.
         """
-        return self._remove(key, only_if=only_if, keep=False) is not None
+        return self._remove(key, only_if=only_if, keep=False, lock_wait=lock_wait) is not None
 
-    def remove(self, key: str, *, only_if: Callable[[Snapshot], bool] | None = None) -> Snapshot:
+    def remove(
+        self,
+        key: str,
+        *,
+        only_if: Callable[[Snapshot], bool] | None = None,
+        lock_wait: float | None = None,
+    ) -> Snapshot:
         """Remove *key* under its lock and return the version that went (for an undo).
 
         Raises :class:`EntryNotFound`, or :class:`EntryChanged` when *only_if*
         refuses the current version.
         """
-        removed = self._remove(key, only_if=only_if, keep=True)
+        removed = self._remove(key, only_if=only_if, keep=True, lock_wait=lock_wait)
         if removed is None:
             raise EntryChanged(key, ABSENT, None)
         return removed
 
     def _remove(
-        self, key: str, *, only_if: Callable[[Snapshot], bool] | None, keep: bool
+        self,
+        key: str,
+        *,
+        only_if: Callable[[Snapshot], bool] | None,
+        keep: bool,
+        lock_wait: float | None,
     ) -> Snapshot | None:
         name = key_to_filename(key)
-        with self.locks.hold(key):
+        with self.locks.hold(key, wait=lock_wait):
             if only_if is not None or keep:
                 current = self.read(key)
                 if only_if is not None and not only_if(current):
@@ -400,13 +419,15 @@ class SessionStore:
             os.fsync(self._dir_fd)
             return current
 
-    def rename(self, old: str, new: str, *, replace: bool = True) -> os.stat_result:
+    def rename(
+        self, old: str, new: str, *, replace: bool = True, lock_wait: float | None = None
+    ) -> os.stat_result:
         """Give entry *old* the key *new* in one atomic rename; returns the entry's stat.
 
         Without *replace*, an existing *new* makes it fail with ``EEXIST``.
         """
         old_name, new_name = key_to_filename(old), key_to_filename(new)
-        with self.locks.hold(old, new):
+        with self.locks.hold(old, new, wait=lock_wait):
             moved = self.stat(old)
             if old_name == new_name:
                 return moved

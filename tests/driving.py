@@ -89,8 +89,8 @@ class PausingStore(SessionStore):
         self.gates.pause("in stat_many")  # a listing has its keys, not yet their stats
         return super().stat_many(keys)
 
-    def rename(self, old: str, new: str, *, replace: bool = True) -> os.stat_result:
-        st = super().rename(old, new, replace=replace)
+    def rename(self, old: str, new: str, **kwargs: Any) -> os.stat_result:
+        st = super().rename(old, new, **kwargs)
         self.gates.pause("after rename")
         return st
 

@@ -16,8 +16,9 @@ import orjson
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
-from sessionfs.fs import CONFLICT_FAIL, Filesystem
+from sessionfs.fs import CONFLICT_FAIL, Filesystem, Limits
 from sessionfs.store import SessionStore
 from tests.driving import CTX, Clock, Driver, Gates, fields, make_filesystem, size_of
 from tests.helpers import entry_bytes
@@ -84,21 +85,31 @@ async def shows(drive: Driver, name: str, data: bytes) -> None:
     assert await drive.read(name) == data
 
 
-async def while_paused(gates: Gates, point: str, call: object, meanwhile: object) -> None:
-    """Run *call* until its store call reaches *point*; run *meanwhile*; then let it finish."""
+async def while_paused(
+    gates: Gates, point: str, call: object, meanwhile: object, *, queued: bool = False
+) -> None:
+    """Run *call* until its store call reaches *point*; run *meanwhile*; then let it finish.
+
+    With *queued*, *meanwhile* is an operation on the same key, which waits its
+    turn behind *call*: it is started, left waiting, and finishes after *call*.
+    """
     gate = gates.arm(point)
     errors: list[BaseException] = []
 
-    async def run_call() -> None:
+    async def run(fn: object) -> None:
         try:
-            await call()  # type: ignore[operator]
+            await fn()  # type: ignore[operator]
         except pyfuse3.FUSEError as exc:
             errors.append(exc)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_call)
+        nursery.start_soon(run, call)
         await trio.to_thread.run_sync(gate.reached.wait)
-        await meanwhile()  # type: ignore[operator]
+        if queued:
+            nursery.start_soon(run, meanwhile)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.02)
+        else:
+            await meanwhile()  # type: ignore[operator]
         gate.go.set()
     if errors:
         raise errors[0]
@@ -473,7 +484,7 @@ async def test_renaming_the_backup_back_as_its_grace_ends_keeps_the_session(
     async def user_puts_it_back() -> None:
         await drive.rename(f"{NAME}~", NAME)  # writes the identical bytes: no new version
 
-    await while_paused(gates, "before remove", fs.graces.expire, user_puts_it_back)
+    await while_paused(gates, "before remove", fs.graces.expire, user_puts_it_back, queued=True)
     await settled(fs)
     assert store.read(KEY).data == ORIGINAL
     await shows(drive, NAME, ORIGINAL)
@@ -524,6 +535,7 @@ async def test_commit_racing_a_rename_to_a_backup_is_no_internal_error(
         "after write",
         lambda: fs.operations.flush(fh),
         lambda: drive.rename(NAME, f"{NAME}~"),  # vim, in another process
+        queued=True,
     )
     await fs.operations.release(fh)
     assert "internal error" not in caplog.text
@@ -631,7 +643,6 @@ async def test_a_failed_watcher_stat_forgets_rather_than_removes(
 async def test_renames_to_scratch_names_count_against_the_scratch_budget(
     store: SessionStore, gates: Gates, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sessionfs.fs import Limits
 
     big = entry_bytes("big", pad="x" * 5000)
     for i in range(4):
@@ -686,3 +697,378 @@ async def test_read_only_stores_refuse_new_files_and_renames_at_once(
             await attempt()
         assert raised.value.errno == errno.EROFS
     assert await drive.listdir() == [".sessionfs", NAME]
+
+
+# -- found by a second review ------------------------------------------------------
+
+
+# An abandoned replacement (undo without claim) while the grace end is removing
+async def test_abandoned_replacement_during_grace_end_loses_the_session(
+    store: SessionStore, gates: Gates, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = Limits(max_entry_bytes=4096)
+    fs = watched(make_filesystem(store.path.parent, gates, clock, limits=limits))
+    drive = Driver(fs, monkeypatch)
+    await drive.rename(NAME, f"{NAME}~")  # vim/emacs backup, or mv f f.bak
+    clock.now += 10
+
+    async def replacement_refused() -> None:
+        fh = await drive.open(NAME, os.O_WRONLY | os.O_CREAT)
+        await fs.operations.write(fh, 0, b"{")
+        with pytest.raises(pyfuse3.FUSEError) as raised:
+            await fs.operations.write(fh, 0, b"x" * 5000)  # over the cap: EFBIG
+        assert raised.value.errno == errno.EFBIG
+        with pytest.raises(pyfuse3.FUSEError):
+            await drive.close(fh)  # release -> _abandon -> graces.undo (no claim)
+        # the refusal "brought it back":
+        assert await drive.exists(NAME)
+
+    await while_paused(gates, "before remove", fs.graces.expire, replacement_refused, queued=True)
+    # the refused replacement must leave the session in the store
+    assert store.exists(KEY), "session removed although its replacement was refused"
+
+
+async def test_abandoned_replacement_index_disagrees_with_store(
+    store: SessionStore, gates: Gates, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = Limits(max_entry_bytes=4096)
+    fs = watched(make_filesystem(store.path.parent, gates, clock, limits=limits))
+    drive = Driver(fs, monkeypatch)
+    await drive.rename(NAME, f"{NAME}~")
+    clock.now += 10
+
+    async def replacement_refused() -> None:
+        fh = await drive.open(NAME, os.O_WRONLY | os.O_CREAT)
+        await fs.operations.write(fh, 0, b"{")
+        with pytest.raises(pyfuse3.FUSEError):
+            await fs.operations.write(fh, 0, b"x" * 5000)
+        with pytest.raises(pyfuse3.FUSEError):
+            await drive.close(fh)
+
+    await while_paused(gates, "before remove", fs.graces.expire, replacement_refused, queued=True)
+    root = fs.operations.tree.root
+    assert (root.present(KEY) is not None) == store.exists(KEY), "index and store disagree"
+
+
+# A commit in flight when the file is removed resurrects it
+async def test_commit_racing_rm_resurrects_the_session(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    await drive.listdir()
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    await fs.operations.write(fh, 0, entry_bytes("mine"))
+    await while_paused(
+        gates,
+        "before write",
+        lambda: fs.operations.flush(fh),
+        lambda: drive.unlink(NAME),
+        queued=True,
+    )
+    await fs.operations.release(fh)
+    root = fs.operations.tree.root
+    assert (root.present(KEY) is not None) == store.exists(KEY), "index and store disagree"
+    assert not store.exists(KEY), "rm was undone by a close that overlapped it"
+
+
+async def test_commit_racing_rm_drops_the_unlink_grace_record(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    await fs.operations.write(fh, 0, entry_bytes("mine"))
+    await while_paused(
+        gates,
+        "after write",
+        lambda: fs.operations.flush(fh),
+        lambda: drive.unlink(NAME),
+        queued=True,
+    )
+    await fs.operations.release(fh)
+    assert len(fs.graces) == 1, "the rm's grace record was ended by a commit to an unlinked file"
+
+
+# A commit in flight when the file is renamed lands under the OLD name
+async def test_commit_racing_mv_lands_under_the_old_name(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    await drive.listdir()
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    await fs.operations.write(fh, 0, entry_bytes("mine"))
+    await while_paused(
+        gates,
+        "before write",
+        lambda: fs.operations.flush(fh),
+        lambda: drive.rename(NAME, "cron:9.json"),
+        queued=True,
+    )
+    await fs.operations.release(fh)
+    # either serial order leaves exactly cron:9 = mine
+    assert not store.exists(KEY), f"old name resurrected: {store.read(KEY).data!r}"
+    assert store.read("cron:9").data == entry_bytes("mine")
+
+
+# Listing bookkeeping: a scan that started before a rescan / failed stat sets complete again
+@pytest.mark.parametrize("how", ["rescan", "failed-stat"])
+async def test_listing_racing_lost_events_hides_a_new_session(
+    fs: Filesystem,
+    drive: Driver,
+    store: SessionStore,
+    gates: Gates,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    root = fs.operations.tree.root
+    new = entry_bytes("new")
+
+    async def gateway_creates_and_events_are_lost() -> None:
+        store.write("cron:new", new)
+        if how == "rescan":
+            await fs.index.rescan(root)  # inotify overflow
+        else:
+            backings = fs.operations.backings
+            real = backings.run
+
+            async def failing(agent_id, what, call):  # type: ignore[no-untyped-def]
+                if what == "stat":
+                    raise OSError(errno.EIO, "transient")
+                return await real(agent_id, what, call)
+
+            monkeypatch.setattr(backings, "run", failing)
+            await fs.index.refresh(root, ["cron:new"])
+            monkeypatch.setattr(backings, "run", real)
+
+    await while_paused(gates, "in stat_many", drive.listdir, gateway_creates_and_events_are_lost)
+    assert store.exists("cron:new")
+    assert await drive.exists("cron:new.json"), "a session in the store is hidden from the mount"
+
+
+# A listing skips a busy key; if that operation fails, the key is never learnt
+async def test_listing_skipping_a_failed_operation_hides_the_session(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    await drive.write("t.tmp", b"{broken", os.O_WRONLY | os.O_CREAT)
+
+    async def rename_refused() -> None:
+        with pytest.raises(pyfuse3.FUSEError):
+            await drive.rename("t.tmp", NAME)
+
+    async def list_meanwhile() -> None:
+        await drive.listdir()
+
+    gate = gates.arm("before write")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rename_refused)
+        await trio.to_thread.run_sync(gate.reached.wait)
+        await list_meanwhile()
+        gate.go.set()
+    assert store.read(KEY).data == ORIGINAL
+    assert await drive.exists(NAME), "session in the store, hidden from the mount"
+
+
+# The grace task spins while a handler's conclude is in flight past the deadline
+async def test_grace_task_spins_while_a_handler_concludes(
+    fs: Filesystem,
+    drive: Driver,
+    store: SessionStore,
+    gates: Gates,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await drive.rename(NAME, f"{NAME}.bak")
+    calls = 0
+    real = fs.graces.expire
+
+    async def counting() -> None:
+        nonlocal calls
+        calls += 1
+        await real()
+
+    monkeypatch.setattr(fs.graces, "expire", counting)
+
+    async def meanwhile() -> None:
+        clock.now += 10  # the removal (lock wait, slow fsync) outlasts the deadline
+        with trio.move_on_after(0.3):
+            await fs.graces.run()
+
+    await while_paused(gates, "before remove", lambda: drive.unlink(f"{NAME}.bak"), meanwhile)
+    assert calls < 10, f"expire() ran {calls} times in 0.3 s"
+
+
+# Tree invariants while a backup's grace ends from unlink (away -> dropped node)
+async def test_away_entry_outlives_its_backup_node_during_conclude(
+    fs: Filesystem, drive: Driver, gates: Gates
+) -> None:
+    await drive.rename(NAME, f"{NAME}.bak")
+
+    failures: list[str] = []
+
+    async def check() -> None:
+        try:
+            fs.index.check()
+        except AssertionError as exc:
+            failures.append(f"check() failed mid-conclude: {exc!r}")
+
+    await while_paused(gates, "before remove", lambda: drive.unlink(f"{NAME}.bak"), check)
+    assert not failures, failures
+
+
+# A failed write-back in undo loses the unlinked session for good
+async def test_failed_undo_loses_the_grace_snapshot(
+    fs: Filesystem,
+    drive: Driver,
+    store: SessionStore,
+    monkeypatch: pytest.MonkeyPatch,
+    clock: Clock,
+) -> None:
+    await drive.unlink(NAME)
+    backings = fs.operations.backings
+    real = backings.run
+    writes = 0
+
+    async def full_disk(agent_id, what, call):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        if what == "write":
+            writes += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real(agent_id, what, call)
+
+    monkeypatch.setattr(backings, "run", full_disk)
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await drive.write(NAME, entry_bytes("new"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    monkeypatch.setattr(backings, "run", real)
+    assert raised.value.errno == errno.ENOSPC
+    assert writes >= 2  # the commit, then undo's write-back (tried again at release)
+    assert len(fs.graces) == 1, "the only copy of the removed session was dropped"
+
+
+# conflict=fail: create while a grace end's removal is in flight -> spurious ESTALE
+async def test_create_during_grace_removal_is_refused_estale(
+    store: SessionStore, gates: Gates, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = watched(make_filesystem(store.path.parent, gates, clock, conflict=CONFLICT_FAIL))
+    drive = Driver(fs, monkeypatch)
+    await drive.rename(NAME, f"{NAME}~")
+    clock.now += 10
+
+    errors: list[int] = []
+
+    async def save() -> None:
+        try:
+            await drive.write(NAME, entry_bytes("new"), os.O_WRONLY | os.O_CREAT)
+        except pyfuse3.FUSEError as exc:
+            errors.append(exc.errno)
+
+    await while_paused(gates, "after remove", fs.graces.expire, save, queued=True)
+    assert errors == [], [errno.errorcode[e] for e in errors]
+    assert store.read(KEY).data == entry_bytes("new")
+
+
+# fstat of a reader whose file went behind the mount and was then created anew
+async def test_fstat_after_outside_removal_and_create(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    ops = fs.operations
+    ino = (await drive.lookup(NAME)).st_ino
+    fh = (await ops.open(ino, os.O_RDONLY, CTX)).fh
+    store.delete(KEY)
+    await settled(fs)
+    await drive.write(NAME, entry_bytes("new"), os.O_WRONLY | os.O_CREAT)
+    attrs = await ops.getattr(ino, CTX)
+    data = await ops.read(fh, 0, 1 << 20)
+    await ops.release(fh)
+    assert (attrs.st_size, attrs.st_mtime_ns > 0) == (len(data), True)
+
+
+# Two listings: _scans[...].remove(touched) removes an *equal* set, not this scan's
+async def test_second_listing_steals_the_first_listings_touched_set(
+    fs: Filesystem,
+    drive: Driver,
+    store: SessionStore,
+    gates: Gates,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    new = entry_bytes("new")
+    errors: list[int] = []
+
+    async def listing_a() -> None:
+        try:
+            await drive.listdir()
+        except pyfuse3.FUSEError as exc:
+            errors.append(exc.errno)
+
+    create_gate = gates.arm("before write")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drive.write, "cron:new.json", new, os.O_WRONLY | os.O_CREAT)
+        await trio.to_thread.run_sync(create_gate.reached.wait)  # commit stamped, in flight
+        listing_gate = gates.arm("in stat_many")
+        nursery.start_soon(listing_a)  # listing A: keys taken, paused
+        await trio.to_thread.run_sync(listing_gate.reached.wait)
+        await drive.listdir()  # listing B (another `ls`): runs and ends first
+        create_gate.go.set()
+        while not store.exists("cron:new"):
+            await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        listing_gate.go.set()
+    leftover = fs.index._scans.get(fs.operations.tree.root.ino)
+    assert errors == [], leftover
+    assert "internal error" not in caplog.text
+    assert not leftover, f"orphaned touched set(s) left in _scans: {leftover}"
+
+
+# An old record's _drop removes a NEWER record's hold on the name (same backup node)
+async def test_finishing_record_drops_the_next_records_hold_on_the_name(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates, clock: Clock
+) -> None:
+    await drive.rename(NAME, f"{NAME}~")
+    clock.now += 10
+
+    async def back_and_away_again() -> None:
+        await drive.rename(f"{NAME}~", NAME)  # identical bytes: claims, ends the record
+        await drive.rename(NAME, f"{NAME}~")  # a new record, same backup node
+
+    await while_paused(gates, "before remove", fs.graces.expire, back_and_away_again, queued=True)
+    assert len(fs.graces) == 1
+    assert not await drive.exists(NAME), "renamed away, yet shown under its name"
+
+
+async def test_identical_save_through_a_new_file_as_the_grace_ends_keeps_the_session(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates, clock: Clock
+) -> None:
+    await drive.rename(NAME, f"{NAME}~")
+    clock.now += 10
+
+    async def save_identical() -> None:
+        await drive.write(NAME, ORIGINAL, os.O_WRONLY | os.O_CREAT)  # tar -xf, cp -p
+
+    await while_paused(gates, "before remove", fs.graces.expire, save_identical, queued=True)
+    assert store.read(KEY).data == ORIGINAL
+
+
+# ATTRIB: a chmod behind the mount is learnt but never told to the kernel
+async def test_outside_chmod_is_told_to_the_kernel(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    await drive.listdir()
+    os.chmod(store.path / "cron%3A1.json", 0o400)
+    await settled(fs)  # what the watcher does on the ATTRIB event
+    assert (await drive.lookup(NAME)).st_mode & 0o777 == 0o400  # the daemon knows
+    assert fs.kernel.invalidations == 1, "the kernel keeps showing 0600 for 300 s"
+
+
+# identical bytes accepted under conflict=fail, yet logged as "this later commit wins"
+async def test_identical_accept_is_not_logged_as_a_conflict(
+    store: SessionStore,
+    gates: Gates,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fs = watched(make_filesystem(store.path.parent, gates, clock, conflict=CONFLICT_FAIL))
+    drive = Driver(fs, monkeypatch)
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    outside = entry_bytes("outside")
+    store.write(KEY, outside)
+    await settled(fs)
+    await fs.operations.write(fh, 0, outside)
+    with caplog.at_level(logging.WARNING, logger="sessionfs"):
+        await drive.close(fh)
+    assert "conflict" not in caplog.text, caplog.text

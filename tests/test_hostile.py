@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 from sessionfs import entry as entry_rules
 from sessionfs import sources
+from sessionfs.daemon import is_mounted
 from sessionfs.errors import InvalidEntry
 from sessionfs.maintain import Mode, Policy, maintain_source
 from sessionfs.migrate import migrate_source
@@ -127,3 +130,108 @@ def test_entry_loads_refuses_what_json_refuses() -> None:
     for bad in (b'{"a": NaN}', b'{"a": Infinity}', b'{"a": "\\ud83d"', b"\xff"):
         with pytest.raises(orjson.JSONDecodeError):
             entry_rules.loads(bad)
+
+
+HOLD_LOCK = """
+import sys
+from sessionfs.store import SessionStore
+with SessionStore(sys.argv[1]).locks.hold(sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+class LockHolder:
+    """Another process holding one key's lock (a gateway stopped in a debugger)."""
+
+    def __init__(self, store_dir: Path, key: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(store_dir), key],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _write_through(path: Path, data: bytes, errors: list[int]) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        errors.append(exc.errno or 0)
+
+
+@pytest.mark.fuse
+def test_one_stuck_key_never_stalls_the_others(state_dir: Path, tmp_path: Path) -> None:
+    store_dir = state_dir / "agents/main/sessions/sessions.d"
+    with mounted(state_dir, tmp_path / "mnt", "-o", "lock_timeout=4") as mount:
+        agent = mount.path / "main"
+        (agent / "agent:main:main.json").read_bytes()
+        holder = LockHolder(store_dir, "agent:main:main")
+        try:
+            errors: list[int] = []
+            stuck = [
+                threading.Thread(
+                    target=_write_through,
+                    args=(agent / "agent:main:main.json", entry_bytes(f"w{i}"), errors),
+                )
+                for i in range(200)
+            ]
+            for thread in stuck:
+                thread.start()
+            time.sleep(0.5)  # all 200 are waiting for the key now
+            started = time.monotonic()
+            for i in range(5):
+                (agent / f"cron:other{i}.json").write_bytes(entry_bytes(f"other{i}"))
+                assert (agent / f"cron:other{i}.json").read_bytes() == entry_bytes(f"other{i}")
+            assert time.monotonic() - started < 1  # other sessions are not held up at all
+            for thread in stuck:
+                thread.join(30)
+            assert len(errors) == 200
+            assert set(errors) == {errno.EBUSY}
+        finally:
+            holder.release()
+        (agent / "agent:main:main.json").write_bytes(entry_bytes("after"))
+        assert (store_dir / "agent%3Amain%3Amain.json").read_bytes() == entry_bytes("after")
+        log = mount.log_text()
+        assert "session main/agent:main:main is locked by another process; gave up" in log
+        assert log.count("WARNING session main/agent:main:main is locked by another") == 1
+
+
+@pytest.mark.fuse
+def test_sigterm_unmounts_while_writers_wait_for_a_stuck_key(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    store_dir = state_dir / "agents/main/sessions/sessions.d"
+    with mounted(state_dir, tmp_path / "mnt", clean_exit=False) as mount:
+        agent = mount.path / "main"
+        holder = LockHolder(store_dir, "agent:main:main")
+        try:
+            errors: list[int] = []
+            stuck = [
+                threading.Thread(
+                    target=_write_through,
+                    args=(agent / "agent:main:main.json", entry_bytes(f"w{i}"), errors),
+                )
+                for i in range(20)
+            ]
+            for thread in stuck:
+                thread.start()
+            time.sleep(0.5)
+            assert mount.stop(signal.SIGTERM) == 0
+            for thread in stuck:
+                thread.join(30)
+                assert not thread.is_alive()
+            assert not is_mounted(mount.path)
+        finally:
+            holder.release()

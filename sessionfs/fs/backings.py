@@ -1,20 +1,31 @@
 """The stores behind the mount, called in worker threads.
 
 Every disk access of the FUSE layer goes through :meth:`Backings.run`, so a slow
-fsync or a lock wait for one session never holds up the trio thread that serves
-requests for the others, and so the calls can be counted (``.sessionfs/stats``).
+fsync for one session never holds up the trio thread that serves requests for the
+others, and so the calls can be counted (``.sessionfs/stats``).
+
+Lock waits never happen in a worker thread (:meth:`Backings.run_locked`): a key
+held by another process (a gateway stopped in a debugger, a hung NFS client)
+would otherwise pin one thread per waiting request until trio's thread limit is
+used up and every other session's writes hang too.  The store is only ever asked
+to *try* the key's lock; waiting is a trio sleep, bounded by the request's deadline.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import trio
 
 from ..catalog import Backing, Catalog
-from ..errors import EntryNotFound, NoStore
+from ..errors import EntryNotFound, LockBusy, NoStore
+
+log = logging.getLogger("sessionfs")
+REPORT_EVERY = 10.0  # seconds between warnings about one locked key
 
 _T = TypeVar("_T")
 
@@ -26,6 +37,9 @@ class Backings:
         self.catalog = catalog
         self.limiter = limiter
         self.calls: collections.Counter[str] = collections.Counter()
+        self.lock_waits = 0  # calls that found a key locked by another process
+        self._queues: dict[tuple[str | None, str], _Queue] = {}
+        self._reported: dict[tuple[str | None, str], float] = {}  # key -> when last logged
 
     async def run(self, agent_id: str | None, what: str, call: Callable[[Backing], _T]) -> _T:
         """Run *call* on the store behind *agent_id*'s directory; *what* names it in the stats."""
@@ -43,3 +57,104 @@ class Backings:
     async def thread(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run a catalog-level call (agents, watch targets, statvfs) in a worker thread."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def run_locked(
+        self,
+        agent_id: str | None,
+        keys: tuple[str, ...],
+        what: str,
+        call: Callable[[Backing], _T],
+        *,
+        deadline: float,
+    ) -> _T:
+        """Run *call*, which must take the locks of *keys* with ``lock_wait=0``.
+
+        The caller holds :meth:`serialized` for *keys*, so only it tries the disk
+        lock; it retries with backoff until *deadline* (trio time), then gives up
+        with :class:`LockBusy` (EBUSY) and a log line.
+        """
+        delay = 0.002
+        while True:
+            try:
+                return await self.run(agent_id, what, call)
+            except LockBusy:
+                self.lock_waits += 1
+                now = trio.current_time()
+                if now >= deadline:
+                    raise self._gave_up(agent_id, keys) from None
+                await trio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.1)
+
+    @contextlib.asynccontextmanager
+    async def serialized(
+        self, agent_id: str | None, keys: tuple[str, ...], deadline: float
+    ) -> AsyncIterator[None]:
+        """Make the mount's operations on *keys* one at a time, in arrival order.
+
+        A commit, an unlink and a rename of one key never interleave, so every
+        outcome is one that some serial order of them gives.  Re-entrant for the
+        task that holds it; keys are taken in order, so two tasks never deadlock.
+        Waiting past *deadline* (trio time) gives up with :class:`LockBusy`.
+        """
+        idents = [(agent_id, key) for key in sorted(set(keys))]
+        held: list[_Queue] = []
+        try:
+            for ident in idents:
+                queue = self._queues.setdefault(ident, _Queue())
+                if not await queue.enter(deadline):
+                    raise self._gave_up(agent_id, keys)
+                held.append(queue)
+            yield
+        finally:
+            for queue in reversed(held):
+                queue.leave()
+            for ident in idents:
+                unused = self._queues.get(ident)
+                if unused is not None and unused.idle():
+                    del self._queues[ident]
+
+    def _gave_up(self, agent_id: str | None, keys: tuple[str, ...]) -> LockBusy:
+        """The error for a request that waited for *keys* until its deadline.
+
+        Logged as a warning once per key every :data:`REPORT_EVERY` seconds: two
+        hundred writers stuck on one key are one problem, not two hundred.
+        """
+        where = f"{agent_id}/" if agent_id is not None else ""
+        names = ", ".join(f"{where}{key}" for key in keys)
+        message = f"session {names} is locked by another process; gave up waiting (EBUSY)"
+        ident, now = (agent_id, keys[0]), trio.current_time()
+        if now - self._reported.get(ident, -REPORT_EVERY) >= REPORT_EVERY:
+            self._reported[ident] = now
+            log.warning("%s", message)
+        else:
+            log.debug("%s", message)
+        return LockBusy(keys[0], message)
+
+
+class _Queue:
+    """A trio lock that the task holding it may take again (nested operations on a key)."""
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._owner: trio.lowlevel.Task | None = None
+        self._depth = 0
+
+    async def enter(self, deadline: float) -> bool:
+        task = trio.lowlevel.current_task()
+        if self._owner is task:
+            self._depth += 1
+            return True
+        with trio.move_on_at(deadline):
+            await self._lock.acquire()
+            self._owner, self._depth = task, 1
+            return True
+        return False
+
+    def leave(self) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self._owner = None
+            self._lock.release()
+
+    def idle(self) -> bool:
+        return not self._lock.locked() and not self._lock.statistics().tasks_waiting

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
+import trio
 
-from ..errors import EntryExists, InvalidEntry, SessionFSError
+from ..errors import EntryExists, InvalidEntry, LockBusy, SessionFSError
 from ..keys import key_to_display
 from ..store import ABSENT, EntryChanged, Version
 from .backings import Backings
 from .cache import ContentCache
-from .grace import GRACE_SECONDS, GracePeriods, user_path
+from .grace import GRACE_SECONDS, Grace, GracePeriods, user_path
 from .handles import Handle, is_scratch_name
 from .index import Index
 from .kernel import Kernel
@@ -60,11 +61,15 @@ def describe_version(version: Version | None) -> str:
     return stamp.isoformat(timespec="milliseconds")
 
 
+LOCK_TIMEOUT = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_entry_bytes: int
     scratch_bytes: int = DEFAULT_SCRATCH_LIMIT
     grace_seconds: float = GRACE_SECONDS
+    lock_timeout: float = LOCK_TIMEOUT  # seconds a request waits for a key another process holds
 
 
 class Editing:
@@ -155,10 +160,15 @@ class Editing:
             return node, self.new_handle(node, flags, node.data)
         key = session_key(name)
         await self._check_writable(parent)
+        self.graces.claim(parent, key)  # a new version is coming: never remove the old one now
         node = self.tree.new_pending(parent, key)
         return node, self.new_handle(
             node, flags, b"", version=self.graces.replaced_version(parent, key), key=key
         )
+
+    def lock_deadline(self) -> float:
+        """Until when a request that arrives now may wait for a key's lock (trio time)."""
+        return trio.current_time() + self.limits.lock_timeout
 
     async def _check_writable(self, parent: Dir) -> None:
         """EROFS, at once, for a directory shown read-only (a legacy ``sessions.json``)."""
@@ -202,26 +212,48 @@ class Editing:
 
         The commit goes to the file's key *now*: written, then renamed, then closed,
         the data lands under the new name, as on any filesystem (in the scratch
-        file, if renamed to one; nowhere, if unlinked).
+        file, if renamed to one; nowhere, if unlinked).  It runs with the key's
+        operations serialized (see :meth:`Backings.serialized`), so an unlink or a
+        rename of the same file happens wholly before or wholly after it.
         """
         node = handle.node
         assert isinstance(node, File) and handle.key is not None
-        if not node.linked or node.parent is None:
-            handle.dirty = False  # like writing to an unlinked file
-            return
-        if node.key is None:
-            self._into_scratch(handle, node)
-            return
-        parent, key, data, opened = node.parent, node.key, bytes(handle.data), handle.version
+        deadline = self.lock_deadline()
+        while True:
+            if not node.linked or node.parent is None:
+                handle.dirty = False  # like writing to an unlinked file
+                return
+            if node.key is None:
+                self._into_scratch(handle, node)
+                return
+            parent, key = node.parent, node.key
+            try:
+                async with self.backings.serialized(parent.agent_id, (key,), deadline):
+                    if node.key == key and node.parent is parent and node.linked:
+                        await self._commit_serialized(handle, node, parent, key, deadline)
+                        return
+            except LockBusy as exc:  # waited its turn past the deadline: refused like any
+                raise await self._refused(handle, exc) from None
+            # renamed or unlinked while this commit waited its turn: look again
+
+    async def _commit_serialized(
+        self, handle: Handle, node: File, parent: Dir, key: str, deadline: float
+    ) -> None:
+        data = bytes(handle.data)
+        # A new file's base is decided now: the version a backup held, unless the
+        # grace period ended in its removal while this commit waited.
+        opened = self.graces.replaced_version(parent, key) if node.pending else handle.version
         expected = (opened or ABSENT) if self.conflict == CONFLICT_FAIL else None
         held = self.graces.holds(parent, key, data)  # a round trip of what went away
         self.graces.claim(parent, key)
         try:
             with self.index.own(parent, key) as change:
-                commit = await self.backings.run(
+                commit = await self.backings.run_locked(
                     parent.agent_id,
+                    (key,),
                     "write",
-                    lambda b: b.write(key, data, validate=not held, expected=expected),
+                    lambda b: b.write(key, data, validate=not held, expected=expected, lock_wait=0),
+                    deadline=deadline,
                 )
                 change.made(Seen.of(commit.stat))
         except EntryChanged as exc:
@@ -234,7 +266,7 @@ class Editing:
             raise await self._refused(handle, SessionFSError(reason, code=errno.ESTALE)) from None
         except (SessionFSError, OSError) as exc:
             raise await self._refused(handle, exc) from None
-        if commit.replaced != opened:
+        if commit.replaced not in (opened, commit.version):  # (equal versions: nothing written)
             log.warning(
                 "conflict on %s: it changed behind the mount since it was opened (mtime %s, "
                 "then %s); this later commit wins",
@@ -244,8 +276,6 @@ class Editing:
             )
         kernel_refreshes = handle.kernel_refreshes
         handle.committed(commit.version)
-        if node.key != key or node.parent is not parent:
-            return  # renamed while it committed: that rename decided what the name shows
         self._committed(parent, node, commit.version, data, kernel_refreshes=kernel_refreshes)
         log.debug("committed %s (%d bytes)", self._path(node), len(data))
 
@@ -355,23 +385,39 @@ class Editing:
             if scratch is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             grace = self.graces.of_backup(scratch)
-            if grace is not None:  # the last copy of a session renamed away: the user's intent
+            if grace is not None and not self._being_rewritten(parent, grace.key):
+                # the last copy of a session renamed away, and no editor is writing
+                # it anew: the user's intent is its removal
                 await self.graces.conclude(grace)
             return
         node = await self.names.find(parent, name)
         assert isinstance(node, File) and node.key is not None
         key = node.key
-        if node.pending:
-            self.tree.unlink(parent, name, key)  # never committed
-            return
-        shown = node.shown()  # what an open handle's fstat keeps showing
-        with self.index.own(parent, key) as change:
-            removed = await self.backings.run(parent.agent_id, "remove", lambda b: b.remove(key))
-            change.made(None)
-        self.tree.unlink(parent, name, key, last_seen=shown)
-        self.content.drop((parent.ino, key))
-        self.graces.removed(parent, key, removed)
+        deadline = self.lock_deadline()
+        async with self.backings.serialized(parent.agent_id, (key,), deadline):
+            if await self.names.find(parent, name) is not node:
+                raise pyfuse3.FUSEError(errno.ENOENT)  # gone or replaced while it waited
+            if node.pending:
+                self.tree.unlink(parent, name, key)  # never committed
+                return
+            shown = node.shown()  # what an open handle's fstat keeps showing
+            with self.index.own(parent, key) as change:
+                removed = await self.backings.run_locked(
+                    parent.agent_id,
+                    (key,),
+                    "remove",
+                    lambda b: b.remove(key, lock_wait=0),
+                    deadline=deadline,
+                )
+                change.made(None)
+            self.tree.unlink(parent, name, key, last_seen=shown)
+            self.content.drop((parent.ino, key))
+            self.graces.removed(parent, key, removed)
         log.info("removed session %s", user_path(parent, name))
+
+    def _being_rewritten(self, parent: Dir, key: str) -> bool:
+        writer = self.tree.known_session(parent, key)
+        return writer is not None and writer.pending and writer.open_handles > 0
 
     async def rename(self, parent: Dir, old: str, new: str, *, replace: bool) -> None:
         source = await self.names.find(parent, old)
@@ -381,14 +427,24 @@ class Editing:
             return
         if new in parent.children:
             raise pyfuse3.FUSEError(errno.EISDIR)  # .sessionfs: the mount's own directory
-        if not replace and await self.names.find_existing(parent, new) is not None:
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        if is_scratch_name(new):
-            await self._rename_to_scratch(parent, source, new)
-        elif source.is_session and not source.pending:
-            await self._rename_session(parent, source, session_key(new), replace=replace)
-        else:
-            await self._rename_to_session(parent, source, new, session_key(new))
+        target_key = None if is_scratch_name(new) else session_key(new)
+        keys = tuple(k for k in (source.key, target_key) if k is not None)
+        concluded = None
+        async with self.backings.serialized(parent.agent_id, keys, self.lock_deadline()):
+            if await self.names.find(parent, old) is not source:
+                raise pyfuse3.FUSEError(errno.ENOENT)  # gone or replaced while it waited
+            if not replace and await self.names.find_existing(parent, new) is not None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if target_key is None:
+                await self._rename_to_scratch(parent, source, new)
+            elif source.is_session and not source.pending:
+                await self._rename_session(parent, source, target_key, replace=replace)
+            else:
+                concluded = await self._rename_to_session(parent, source, new, target_key)
+        if concluded is not None:
+            # a backup of another session, renamed to this key: that session moved here
+            # (after this rename's keys are let go: one task never waits holding keys)
+            await self.graces.conclude(concluded)
 
     async def _rename_to_scratch(self, parent: Dir, source: File, new: str) -> None:
         if source.is_session and not source.pending:
@@ -419,8 +475,12 @@ class Editing:
         replaced = None if target is None else target.shown()  # what its open handles show
         try:
             with self.index.own(parent, old_key) as gone, self.index.own(parent, key) as arrived:
-                st = await self.backings.run(
-                    parent.agent_id, "rename", lambda b: b.rename(old_key, key, replace=replace)
+                st = await self.backings.run_locked(
+                    parent.agent_id,
+                    (old_key, key),
+                    "rename",
+                    lambda b: b.rename(old_key, key, replace=replace, lock_wait=0),
+                    deadline=self.lock_deadline(),
                 )
                 gone.made(None)
                 arrived.made(Seen.of(st))
@@ -431,12 +491,18 @@ class Editing:
         self.content.drop((parent.ino, old_key))
         log.info("renamed session %r to %r", old_key, key)
 
-    async def _rename_to_session(self, parent: Dir, source: File, new: str, key: str) -> None:
-        """A scratch file (``sed -i``, ``jq > t && mv t f``) or a pending file becomes a session."""
+    async def _rename_to_session(
+        self, parent: Dir, source: File, new: str, key: str
+    ) -> Grace | None:
+        """A scratch file (``sed -i``, ``jq > t && mv t f``) or a pending file becomes a session.
+
+        Returns the grace record of the session *source* was a backup of, if that
+        session thereby moved to *key* (the caller ends it).
+        """
         if source.pending and parent.present(key) is None and key not in parent.away:
             self.tree.move(source, parent, new, key)  # `touch a.json; mv a.json b.json`
             source.pending = True
-            return
+            return None
         data = bytes(source.data)
         held = self.graces.holds(parent, key, data)
         target = self.tree.known_session(parent, key)
@@ -444,10 +510,12 @@ class Editing:
         self.graces.claim(parent, key)
         try:
             with self.index.own(parent, key) as change:
-                commit = await self.backings.run(
+                commit = await self.backings.run_locked(
                     parent.agent_id,
+                    (key,),
                     "write",
-                    lambda b: b.write(key, data, validate=not held),
+                    lambda b: b.write(key, data, validate=not held, lock_wait=0),
+                    deadline=self.lock_deadline(),
                 )
                 change.made(Seen.of(commit.stat))
         except (SessionFSError, OSError) as exc:
@@ -460,10 +528,8 @@ class Editing:
         source.data = b""  # the content lives in the store now
         source.origin_key = source.origin_version = None
         self._committed(parent, source, commit.version, data, kernel_refreshes=False)
-        if origin is not None and origin.key != key:
-            # a backup of another session, renamed to this key: that session moved here
-            await self.graces.conclude(origin)
         log.info("committed %s (%d bytes, renamed into place)", self._path(source), len(data))
+        return origin if origin is not None and origin.key != key else None
 
     def _path(self, node: File) -> str:
         return user_path(node.parent, node.name)

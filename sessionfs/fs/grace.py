@@ -76,6 +76,7 @@ class GracePeriods:
         kernel: Kernel,
         *,
         seconds: float = GRACE_SECONDS,
+        lock_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tree = tree
@@ -83,6 +84,7 @@ class GracePeriods:
         self.backings = backings
         self.kernel = kernel
         self.seconds = seconds
+        self.lock_timeout = lock_timeout
         self.clock = clock
         self.records: dict[tuple[int, str], Grace] = {}
         self._added = trio.Event()
@@ -94,8 +96,8 @@ class GracePeriods:
 
     def renamed_away(self, parent: Dir, key: str, snapshot: Snapshot, backup: File) -> None:
         """*key* was renamed to the scratch file *backup*; the store still holds it."""
-        parent.away[key] = backup.ino
         self._start(Grace(parent, key, snapshot, self._deadline(), backup))
+        parent.away[key] = backup.ino
 
     def removed(self, parent: Dir, key: str, snapshot: Snapshot) -> None:
         """*key* was unlinked; *snapshot* is the version that went."""
@@ -112,8 +114,9 @@ class GracePeriods:
         self._drop(self.records.pop((parent.ino, key), None))
 
     def _start(self, grace: Grace) -> None:
-        self._drop(self.records.get((grace.parent.ino, grace.key)))
-        self.records[(grace.parent.ino, grace.key)] = grace
+        ident = (grace.parent.ino, grace.key)
+        self._drop(self.records.pop(ident, None))
+        self.records[ident] = grace
         self._added.set()
 
     @staticmethod
@@ -153,30 +156,49 @@ class GracePeriods:
     # -- undo and finish -------------------------------------------------------
 
     async def undo(self, parent: Dir, key: str) -> bool:
-        """Bring back what went away of *key*, if anything did within its grace period."""
-        grace = self.records.pop((parent.ino, key), None)
-        if grace is None:
-            return False
-        self._drop(grace)
-        snap = grace.snapshot
-        if grace.backup is None:
-            try:
-                with self.index.own(parent, key) as change:
-                    commit = await self.backings.run(
-                        parent.agent_id,
-                        "write",
-                        lambda b: b.write(
-                            key,
-                            snap.data,
-                            validate=False,
-                            expected=ABSENT,
-                            mtime_ns=snap.stat.st_mtime_ns,
-                        ),
+        """Bring back what went away of *key*, if anything did within its grace period.
+
+        Runs with the key's operations serialized, so it never overlaps the
+        record's own end; if writing an unlinked version back fails, the record
+        stays (its period ends as usual) and the log says so.
+        """
+        deadline = trio.current_time() + self.lock_timeout
+        async with self.backings.serialized(parent.agent_id, (key,), deadline):
+            grace = self.records.get((parent.ino, key))
+            if grace is None or grace.finishing:
+                return False
+            grace.claimed = True
+            snap = grace.snapshot
+            if grace.backup is None:
+                try:
+                    with self.index.own(parent, key) as change:
+                        commit = await self.backings.run_locked(
+                            parent.agent_id,
+                            (key,),
+                            "write",
+                            lambda b: b.write(
+                                key,
+                                snap.data,
+                                validate=False,
+                                expected=ABSENT,
+                                mtime_ns=snap.stat.st_mtime_ns,
+                                lock_wait=0,
+                            ),
+                            deadline=deadline,
+                        )
+                        change.made(Seen.of(commit.stat))
+                except EntryChanged:
+                    pass  # written meanwhile by someone else: that version stays
+                except OSError as exc:
+                    log.error(
+                        "could not bring back session %s (%s); it stays removed",
+                        user_path(parent, key),
+                        exc,
                     )
-                    change.made(Seen.of(commit.stat))
-            except EntryChanged:
-                pass  # written meanwhile by someone else: that version stays
-        await self.index.stat(parent, key)
+                    return False
+            del self.records[(parent.ino, key)]
+            self._drop(grace)
+            await self.index.stat(parent, key)
         log.info("kept session %s: its replacement was refused", user_path(parent, key))
         return True
 
@@ -191,7 +213,10 @@ class GracePeriods:
             return
         grace.finishing = True
         try:
-            await self._finish(grace)
+            deadline = trio.current_time() + self.lock_timeout
+            async with self.backings.serialized(grace.parent.agent_id, (grace.key,), deadline):
+                if self.records.get(ident) is grace:  # not ended while this waited its turn
+                    await self._finish(grace)
         except Exception as exc:  # any store error: keep the session, report, go on
             log.error(
                 "could not end the grace period of %s (%s); the session stays in the store",
@@ -229,12 +254,16 @@ class GracePeriods:
         removed = False
         try:
             with self.index.own(parent, key) as change:
-                await self.backings.run(
+                await self.backings.run_locked(
                     parent.agent_id,
+                    (key,),
                     "remove",
                     lambda b: b.remove(
-                        key, only_if=lambda s: not grace.claimed and s.version == version
+                        key,
+                        only_if=lambda s: not grace.claimed and s.version == version,
+                        lock_wait=0,
                     ),
+                    deadline=trio.current_time() + self.lock_timeout,
                 )
                 change.made(None)
                 removed = True
@@ -254,7 +283,9 @@ class GracePeriods:
     async def run(self) -> None:
         """Background task: end grace periods when they are due."""
         while True:
-            deadline = min((g.deadline for g in self.records.values()), default=math.inf)
+            deadline = min(
+                (g.deadline for g in self.records.values() if not g.finishing), default=math.inf
+            )
             with trio.move_on_after(max(0.0, deadline - self.clock())):
                 await self._added.wait()
             self._added = trio.Event()

@@ -111,7 +111,7 @@ class Index:
         self._watched.discard(agent_id)
         parent = self.dir_of(agent_id)
         if parent is not None:
-            parent.complete = False
+            self.incomplete(parent)
 
     def trusted(self, parent: Dir) -> bool:
         """Whether what is known of *parent*'s keys is current without asking the disk."""
@@ -144,8 +144,13 @@ class Index:
             before = known.version
         for touched in self._scans.get(parent.ino, ()):
             touched.add(key)
+        was_writable = known.writable
+        if seen is None and before is not None:
+            node = self.tree.known_session(parent, key)
+            if node is not None:
+                node.last_seen = known.seen()  # what its open handles keep showing
         known.set(stamp, seen)
-        changed = before != known.version
+        changed = before != known.version or (seen is not None and was_writable != seen.writable)
         if seen is not None:
             self._appeared(parent, key)
         return changed
@@ -253,14 +258,21 @@ class Index:
             return found
 
         touched: set[str] = set()  # keys learnt by anyone while the listing ran
-        self._scans.setdefault(parent.ino, []).append(touched)
+        scans = self._scans.setdefault(parent.ino, [])
+        scans.append(touched)
+        epoch = parent.epoch
         try:
             found = await self.backings.run(parent.agent_id, "list", scan)
         finally:
-            self._scans[parent.ino].remove(touched)
+            scans[:] = [other for other in scans if other is not touched]  # by identity
+            if not scans:
+                del self._scans[parent.ino]
         known = parent.known
+        complete = trusted and self.trusted(parent) and parent.epoch == epoch
         for key, record in found.items():
             if key in touched or (parent.ino, key) in self._busy:
+                if key not in known:
+                    complete = False  # an operation in flight may still fail: ask again later
                 continue  # an operation that ended during the listing knows better
             held = known.get(key)
             if held is None:
@@ -273,7 +285,8 @@ class Index:
                 continue
             if held.version is not None:
                 self._learned_outside(parent, key, None, stamp)
-        parent.complete = trusted and self.trusted(parent)
+        # events lost meanwhile (an overflow, a failed stat, a lost watch) make it partial
+        parent.complete = complete
 
     async def refresh(self, parent: Dir, keys: list[str]) -> None:
         """The watcher saw *keys* change: stat them and tell the kernel what differs."""
@@ -296,17 +309,26 @@ class Index:
             parent.agent_id or "the store",
             exc,
         )
-        parent.complete = False
+        self.incomplete(parent)
         for key in keys:
             if (parent.ino, key) not in self._busy:
                 parent.known.pop(key, None)
+                for touched in self._scans.get(parent.ino, ()):
+                    touched.add(key)
                 node = self.tree.known_session(parent, key)
                 if node is not None:
                     self.kernel.forget_attributes(node.ino)
 
+    @staticmethod
+    def incomplete(parent: Dir) -> None:
+        """Events of *parent*'s store may have been lost: the next listing reads it all again
+        (and a listing in flight does not make it complete)."""
+        parent.complete = False
+        parent.epoch += 1
+
     async def rescan(self, parent: Dir) -> None:
         """After lost events: every key known, and every key on disk, is looked at again."""
-        parent.complete = False
+        self.incomplete(parent)
         await self.refresh(parent, sorted(parent.known))
 
     def check(self) -> None:

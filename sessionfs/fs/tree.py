@@ -140,6 +140,7 @@ class Dir(Node):
     # missing here is absent from the store (the watcher keeps this current).
     known: dict[str, Known] = field(default_factory=dict)
     complete: bool = False
+    epoch: int = 0  # counts losses of events; a listing that saw one stays partial
     generation: int = 0
 
     def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
@@ -189,8 +190,10 @@ class File(Node):
         return key_to_display(self.key) if self.key is not None else self.scratch_name
 
     def shown(self) -> Seen | None:
-        """The committed entry this file shows now, as a value that will not change."""
+        """The committed entry this file shows (or last showed), as a value that will not change."""
         entry = self.entry()
+        if entry is None:
+            return self.last_seen  # its entry went behind the mount: what it showed then
         return entry.seen() if isinstance(entry, Known) else entry
 
     def entry(self) -> Entry | None:
@@ -335,7 +338,10 @@ class Tree:
 
     def new_pending(self, parent: Dir, key: str) -> File:
         """A new session created through the mount, shown but not committed yet."""
-        self.unlink(parent, key_to_display(key), key)
+        old = self.known_session(parent, key)
+        self.unlink(
+            parent, key_to_display(key), key, last_seen=None if old is None else old.shown()
+        )
         node = self.session(parent, key)
         node.pending = True
         node.mtime_ns = node.ctime_ns = time.time_ns()
@@ -440,8 +446,9 @@ class Tree:
                 assert node.scratch_name == name and node.parent is parent and node.linked
                 assert node in self.scratch_files, name
             for key, ino in parent.away.items():
+                # while its grace period ends, a removed backup may have left the tree
                 backup = self.nodes.get(ino)
-                assert isinstance(backup, File) and backup.origin_key == key, key
+                assert backup is None or isinstance(backup, File), key
                 assert key not in parent.sessions or self._file(parent.sessions[key]).pending, key
             for key, known in parent.known.items():
                 assert known.stamp <= parent.generation, key
