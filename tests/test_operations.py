@@ -66,6 +66,7 @@ async def test_names_that_name_no_key(ops: Operations) -> None:
     assert await lookup_errno(ops, pyfuse3.ROOT_INODE, b"\xff\xfe.json") == errno.EINVAL
 
 
+@pytest.mark.expected_log("internal error in lookup")
 async def test_unexpected_exception_is_eio_and_logged(
     ops: Operations, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
