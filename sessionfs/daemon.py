@@ -30,7 +30,7 @@ import trio
 
 from . import maintain, migrate
 from .catalog import Catalog
-from .errors import SessionFSError
+from .errors import SessionFSError, describe_error
 from .fs import CONFLICT_LAST_WINS, Filesystem, Limits, assemble
 from .fs.control import CONTROL_DIR
 from .fs.editing import LOCK_TIMEOUT
@@ -367,8 +367,12 @@ async def _maintain_periodically(config: MountConfig) -> None:
             results = await trio.to_thread.run_sync(
                 lambda: maintain.maintain_source(config.source, config.maintain_policy, mode)
             )
-        except (OSError, SessionFSError) as exc:
-            log.error("maintenance failed: %s", exc)
+        except OSError as exc:  # SessionFSError included: a readable reason
+            log.error("maintenance failed: %s; trying again at the next run", describe_error(exc))
+            continue
+        except Exception as exc:
+            # A background task never ends the mount: the sessions stay served.
+            log.error("internal error in maintenance; trying again at the next run", exc_info=exc)
             continue
         summary = "; ".join(r.summary() for r in results) or "no stores"
         log.info("maintenance (%s): %s", config.maintain_mode, summary)

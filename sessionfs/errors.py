@@ -85,3 +85,14 @@ class NoStore(SessionFSError):
 
 class ReadOnlyStore(SessionFSError):
     default_errno = _errno.EROFS
+
+
+def describe_error(exc: BaseException) -> str:
+    """One readable line for a log or a terminal: "what: why", never a traceback."""
+    if isinstance(exc, SessionFSError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        reason = exc.strerror or _errno.errorcode.get(exc.errno or 0, "error")
+        where = exc.filename if exc.filename is not None else None
+        return f"{where}: {reason}" if where is not None else str(reason)
+    return f"{type(exc).__name__}: {exc}"

@@ -13,17 +13,20 @@ from pathlib import Path
 
 import orjson
 import pytest
+import trio
 
 from sessionfs import entry as entry_rules
+from sessionfs import maintain as maintain_module
 from sessionfs import sources
-from sessionfs.daemon import is_mounted
+from sessionfs.daemon import MountConfig, _maintain_periodically, is_mounted
 from sessionfs.errors import InvalidEntry
 from sessionfs.maintain import Mode, Policy, maintain_source
 from sessionfs.migrate import migrate_source
 from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes, raises_errno
-from tests.mounting import REPO, mounted, sessionfs
+from tests.mounting import REPO, mounted, sessionfs, wait_for
 
+MAIN = "agent%3Amain%3Amain.json"
 CUT_EMOJI = b'{"agent:main:main": {"sessionId": "s1", "updatedAt": 1, "label": "hi \\ud83d"}}'
 
 
@@ -235,3 +238,52 @@ def test_sigterm_unmounts_while_writers_wait_for_a_stuck_key(
             assert not is_mounted(mount.path)
         finally:
             holder.release()
+
+
+@pytest.mark.fuse
+def test_a_failing_watcher_degrades_and_recovers_never_unmounts(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    agents, away = state_dir / "agents", state_dir / "agents.away"
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        session = mount.path / "main" / "agent:main:main.json"
+        session.read_bytes()
+        agents.rename(away)
+        agents.write_text("not a directory")  # the watcher's look at the agents fails
+        wait_for(lambda: "cannot follow changes" in mount.log_text(), what="the warning")
+        assert is_mounted(mount.path)
+        assert mount.proc.poll() is None
+        agents.unlink()
+        away.rename(agents)
+        wait_for(lambda: "following changes behind the mount again" in mount.log_text())
+        assert session.read_bytes() == (agents / "main/sessions/sessions.d" / MAIN).read_bytes()
+        with SessionStore(agents / "main/sessions/sessions.d") as store:
+            store.write("agent:main:main", entry_bytes("behind"))
+        wait_for(lambda: session.read_bytes() == entry_bytes("behind"), timeout=1)
+        log = mount.log_text()
+        assert log.count("cannot follow changes") == 1  # once, not once per retry
+
+
+@pytest.mark.expected_log("internal error in maintenance")
+async def test_failing_background_maintenance_is_logged_and_retried(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    failures = [OSError(errno.EACCES, "Permission denied", "agents/main"), RuntimeError("gremlin")]
+    runs: list[int] = []
+
+    def flaky(*args: object) -> list[object]:
+        runs.append(1)
+        if failures:
+            raise failures.pop(0)
+        return []
+
+    monkeypatch.setattr(maintain_module, "maintain_source", flaky)
+    config = MountConfig(sources.resolve(state_dir), state_dir / "mnt", maintain_every=0.01)
+    with trio.move_on_after(1):
+        while len(runs) < 3:
+            with trio.move_on_after(0.05):
+                await _maintain_periodically(config)
+    assert len(runs) >= 3  # it went on after both failures
+    assert "maintenance failed: agents/main: Permission denied; trying again" in caplog.text
+    assert "internal error in maintenance; trying again at the next run" in caplog.text
+    assert "RuntimeError: gremlin" in caplog.text

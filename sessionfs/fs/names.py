@@ -17,7 +17,7 @@ from ..keys import NAME_MAX, display_to_key, key_to_filename
 from .backings import Backings
 from .handles import is_scratch_name
 from .index import Index
-from .tree import Dir, File, Node, Owner, Tree
+from .tree import Dir, Entry, File, Node, Owner, Tree
 
 
 def text(name: bytes) -> str:
@@ -94,7 +94,19 @@ class Names:
             assert node.parent is not None and node.key is not None
             if await self.index.entry(node.parent, node.key) is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-        return node.attributes(self.owner)
+        return self._cacheable(node, node.attributes(self.owner))
+
+    def entry_attributes(self, node: File, seen: Entry) -> pyfuse3.EntryAttributes:
+        """What ``stat`` shows for session *node* whose committed entry is *seen*."""
+        return self._cacheable(node, node.entry_attributes(self.owner, seen))
+
+    def _cacheable(self, node: Node, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        # Where the watcher cannot follow changes, nothing tells the kernel when
+        # its cached names and sizes go stale: it must ask every time.
+        parent = node.parent if isinstance(node, File) else None
+        if parent is not None and parent.holds_sessions and not self.index.trusted(parent):
+            attrs.entry_timeout = attrs.attr_timeout = 0
+        return attrs
 
     async def listing(self, directory: Dir) -> list[tuple[str, Node | None]]:
         """Every name in *directory* now (None for an agent, resolved when listed)."""

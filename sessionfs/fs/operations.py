@@ -178,7 +178,7 @@ class Operations(pyfuse3.Operations):
                     seen = node.entry()
                     if seen is None:
                         continue  # removed since the listing was taken
-                    attrs = node.entry_attributes(self.names.owner, seen)
+                    attrs = self.names.entry_attributes(node, seen)
                 else:
                     attrs = await self.names.attributes(node)
             except pyfuse3.FUSEError:

@@ -6,23 +6,37 @@ library users) is looked at again by :meth:`.index.Index.refresh`, which tells t
 kernel exactly what changed.  Every event is followed by a stat; the daemon's own
 changes are recognised by their versions (see :mod:`.index`), never by counting
 the events they raise.
+
+The watcher is supervised by itself: whatever fails while it follows the stores
+(a ``chmod 000`` agents dir, ``max_user_watches`` reached, a store replaced while
+it was being looked at) is logged once, every store whose watch is uncertain falls
+back to asking the disk on each request with zero kernel cache timeouts
+(:meth:`.index.Index.unwatch`), and the whole structure is looked at again every
+:data:`RETRY_SECONDS` until it can be followed again.  It never ends the mount.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import trio
 from inotify_simple import INotify, flags
 
 from ..catalog import Catalog, WatchTarget
+from ..errors import describe_error
 from ..keys import filename_to_key
 from .backings import Backings
 from .index import Index
 
 log = logging.getLogger("sessionfs")
+
+RETRY_SECONDS = 2.0  # how soon a watcher that could not follow everything tries again
 
 # Entries change by rename (OpenClaw and sessionfs both write temp + rename) or,
 # for in-place writers, end in CLOSE_WRITE; ATTRIB is a touch or chmod (the mtime
@@ -64,19 +78,67 @@ class Watcher:
         self.watches: dict[int, _Watch] = {}
         self.agents: set[str] = set()
         self.rescans = 0
+        self.failures = 0
+        # What could not be followed at the last try (None: everything is followed).
+        self.trouble: str | None = None
+        self._unwatchable: dict[Path, str] = {}  # path -> why add_watch failed (warned once)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.inotify = inotify = INotify()
         try:
-            await self.reconcile(initial=True)
+            await self._supervised(self.reconcile(initial=True))
             task_status.started()
             while True:
-                await trio.lowlevel.wait_readable(inotify.fileno())
-                await self.handle(inotify.read(timeout=0))
+                if self.trouble is None:
+                    await trio.lowlevel.wait_readable(inotify.fileno())
+                else:
+                    with trio.move_on_after(RETRY_SECONDS):
+                        await trio.lowlevel.wait_readable(inotify.fileno())
+                events = inotify.read(timeout=0)
+                if self.trouble is not None:
+                    await self._supervised(self.reconcile())
+                await self._supervised(self.handle(events))
         finally:
             inotify.close()
             self.inotify = None
             self.watches.clear()
+
+    async def _supervised(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run one step; a failure is logged once and degrades to asking the disk."""
+        try:
+            await step
+        except Exception as exc:
+            self.failures += 1
+            self._lose_every_watch()
+            why = describe_error(exc)
+            if why != self.trouble:
+                if isinstance(exc, OSError):
+                    log.warning(
+                        "cannot follow changes behind the mount: %s; every request asks the "
+                        "disk until this clears (retrying every %.0f s)",
+                        why,
+                        RETRY_SECONDS,
+                    )
+                else:
+                    log.error("internal error in the watcher; retrying", exc_info=exc)
+            self.trouble = why
+            return
+        if self._unwatchable:
+            self.trouble = "some directories cannot be watched"
+        elif self.trouble is not None:
+            log.info("following changes behind the mount again")
+            self.trouble = None
+
+    def _lose_every_watch(self) -> None:
+        """After a failure nothing watched can be trusted: start again from nothing."""
+        inotify = self.inotify
+        for wd, watch in list(self.watches.items()):
+            del self.watches[wd]
+            if watch.target.kind == "entries":
+                self.index.unwatch(watch.target.agent_id)
+            if inotify is not None:
+                with contextlib.suppress(OSError):
+                    inotify.rm_watch(wd)
 
     # -- events ------------------------------------------------------------
 
@@ -139,8 +201,10 @@ class Watcher:
             try:
                 wd = inotify.add_watch(target.path, mask | flags.ONLYDIR | flags.DONT_FOLLOW)
             except OSError as exc:
-                log.debug("cannot watch %s: %s", target.path, exc)
+                self._cannot_watch(target, exc)
                 continue
+            if self._unwatchable.pop(target.path, None) is not None:
+                log.info("watching %s again", target.path)
             self.watches[wd] = _Watch(target, wd)
             if target.kind == "entries":
                 fresh.append(target)
@@ -153,6 +217,26 @@ class Watcher:
         if not initial:
             for target in fresh:
                 await self.rescan(target.agent_id)
+        gone = set(self._unwatchable) - {t.path for t in targets}
+        for path in gone:
+            del self._unwatchable[path]
+
+    def _cannot_watch(self, target: WatchTarget, exc: OSError) -> None:
+        """A directory that cannot be watched is asked on every request; warn once per cause."""
+        if exc.errno == errno.ENOENT:
+            return  # gone since it was listed: the next reconcile sees its parent's event
+        why = describe_error(exc)
+        if exc.errno == errno.ENOSPC:
+            why = "the inotify watch limit is reached (raise fs.inotify.max_user_watches)"
+        if self._unwatchable.get(target.path) != why:
+            log.warning(
+                "cannot watch %s: %s; requests there ask the disk each time "
+                "(retrying every %.0f s)",
+                target.path,
+                why,
+                RETRY_SECONDS,
+            )
+        self._unwatchable[target.path] = why
 
     async def rescan_all(self) -> None:
         for agent_id in [None] if not self.catalog.per_agent else sorted(self.agents):
