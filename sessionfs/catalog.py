@@ -8,10 +8,11 @@ whose ``sessions.d/`` does not exist yet is shown read-only from its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -80,6 +81,19 @@ class WatchTarget:
     identity: tuple[int, int]  # (st_dev, st_ino): a replaced directory is a new target
 
 
+@dataclass(eq=False)
+class _Opened:
+    """One opened store and how many calls are using it right now."""
+
+    identity: tuple[int, int]  # (st_dev, st_ino) of its directory; (0, 0) for a legacy view
+    backing: SessionStore | LegacyView
+    users: int = 0
+
+    def close(self) -> None:
+        if isinstance(self.backing, SessionStore):
+            self.backing.close()
+
+
 class Catalog:
     """Opens (and caches) the store behind each directory of the mount; blocking calls."""
 
@@ -95,7 +109,8 @@ class Catalog:
         self._store_factory = store_factory
         self.per_agent = source.kind is SourceKind.STATE_DIR
         self._lock = threading.Lock()
-        self._open: dict[str | None, tuple[tuple[int, int], SessionStore | LegacyView]] = {}
+        self._open: dict[str | None, _Opened] = {}
+        self._retired: set[_Opened] = set()  # replaced, closed when their last user leaves
         if not self.per_agent and not self._ref(None).has_store():
             raise NoStore(f"{source.path} holds neither sessions.d/ nor sessions.json")
 
@@ -121,8 +136,22 @@ class Catalog:
             return False
         return self._ref(agent_id).has_store()
 
-    def backing(self, agent_id: str | None) -> Backing:
-        """The store of *agent_id* (``None``: the single store), reopened if it was replaced."""
+    @contextlib.contextmanager
+    def backing(self, agent_id: str | None) -> Iterator[Backing]:
+        """The store of *agent_id* (``None``: the single store), reopened if it was replaced.
+
+        A store is in use for as long as this context lasts: a ``sessions.d/``
+        replaced meanwhile gets a new store for new callers, and the old one (its
+        directory descriptor) is closed only when its last user leaves, never
+        under a thread still working in it.
+        """
+        opened = self._acquire(agent_id)
+        try:
+            yield opened.backing
+        finally:
+            self._release(opened)
+
+    def _acquire(self, agent_id: str | None) -> _Opened:
         ref = self._ref(agent_id)
         with self._lock:
             try:
@@ -130,20 +159,41 @@ class Catalog:
                 identity = (st.st_dev, st.st_ino)
             except FileNotFoundError:
                 identity = (0, 0)
-            cached = self._open.get(agent_id)
-            if cached is not None and cached[0] == identity:
-                return cached[1]
-            if cached is not None and isinstance(cached[1], SessionStore):
-                cached[1].close()
-            backing: SessionStore | LegacyView
-            if identity != (0, 0):
-                backing = self._store_factory(ref.entries, self.max_entry_bytes)
-            elif ref.has_legacy():
-                backing = LegacyView(ref.legacy)
-            else:
-                raise NoStore(f"{ref.sessions_dir} holds neither sessions.d/ nor sessions.json")
-            self._open[agent_id] = (identity, backing)
-            return backing
+            current = self._open.get(agent_id)
+            if current is None or current.identity != identity:
+                if current is not None:
+                    self._retire(current)
+                    del self._open[agent_id]
+                backing: SessionStore | LegacyView
+                if identity != (0, 0):
+                    backing = self._store_factory(ref.entries, self.max_entry_bytes)
+                elif ref.has_legacy():
+                    backing = LegacyView(ref.legacy)
+                else:
+                    raise NoStore(f"{ref.sessions_dir} holds neither sessions.d/ nor sessions.json")
+                current = self._open[agent_id] = _Opened(identity, backing)
+            current.users += 1
+            return current
+
+    def _release(self, opened: _Opened) -> None:
+        with self._lock:
+            opened.users -= 1
+            if opened.users == 0 and opened in self._retired:
+                self._retired.discard(opened)
+                opened.close()
+
+    def _retire(self, opened: _Opened) -> None:
+        """No new users; closed now if unused, else by its last user (lock held)."""
+        if opened.users == 0:
+            opened.close()
+        else:
+            self._retired.add(opened)
+
+    @property
+    def open_stores(self) -> int:
+        """Stores whose directory is open now, retired ones still in use included."""
+        with self._lock:
+            return len(self._open) + len(self._retired)
 
     def watch_targets(self) -> list[WatchTarget]:
         """Every directory whose changes the mount must follow, as it is on disk now.
@@ -184,8 +234,8 @@ class Catalog:
         return os.statvfs(self.root_path)
 
     def close(self) -> None:
+        """At unmount: every store is retired (and closed once its last user leaves)."""
         with self._lock:
-            for _, backing in self._open.values():
-                if isinstance(backing, SessionStore):
-                    backing.close()
+            for opened in self._open.values():
+                self._retire(opened)
             self._open.clear()

@@ -47,10 +47,10 @@ class Backings:
 
         def run() -> _T:
             try:
-                backing = self.catalog.backing(agent_id)
-            except NoStore:
+                with self.catalog.backing(agent_id) as backing:
+                    return call(backing)
+            except NoStore:  # only opening raises it
                 raise EntryNotFound(f"agent {agent_id!r} has no store any more") from None
-            return call(backing)
 
         return await trio.to_thread.run_sync(run, limiter=self.limiter)
 
