@@ -85,6 +85,11 @@ class PausingStore(SessionStore):
         self.gates.pause("after remove")
         return removed
 
+    def read(self, key: str) -> Snapshot:
+        snap = super().read(key)
+        self.gates.pause("after read")
+        return snap
+
     def stat_many(self, keys: list[str]) -> list[os.stat_result | None]:
         self.gates.pause("in stat_many")  # a listing has its keys, not yet their stats
         return super().stat_many(keys)

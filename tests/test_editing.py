@@ -1072,3 +1072,60 @@ async def test_identical_accept_is_not_logged_as_a_conflict(
     with caplog.at_level(logging.WARNING, logger="sessionfs"):
         await drive.close(fh)
     assert "conflict" not in caplog.text, caplog.text
+
+
+# -- memory: keys that went are forgotten ------------------------------------------
+
+
+async def test_gone_keys_are_forgotten_once_the_kernel_lets_go(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    root = fs.operations.tree.root
+    await drive.listdir()
+    baseline_nodes, baseline_known = len(fs.operations.tree.nodes), len(root.known)
+    churn = [f"cron:churn{i}" for i in range(50)]
+    for key in churn:
+        store.write(key, entry_bytes(key.replace(":", "-")))
+    await fs.index.refresh(root, churn)  # the watcher's events for them
+    inodes = {key: (await drive.lookup(f"{key}.json")).st_ino for key in churn}
+    for key in churn:
+        store.remove(key)
+    await settled(fs)
+    assert len(fs.operations.tree.nodes) == baseline_nodes + 50  # the kernel still holds them
+    await fs.operations.forget([(ino, 1) for ino in inodes.values()])
+    assert len(fs.operations.tree.nodes) == baseline_nodes
+    assert len(root.known) == baseline_known
+    assert fs.index.forgotten >= 50
+    store.write(churn[0], entry_bytes("back"))  # a key that comes back is a new file
+    await fs.index.refresh(root, churn[:1])
+    assert (await drive.lookup(f"{churn[0]}.json")).st_ino not in inodes.values()
+    assert await drive.read(f"{churn[0]}.json") == entry_bytes("back")
+
+
+async def test_lookups_of_missing_names_keep_nothing(fs: Filesystem, drive: Driver) -> None:
+    root = fs.operations.tree.root
+    fs.index.unwatch(None)  # every lookup asks the disk
+    before = (len(root.known), len(fs.operations.tree.nodes))
+    for i in range(100):
+        assert not await drive.exists(f"cron:missing{i}.json")
+    assert (len(root.known), len(fs.operations.tree.nodes)) == before
+
+
+async def test_a_look_that_began_before_a_key_went_cannot_bring_it_back(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    root = fs.operations.tree.root
+    await fs.index.scan(root)  # complete, and no node the kernel holds keeps the key
+
+    async def reads_old_version() -> None:
+        await fs.index.read(root, KEY)  # an open that read the entry before it went
+
+    async def gateway_removes() -> None:
+        store.remove(KEY)
+        await settled(fs)  # the watcher learns it went, while the read is in flight
+
+    await while_paused(gates, "after read", reads_old_version, gateway_removes)
+    assert root.present(KEY) is None
+    assert NAME not in await drive.listdir()
+    assert not await drive.exists(NAME)
+    assert KEY not in root.known  # with nothing in flight, it is forgotten

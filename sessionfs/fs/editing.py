@@ -317,6 +317,9 @@ class Editing:
                     await self._abandon(node)
             finally:
                 self.tree.release(node)
+                if isinstance(node, File) and node.linked and node.key is not None:
+                    assert node.parent is not None
+                    self.index.forget_gone(node.parent, node.key)
 
     async def _refused(self, handle: Handle, exc: OSError) -> pyfuse3.FUSEError:
         """A commit of *handle* was refused: report it; the old entry stays in every view.

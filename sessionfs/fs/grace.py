@@ -119,8 +119,7 @@ class GracePeriods:
         self.records[ident] = grace
         self._added.set()
 
-    @staticmethod
-    def _drop(grace: Grace | None) -> None:
+    def _drop(self, grace: Grace | None) -> None:
         backup = None if grace is None else grace.backup
         if (
             grace is not None
@@ -128,6 +127,7 @@ class GracePeriods:
             and grace.parent.away.get(grace.key) == backup.ino
         ):
             del grace.parent.away[grace.key]
+            self.index.forget_gone(grace.parent, grace.key)
 
     def _deadline(self) -> float:
         return self.clock() + self.seconds

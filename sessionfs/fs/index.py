@@ -98,7 +98,11 @@ class Index:
         self._busy: collections.Counter[tuple[int, str]] = collections.Counter()
         self._deferred: set[tuple[int, str]] = set()
         self._scans: dict[int, list[set[str]]] = {}  # listings in flight, per directory
+        # Stamps of every look at the disk in flight, per directory: a key that went
+        # is forgotten only once nothing that began before it went can still report.
+        self._inflight: dict[int, set[int]] = {}
         self.outside_changes = 0
+        self.forgotten = 0  # gone keys whose records and nodes were dropped
 
     # -- trust -----------------------------------------------------------------
 
@@ -122,11 +126,23 @@ class Index:
 
     # -- the ordering rule -----------------------------------------------------
 
-    @staticmethod
-    def stamp(parent: Dir) -> int:
-        """A new stamp for knowledge about to be taken from *parent*'s store; take it first."""
+    @contextlib.contextmanager
+    def _looking(self, parent: Dir) -> Iterator[int]:
+        """A new stamp for knowledge about to be taken from *parent*'s store; take it first.
+
+        The look is in flight until the context ends (see :meth:`_sweep`).
+        """
         parent.generation += 1
-        return parent.generation
+        stamp = parent.generation
+        flight = self._inflight.setdefault(parent.ino, set())
+        flight.add(stamp)
+        try:
+            yield stamp
+        finally:
+            flight.discard(stamp)
+            if not flight:
+                del self._inflight[parent.ino]
+            self._sweep(parent)
 
     def learn(self, parent: Dir, key: str, seen: Seen | None, stamp: int) -> bool:
         """Record that at *stamp*, *key*'s entry was *seen* (None: absent).
@@ -150,6 +166,8 @@ class Index:
             if node is not None:
                 node.last_seen = known.seen()  # what its open handles keep showing
         known.set(stamp, seen)
+        if seen is None:
+            parent.gone.add(key)
         changed = before != known.version or (seen is not None and was_writable != seen.writable)
         if seen is not None:
             self._appeared(parent, key)
@@ -167,23 +185,24 @@ class Index:
     @contextlib.contextmanager
     def own(self, parent: Dir, key: str) -> Iterator[OwnChange]:
         """Mark an operation of the mount on *key* as in flight; stamps it before its I/O."""
-        change = OwnChange(parent, key, self.stamp(parent))
-        ident = (parent.ino, key)
-        self._busy[ident] += 1
-        try:
-            yield change
-        finally:
-            if change.done:
-                self.learn(parent, key, change.result, change.stamp)
-            self._busy[ident] -= 1
-            if not self._busy[ident]:
-                del self._busy[ident]
-                if ident in self._deferred:
-                    self._deferred.discard(ident)
-                    now = parent.present(key)
-                    ours = change.done and _version(now) == _version(change.result)
-                    if not ours:
-                        self._tell_kernel(parent, key)
+        with self._looking(parent) as stamp:
+            change = OwnChange(parent, key, stamp)
+            ident = (parent.ino, key)
+            self._busy[ident] += 1
+            try:
+                yield change
+            finally:
+                if change.done:
+                    self.learn(parent, key, change.result, change.stamp)
+                self._busy[ident] -= 1
+                if not self._busy[ident]:
+                    del self._busy[ident]
+                    if ident in self._deferred:
+                        self._deferred.discard(ident)
+                        now = parent.present(key)
+                        ours = change.done and _version(now) == _version(change.result)
+                        if not ours:
+                            self._tell_kernel(parent, key)
 
     def _learned_outside(self, parent: Dir, key: str, seen: Seen | None, stamp: int) -> None:
         if not self.learn(parent, key, seen, stamp):
@@ -216,33 +235,36 @@ class Index:
 
     async def stat(self, parent: Dir, key: str) -> Seen | None:
         """Ask the store about *key*, learn the answer, and return what is known now."""
-        stamp = self.stamp(parent)
-        try:
-            st = await self.backings.run(parent.agent_id, "stat", lambda b: b.stat(key))
-        except EntryNotFound:
-            self.learn(parent, key, None, stamp)
-        else:
-            self.learn(parent, key, Seen.of(st), stamp)
+        with self._looking(parent) as stamp:
+            try:
+                st = await self.backings.run(parent.agent_id, "stat", lambda b: b.stat(key))
+            except EntryNotFound:
+                self.learn(parent, key, None, stamp)
+            else:
+                self.learn(parent, key, Seen.of(st), stamp)
         known = parent.present(key)
         return None if known is None else known.seen()
 
     async def read(self, parent: Dir, key: str) -> Snapshot:
         """Read *key*'s current version (the bytes an open serves) and learn its stat."""
-        stamp = self.stamp(parent)
-        try:
-            snap = await self.backings.run(parent.agent_id, "read", lambda b: b.read(key))
-        except EntryNotFound:
-            self.learn(parent, key, None, stamp)
-            raise
-        self.learn(parent, key, Seen.of(snap.stat), stamp)
-        return snap
+        with self._looking(parent) as stamp:
+            try:
+                snap = await self.backings.run(parent.agent_id, "read", lambda b: b.read(key))
+            except EntryNotFound:
+                self.learn(parent, key, None, stamp)
+                raise
+            self.learn(parent, key, Seen.of(snap.stat), stamp)
+            return snap
 
     async def scan(self, parent: Dir) -> None:
         """Learn every entry of *parent*'s store in one pass (a listing).
 
         With a watcher on the store the result stays current (``complete``).
         """
-        stamp = self.stamp(parent)
+        with self._looking(parent) as stamp:
+            await self._scan(parent, stamp)
+
+    async def _scan(self, parent: Dir, stamp: int) -> None:
         trusted = self.trusted(parent)
 
         def scan(store: Backing) -> dict[str, Known]:
@@ -290,7 +312,10 @@ class Index:
 
     async def refresh(self, parent: Dir, keys: list[str]) -> None:
         """The watcher saw *keys* change: stat them and tell the kernel what differs."""
-        stamp = self.stamp(parent)
+        with self._looking(parent) as stamp:
+            await self._refresh(parent, keys, stamp)
+
+    async def _refresh(self, parent: Dir, keys: list[str], stamp: int) -> None:
         try:
             stats = await self.backings.run(parent.agent_id, "stat", lambda b: b.stat_many(keys))
         except OSError as exc:
@@ -330,6 +355,47 @@ class Index:
         """After lost events: every key known, and every key on disk, is looked at again."""
         self.incomplete(parent)
         await self.refresh(parent, sorted(parent.known))
+
+    # -- memory ------------------------------------------------------------------
+
+    def _sweep(self, parent: Dir) -> None:
+        """Forget keys that went, so a mount whose sessions churn does not grow for ever.
+
+        A gone key's record can be dropped once no look at the disk that began
+        before it went is still in flight (such a look could report the old
+        entry, and with the record gone nothing would say it is stale).
+        """
+        for key in list(parent.gone):
+            parent.gone.discard(key)
+            self.forget_gone(parent, key)
+
+    def forget_gone(self, parent: Dir, key: str) -> None:
+        """Drop what is kept of *key* if it is gone and nothing refers to it.
+
+        A node the kernel still knows (a lookup count), an open file, a pending
+        new file, an operation in flight or a grace period keep it; the kernel's
+        ``forget`` and the last ``release`` call this again.  A key that comes
+        back later gets a new inode number.
+        """
+        known = parent.known.get(key)
+        if known is None or known.version is not None or key in parent.away:
+            return
+        flight = self._inflight.get(parent.ino)
+        if (parent.ino, key) in self._busy or (flight and min(flight) < known.stamp):
+            parent.gone.add(key)  # decided when those end
+            return
+        node = self.tree.known_session(parent, key)
+        if node is not None and not self.tree.drop_session(node):
+            return
+        del parent.known[key]  # absent and unknown answer the same (entry(), listings)
+        self.forgotten += 1
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped *count* references to *ino*."""
+        node = self.tree.forget(ino, count)
+        if isinstance(node, File) and node.linked and node.key is not None:
+            assert node.parent is not None
+            self.forget_gone(node.parent, node.key)
 
     def check(self) -> None:
         """Invariants of the index and the tree; tests call this after every operation."""

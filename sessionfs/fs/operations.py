@@ -90,7 +90,7 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
-            self.tree.forget(inode, count)
+            self.names.index.forget(inode, count)
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -142,6 +142,7 @@ class Dir(Node):
     complete: bool = False
     epoch: int = 0  # counts losses of events; a listing that saw one stays partial
     generation: int = 0
+    gone: set[str] = field(default_factory=set)  # keys that went, to forget (index._sweep)
 
     def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
         started = owner.started_ns
@@ -409,12 +410,23 @@ class Tree:
 
     # -- the kernel's references ---------------------------------------------
 
-    def forget(self, ino: int, count: int) -> None:
+    def forget(self, ino: int, count: int) -> Node | None:
         node = self.nodes.get(ino)
         if node is None:
-            return
+            return None
         node.nlookup = max(0, node.nlookup - count)
         self._maybe_drop(node)
+        return node
+
+    def drop_session(self, node: File) -> bool:
+        """Drop a linked session's node that nothing refers to; whether it was dropped."""
+        if node.nlookup or node.open_handles or node.pending:
+            return False
+        assert node.parent is not None and node.key is not None and node.linked
+        del node.parent.sessions[node.key]
+        del self.nodes[node.ino]
+        node.linked = False
+        return True
 
     def release(self, node: Node) -> None:
         node.open_handles -= 1
