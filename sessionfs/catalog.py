@@ -20,7 +20,15 @@ from typing import Protocol
 from .entry import DEFAULT_MAX_ENTRY_BYTES
 from .errors import NoStore
 from .legacy import LegacyView
-from .sources import AGENT_ID_RE, AgentStore, Source, SourceKind, agent_problem, scan_agents
+from .sources import (
+    AGENT_ID_RE,
+    AgentStore,
+    Source,
+    SourceKind,
+    agent_of,
+    agent_problem,
+    scan_agents,
+)
 from .store import Commit, SessionStore, Snapshot, Version
 
 
@@ -124,6 +132,10 @@ class Catalog:
                 return AgentStore(self.source.path.parent)
             return self.source.stores()[0]
         return AgentStore(self.source.agents_dir / agent_id / "sessions", agent_id)
+
+    def owning_agent(self, agent_id: str | None) -> str | None:
+        """Whose keys the store of directory *agent_id* holds (None: not known)."""
+        return agent_id if agent_id is not None else agent_of(self._ref(None).sessions_dir)
 
     def agents(self) -> list[str]:
         """The agent ids to show right now."""

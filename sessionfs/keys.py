@@ -114,3 +114,21 @@ def normalize_key(key: str) -> str:
         end = len(key) if end < 0 else end
         return key[:start].lower() + key[start:end] + key[end:].lower()
     return key.lower()
+
+
+def lookup_problem(key: str, agent_id: str | None) -> str | None:
+    """Why the gateway would never find *key* in *agent_id*'s store; None if it would.
+
+    The gateway looks every key up in its normalized spelling, and an agent only
+    ever looks up its own ``agent:<id>:`` keys; keys without an agent part
+    (``cron:``, ``hook:``) belong anywhere.  *agent_id* None: the store's agent is
+    not known, so only the spelling is checked.
+    """
+    normalized = normalize_key(key)
+    if normalized != key:
+        return f"the gateway looks this key up as {normalized!r}"
+    if agent_id is not None and key.startswith("agent:"):
+        owner = key.split(":", 2)[1]
+        if owner != agent_id:
+            return f"this key belongs to agent {owner!r}, not to {agent_id!r}"
+    return None

@@ -81,6 +81,14 @@ class Source:
         return [AgentStore(self.path)]
 
 
+def agent_of(sessions_dir: Path) -> str | None:
+    """The agent whose sessions dir this is (``agents/<id>/sessions``), if it is one."""
+    agent = sessions_dir.parent
+    if sessions_dir.name == "sessions" and agent.parent.name == "agents":
+        return agent.name if AGENT_ID_RE.match(agent.name) else None
+    return None
+
+
 def default_source() -> Path:
     state = os.environ.get("OPENCLAW_STATE_DIR")
     return Path(state).expanduser() if state else Path.home() / ".openclaw"

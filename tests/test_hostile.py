@@ -287,3 +287,34 @@ async def test_failing_background_maintenance_is_logged_and_retried(
     assert "maintenance failed: agents/main: Permission denied; trying again" in caplog.text
     assert "internal error in maintenance; trying again at the next run" in caplog.text
     assert "RuntimeError: gremlin" in caplog.text
+
+
+@pytest.mark.fuse
+def test_keys_the_gateway_would_never_find_are_refused(state_dir: Path, tmp_path: Path) -> None:
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        main, work = mount.path / "main", mount.path / "work"
+        with raises_errno(errno.EINVAL):
+            (main / "UPPER:Case.json").write_bytes(entry_bytes("upper"))
+        archive = tmp_path / "main.tar"
+        subprocess.run(["tar", "-cf", str(archive), "-C", str(main), "."], check=True)
+        untar = subprocess.run(
+            ["tar", "-xf", str(archive), "-C", str(work)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert untar.returncode != 0  # every agent:main:* entry is refused in work's dir
+        assert "agent\\:main\\:main.json: Cannot open: Invalid argument" in untar.stderr
+        assert not [p.name for p in work.iterdir() if p.name.startswith("agent:main:")]
+        (work / "cron:anywhere.json").write_bytes(entry_bytes("cron"))  # no agent part: fine
+        # a key that exists already keeps working, whatever its spelling
+        (main / "agent:main:main.json").write_bytes(entry_bytes("still"))
+        errors = (mount.path / ".sessionfs" / "errors").read_text()
+        assert "main/UPPER:Case.json" in errors
+        assert "the gateway looks this key up as 'upper:case'" in errors
+        assert "this key belongs to agent 'main', not to 'work'" in errors
+        assert "the gateway looks this key up as 'upper:case'" in mount.log_text()
+    with SessionStore(state_dir / "agents/work/sessions/sessions.d") as store:
+        keys = list(store.keys())
+    assert "cron:anywhere" in keys
+    assert not [k for k in keys if k.startswith("agent:main:") or k != k.lower()]

@@ -15,6 +15,7 @@ from sessionfs.keys import (
     filename_to_key,
     key_to_display,
     key_to_filename,
+    lookup_problem,
     normalize_key,
 )
 from tests.conftest import FIXTURE_STATE
@@ -243,3 +244,21 @@ def test_normalize_key(key: str, normalized: str) -> None:
 def test_normalize_is_idempotent(key: str) -> None:
     once = normalize_key(key)
     assert normalize_key(once) == once
+
+
+@pytest.mark.parametrize(
+    ("key", "agent", "problem"),
+    [
+        ("agent:main:main", "main", None),
+        ("cron:job-1", "work", None),
+        ("hook:abc", None, None),
+        ("UPPER:Case", "main", "the gateway looks this key up as 'upper:case'"),
+        (" agent:main:x", "main", "the gateway looks this key up as 'agent:main:x'"),
+        ("agent:main:main", "work", "this key belongs to agent 'main', not to 'work'"),
+        ("agent:main:main", None, None),
+        ("agent:main:matrix:group:!AbC:matrix.org", "main", None),
+        ("agent:main:signal:group:XyZ", "main", None),
+    ],
+)
+def test_lookup_problem(key: str, agent: str | None, problem: str | None) -> None:
+    assert lookup_problem(key, agent) == problem

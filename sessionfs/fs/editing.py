@@ -34,8 +34,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from ..errors import EntryExists, InvalidEntry, LockBusy, SessionFSError
-from ..keys import key_to_display
+from ..errors import EntryExists, InvalidEntry, InvalidKey, LockBusy, SessionFSError
+from ..keys import key_to_display, lookup_problem
 from ..store import ABSENT, EntryChanged, Version
 from .backings import Backings
 from .cache import ContentCache
@@ -160,11 +160,25 @@ class Editing:
             return node, self.new_handle(node, flags, node.data)
         key = session_key(name)
         await self._check_writable(parent)
+        self._check_findable(parent, key)
         self.graces.claim(parent, key)  # a new version is coming: never remove the old one now
         node = self.tree.new_pending(parent, key)
         return node, self.new_handle(
             node, flags, b"", version=self.graces.replaced_version(parent, key), key=key
         )
+
+    def _check_findable(self, parent: Dir, key: str) -> None:
+        """EINVAL for a new key the gateway would never look up (it would sit unread).
+
+        A key that went within its grace period may come back as it was (an
+        ``install`` or ``tar -x`` of the mount's own files).
+        """
+        if self.graces.replaced_version(parent, key) is not None:
+            return
+        problem = lookup_problem(key, self.names.catalog.owning_agent(parent.agent_id))
+        if problem is not None:
+            path = user_path(parent, key_to_display(key))
+            raise self.rejections.add(path, InvalidKey(f"{problem}; refused a new key"))
 
     def lock_deadline(self) -> float:
         """Until when a request that arrives now may wait for a key's lock (trio time)."""
@@ -431,6 +445,8 @@ class Editing:
         if new in parent.children:
             raise pyfuse3.FUSEError(errno.EISDIR)  # .sessionfs: the mount's own directory
         target_key = None if is_scratch_name(new) else session_key(new)
+        if target_key is not None and target_key != source.key:
+            self._check_findable(parent, target_key)
         keys = tuple(k for k in (source.key, target_key) if k is not None)
         concluded = None
         async with self.backings.serialized(parent.agent_id, keys, self.lock_deadline()):
