@@ -469,3 +469,48 @@ def maintain_source(
             result.error = str(exc) or type(exc).__name__  # keeps what enforce already did
         results.append(result)
     return results
+
+
+# -- a removal made elsewhere ------------------------------------------------------
+
+
+def archive_transcripts_of(
+    store: SessionStore, removed: bytes, now: dt.datetime | None = None
+) -> list[str]:
+    """After a removal became final: archive its transcripts, as a maintenance run would.
+
+    ``rm`` through the mount removes an entry; its transcript (``<sessionId>.jsonl``
+    and topic variants) is renamed to ``<name>.deleted.<time>`` unless another
+    entry still references the same session id.  Returns the archived names.
+    """
+    value = _parse(removed)
+    session_id = value.get("sessionId") if isinstance(value, dict) else None
+    if not isinstance(session_id, str) or not session_id:
+        return []
+    sessions_dir = store.path.parent
+    wanted = session_id.lower()
+    names = sorted(d.name for d in _transcripts(_files(sessions_dir)).get(wanted, []))
+    if not names or _referenced(store, wanted):
+        return []
+    when = now or dt.datetime.now(dt.UTC)
+    return [name for name in names if _archive(sessions_dir, name, when)]
+
+
+def _referenced(store: SessionStore, session_id: str) -> bool:
+    """Whether any entry's sessionId is *session_id* (lowercase); unreadable ones count."""
+    needle = session_id.encode()
+    for key, _ in store.scan():
+        try:
+            data = store.read(key).data
+        except EntryNotFound:
+            continue
+        except SessionFSError:
+            return True  # cannot tell: keep the transcript
+        if needle in data.lower():  # only entries that may hold it are parsed
+            value = _parse(data)
+            other = value.get("sessionId") if isinstance(value, dict) else None
+            if not isinstance(value, dict) or (
+                isinstance(other, str) and other.lower() == session_id
+            ):
+                return True
+    return False

@@ -1129,3 +1129,62 @@ async def test_a_look_that_began_before_a_key_went_cannot_bring_it_back(
     assert NAME not in await drive.listdir()
     assert not await drive.exists(NAME)
     assert KEY not in root.known  # with nothing in flight, it is forgotten
+
+
+# -- transcripts of removed sessions -----------------------------------------------
+
+
+def transcripts(sessions_dir: Path, session_id: str) -> list[str]:
+    return sorted(p.name for p in sessions_dir.iterdir() if p.name.startswith(session_id))
+
+
+async def test_rm_archives_the_transcript_when_the_removal_is_final(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock, sessions_dir: Path
+) -> None:
+    (sessions_dir / "original.jsonl").write_text('{"type":"session"}\n')
+    (sessions_dir / "original-topic-7.jsonl").write_text('{"type":"session"}\n')
+    await drive.unlink(NAME)
+    assert transcripts(sessions_dir, "original") == [
+        "original-topic-7.jsonl",
+        "original.jsonl",
+    ]  # within the grace period a refused replacement could still bring it back
+    clock.now += 10
+    await fs.graces.expire()
+    archived = transcripts(sessions_dir, "original")
+    assert len(archived) == 2
+    assert all(".jsonl.deleted." in name for name in archived)
+
+
+async def test_rm_keeps_a_transcript_another_entry_references(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock, sessions_dir: Path
+) -> None:
+    (sessions_dir / "original.jsonl").write_text('{"type":"session"}\n')
+    store.write("cron:3", entry_bytes("ORIGINAL"))  # the same session id, another case
+    await drive.unlink(NAME)
+    clock.now += 10
+    await fs.graces.expire()
+    assert transcripts(sessions_dir, "original") == ["original.jsonl"]
+
+
+async def test_a_refused_replacement_keeps_the_transcript(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock, sessions_dir: Path
+) -> None:
+    (sessions_dir / "original.jsonl").write_text('{"type":"session"}\n')
+    await drive.unlink(NAME)
+    with pytest.raises(pyfuse3.FUSEError):
+        await drive.write(NAME, b"{nope", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    clock.now += 10
+    await fs.graces.expire()
+    assert transcripts(sessions_dir, "original") == ["original.jsonl"]
+
+
+async def test_an_editor_backup_removed_for_good_archives_the_transcript(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock, sessions_dir: Path
+) -> None:
+    (sessions_dir / "original.jsonl").write_text('{"type":"session"}\n')
+    await drive.rename(NAME, "notes.txt")  # renamed away, never written anew
+    clock.now += 10
+    await fs.graces.expire()
+    assert not store.exists(KEY)
+    (archived,) = transcripts(sessions_dir, "original")
+    assert archived.startswith("original.jsonl.deleted.")

@@ -22,6 +22,7 @@ session stays) or after the unlink (it is gone): never a partial entry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -30,8 +31,10 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import EntryNotFound
-from ..store import ABSENT, EntryChanged, Snapshot, Version
+from ..catalog import Backing
+from ..errors import EntryNotFound, describe_error
+from ..maintain import archive_transcripts_of
+from ..store import ABSENT, EntryChanged, SessionStore, Snapshot, Version
 from .backings import Backings
 from .index import Index
 from .kernel import Kernel
@@ -250,6 +253,7 @@ class GracePeriods:
         parent, key, version = grace.parent, grace.key, grace.snapshot.version
         if grace.backup is None:
             log.debug("removal of %s is final", user_path(parent, key))
+            await self.backings.run(parent.agent_id, "archive", self._archiver(grace))
             return
         removed = False
         try:
@@ -276,6 +280,7 @@ class GracePeriods:
             if node is not None and not node.pending:
                 self.kernel.forget_name(parent.ino, node.name)
             log.info("removed session %s: renamed to %s and not written anew", where, backup)
+            await self.backings.run(parent.agent_id, "archive", self._archiver(grace))
         else:
             await self.index.stat(parent, key)
             log.info("kept session %s: it changed after it was renamed to %s", where, backup)
@@ -294,12 +299,43 @@ class GracePeriods:
             except Exception:  # never expected (conclude guards each); never fatal either
                 log.exception("internal error while ending grace periods; will retry")
 
+    @staticmethod
+    def _archiver(grace: Grace) -> Callable[[Backing], None]:
+        """Archive the transcripts of *grace*'s session, whose removal is final, as
+        maintenance would (unless another entry references them); never raises."""
+
+        def archive(backing: Backing) -> None:
+            where = user_path(grace.parent, grace.key)
+            if not isinstance(backing, SessionStore):
+                return
+            try:
+                archived = archive_transcripts_of(backing, grace.snapshot.data)
+            except OSError as exc:
+                log.warning(
+                    "could not archive the transcript of removed session %s: %s",
+                    where,
+                    describe_error(exc),
+                )
+                return
+            for name in archived:
+                log.info("archived transcript %s of removed session %s", name, where)
+
+        return archive
+
     def keep_all(self) -> None:
-        """The mount ends: sessions renamed away stay in the store (nothing is lost)."""
+        """The mount ends: sessions renamed away stay in the store (nothing is lost);
+        the transcripts of unlinked ones, whose removal is final, are archived."""
         for grace in self.records.values():
             if grace.backup is not None:
                 log.info(
                     "kept session %s: the mount ended within its grace period",
                     user_path(grace.parent, grace.key),
                 )
+                continue
+            # (the store may have gone: then there is nothing to archive in)
+            with (
+                contextlib.suppress(OSError),
+                self.backings.catalog.backing(grace.parent.agent_id) as backing,
+            ):
+                self._archiver(grace)(backing)
         self.records.clear()
