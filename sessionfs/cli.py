@@ -12,8 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import __version__, maintain, migrate, sources
-from .errors import SessionFSError
+from . import __version__, fsck, maintain, migrate, sources
+from .errors import NoStore, SessionFSError
 from .fs.editing import LOCK_TIMEOUT
 from .keys import key_to_display
 from .store import SessionStore
@@ -198,6 +198,27 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
     if any(r.error for r in results):
         return 3
     return 1 if any(r.changes for r in results) else 0
+
+
+def _cmd_fsck(args: argparse.Namespace) -> int:
+    from .daemon import mount_serving
+
+    source = sources.resolve(args.source)
+    if args.repair:
+        mountpoint = mount_serving(source.path)
+        if mountpoint is not None:
+            print(
+                f"sessionfs: {source.path} is mounted at {mountpoint}; a repair must not change "
+                f"it behind the daemon: run `sessionfs umount {mountpoint}` first",
+                file=sys.stderr,
+            )
+            return 3
+    checks = fsck.check_source(source, repair=args.repair)
+    if not checks:
+        print(f"{source.path}: no agents with a sessions dir")
+    for check in checks:
+        print("\n".join(check.lines()))
+    return fsck.exit_code(checks)
 
 
 def _answers(mountpoint: Path) -> bool:
@@ -397,6 +418,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
 
+    chk = commands.add_parser(
+        "fsck",
+        help="check every store under SOURCE; --repair quarantines what no gateway can read",
+        description="Check every directory-era and JSON-era store under SOURCE and report each "
+        "problem on one line. With --repair, move what no gateway could read into "
+        "sessions.d/.quarantine/<time>/ (never delete it), remove stray temp files, migration "
+        "staging and stale locks, and complete an interrupted migration. SQLite-era agents "
+        "are never touched.",
+        epilog="exit status: 0 clean, 1 something was found, 2 usage error, 3 could not check "
+        "(or the store is mounted and --repair was asked)",
+    )
+    chk.add_argument("source", nargs="?", help=SOURCE_HELP)
+    chk.add_argument("--repair", action="store_true", help="repair what is safe to repair")
+    chk.set_defaults(func=_cmd_fsck)
+
     ls = commands.add_parser("ls", help="list the sessions of every store under SOURCE")
     ls.add_argument("source", nargs="?", help=SOURCE_HELP)
     ls.set_defaults(func=_cmd_ls)
@@ -412,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="sessionfs: %(message)s")
     try:
         code: int = args.func(args)
+    except NoStore as exc:  # a SOURCE that holds no store: a usage error, as argparse's
+        print(f"sessionfs: {exc}", file=sys.stderr)
+        return 2
     except SessionFSError as exc:
         print(f"sessionfs: {exc}", file=sys.stderr)
         return 1

@@ -103,6 +103,35 @@ def find_mount(path: Path) -> MountEntry | None:
     return found
 
 
+def sessionfs_mounts() -> list[Path]:
+    """The mountpoints of every sessionfs mount this process can see."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+        for line in info:
+            before, _, after = line.partition(" - ")
+            fields, tail = before.split(), after.split()
+            if len(fields) >= 5 and tail and tail[0] == FS_TYPE:
+                found.append(Path(_unescape(fields[4])))
+    return found
+
+
+def mount_serving(path: Path) -> Path | None:
+    """The mountpoint of a sessionfs mount whose source contains or lies inside *path*.
+
+    A store must not be changed behind its daemon (fsck --repair, maintenance of a
+    mounted store); a mount that does not answer is assumed to serve it.
+    """
+    target = _absolute(path)
+    for mountpoint in sessionfs_mounts():
+        try:
+            source = Path(_read_control(mountpoint, "source").strip())
+        except OSError:
+            return mountpoint
+        if source == target or source in target.parents or target in source.parents:
+            return mountpoint
+    return None
+
+
 def is_mounted(path: Path, fstype: str = FS_TYPE) -> bool:
     """Whether a filesystem of *fstype* is mounted exactly at *path*."""
     entry = find_mount(path)

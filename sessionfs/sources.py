@@ -29,6 +29,18 @@ class SourceKind(enum.Enum):
     LEGACY_FILE = "sessions.json file"
 
 
+class Era(enum.Enum):
+    """Which OpenClaw store an agent's sessions live in (see the eras reference)."""
+
+    SQLITE = "SQLite era"
+    DIRECTORY = "directory era"
+    JSON = "JSON era"
+    NONE = "no store"
+
+
+SQLITE_DB = Path("agent") / "openclaw-agent.sqlite"
+
+
 @dataclass(frozen=True)
 class AgentStore:
     """One agent's sessions dir and the two stores it may hold."""
@@ -57,6 +69,26 @@ class AgentStore:
     def has_store(self) -> bool:
         """Whether there is anything to show: a ``sessions.d/`` or a ``sessions.json``."""
         return self.has_entries() or self.has_legacy()
+
+    @property
+    def database(self) -> Path:
+        """The agent's SQLite store (``agents/<id>/agent/openclaw-agent.sqlite``)."""
+        return self.sessions_dir.parent / SQLITE_DB
+
+    @property
+    def owner(self) -> str | None:
+        """The agent whose keys this store holds, when it is known."""
+        return self.agent_id if self.agent_id is not None else agent_of(self.sessions_dir)
+
+    def era(self) -> Era:
+        """Decided once, here: a database wins (its sessions.json is only import input)."""
+        if self.database.is_file() and not self.database.is_symlink():
+            return Era.SQLITE
+        if self.has_entries():
+            return Era.DIRECTORY
+        if self.has_legacy() or self.legacy.is_symlink():
+            return Era.JSON
+        return Era.NONE
 
 
 @dataclass

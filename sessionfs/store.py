@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 # our listing both skip them; the fixed shape lets cleanup remove only ours.
 _TEMP_RE = re.compile(r"^\.sfs-[0-9a-f]{16}\.tmp$")
 STRAY_TEMP_AGE = 60.0
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether *name* is one of the store's own temp files (``.sfs-<hex>.tmp``)."""
+    return _TEMP_RE.match(name) is not None
+
+
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 

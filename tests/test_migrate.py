@@ -301,9 +301,9 @@ def test_default_source_is_openclaw_state_dir(
 def test_missing_source_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli(["migrate", str(tmp_path / "nope")]) == 1
+    assert cli(["migrate", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli(["migrate", str(tmp_path)]) == 1
+    assert cli(["migrate", str(tmp_path)]) == 2
     assert "holds no session store" in capsys.readouterr().err
 
 

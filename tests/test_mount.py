@@ -261,7 +261,7 @@ def test_mount_errors_are_clear(state_dir: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     result = sessionfs("mount", str(empty), str(tmp_path))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "holds no session store" in result.stderr
     with mounted(state_dir, tmp_path / "mnt") as mount:
         result = sessionfs("mount", str(state_dir), str(mount.path))

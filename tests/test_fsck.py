@@ -1,0 +1,193 @@
+"""`sessionfs fsck`: every problem named on one line; repairs that never lose a readable entry."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sessionfs import sources
+from sessionfs.migrate import migrate_source
+from tests.helpers import entry_bytes
+from tests.mounting import REPO, mounted, sessionfs
+
+HOSTILE = {
+    "cron%3Afifo.json": "a FIFO carries an entry's name; never opened",
+    "cron%3Apasswd.json": "a symlink carries an entry's name; never opened",
+    "cron%3Adir.json": "a directory carries an entry's name; never opened",
+    "cron%3Anull.json": "a device carries an entry's name; never opened",
+    "cron%3Abig.json": "over the size cap",
+    "cron%3Anot-json.json": "not JSON; no gateway can read it",
+    "cron%3Aarray.json": "not a JSON object; no gateway can read it",
+    "cron:raw.json": "not the canonical file name of any key",
+    "bad\\xff.json": "not the canonical file name of any key",
+}
+READABLE = {
+    "cron%3Ano-updated.json": "invalid entry (a gateway still reads it): entry needs a numeric",
+    "UPPER%3ACase.json": "the gateway never finds this key: the gateway looks this key up as",
+    "agent%3Awork%3Ax.json": "this key belongs to agent 'work', not to 'main'",
+}
+
+
+def plant_hostile_files(entries: Path, *, big: int = 17 * 1024 * 1024) -> None:
+    """Every kind of file a store must survive, under entry names."""
+    os.mkfifo(entries / "cron%3Afifo.json")
+    (entries / "cron%3Apasswd.json").symlink_to("/etc/passwd")
+    (entries / "cron%3Adir.json").mkdir()
+    os.mknod(entries / "cron%3Anull.json", 0o600 | 0o020000, os.makedev(1, 3))
+    with open(entries / "cron%3Abig.json", "wb") as f:
+        f.truncate(big)  # sparse: costs no disk, and must never be read whole
+    (entries / "cron%3Anot-json.json").write_bytes(b"{half")
+    (entries / "cron%3Aarray.json").write_bytes(b"[1, 2]")
+    (entries / "cron:raw.json").write_bytes(entry_bytes("raw"))
+    (entries / os.fsdecode(b"bad\xff.json")).write_bytes(entry_bytes("bad"))
+    (entries / "cron%3Ano-updated.json").write_bytes(b'{"sessionId": "no-updated"}')
+    (entries / "UPPER%3ACase.json").write_bytes(entry_bytes("upper"))
+    (entries / "agent%3Awork%3Ax.json").write_bytes(entry_bytes("x"))
+
+
+@pytest.fixture
+def migrated(state_dir: Path) -> Path:
+    migrate_source(sources.resolve(state_dir), progress=None)
+    return state_dir
+
+
+def run_fsck(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sessionfs", "fsck", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        timeout=60,
+    )
+
+
+def tree_of(path: Path) -> list[tuple[str, int, int]]:
+    """Every name under *path* with its inode and size: what a rerun must not change."""
+    found = []
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(top, name))
+            found.append((os.path.relpath(os.path.join(top, name), path), st.st_ino, st.st_size))
+    return sorted(found)
+
+
+def test_a_clean_store_is_exit_0(migrated: Path) -> None:
+    result = run_fsck(str(migrated / "agents/work/sessions"))
+    assert result.returncode == 0, result.stdout
+    assert "(directory era): no problem(s)" in result.stdout
+
+
+def test_every_hostile_file_is_named_and_only_unreadable_ones_are_moved(migrated: Path) -> None:
+    entries = migrated / "agents/main/sessions/sessions.d"
+    plant_hostile_files(entries)
+    (entries / ".sfs-0123456789abcdef.tmp").write_bytes(b"{")
+    os.utime(entries / ".sfs-0123456789abcdef.tmp", (1, 1))
+    (migrated / "agents/main/sessions/sessions.d.migrating").mkdir()
+    result = run_fsck(str(migrated))
+    assert result.returncode == 1
+    for name, problem in {**HOSTILE, **READABLE}.items():
+        assert any(name in line and problem in line for line in result.stdout.splitlines()), (
+            name,
+            result.stdout,
+        )
+    assert "stray temp file" in result.stdout
+    assert "sessions.d.migrating: leftover staging" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    before = tree_of(migrated)
+    assert run_fsck(str(migrated)).stdout == result.stdout  # a check changes nothing
+    assert tree_of(migrated) == before
+
+    repaired = run_fsck("--repair", str(migrated))
+    assert repaired.returncode == 1
+    (quarantine,) = (entries / ".quarantine").iterdir()
+    moved = sorted(os.fsencode(p.name) for p in quarantine.iterdir())
+    assert moved == sorted(os.fsencode(name.replace("\\xff", "\udcff")) for name in HOSTILE)
+    assert (quarantine / "cron%3Apasswd.json").is_symlink()  # moved, never followed
+    for name in READABLE:
+        assert (entries / name).exists()  # a gateway reads these: reported, never moved
+    assert not (entries / ".sfs-0123456789abcdef.tmp").exists()
+    assert not (migrated / "agents/main/sessions/sessions.d.migrating").exists()
+
+    after = tree_of(migrated)
+    again = run_fsck("--repair", str(migrated))
+    assert tree_of(migrated) == after  # twice changes nothing the second time
+    assert "repaired" not in again.stdout
+    for problem in READABLE.values():
+        assert problem in again.stdout
+
+
+def test_an_interrupted_migration_is_completed(state_dir: Path) -> None:
+    sessions = state_dir / "agents/work/sessions"
+    crashed = subprocess.run(
+        [sys.executable, "-m", "sessionfs", "migrate", str(sessions)],
+        env={**os.environ, "SESSIONFS_MIGRATE_CRASH_AT": "live"},
+        cwd=REPO,
+        capture_output=True,
+        check=False,
+    )
+    assert crashed.returncode != 0
+    assert (sessions / "sessions.json").exists()
+    assert (sessions / "sessions.d").exists()
+    result = run_fsck(str(sessions))
+    assert "sessions.json: a migration was interrupted before its backup" in result.stdout
+    repaired = run_fsck("--repair", str(sessions))
+    assert "completed the interrupted migration" in repaired.stdout
+    assert not (sessions / "sessions.json").exists()
+    assert [p.name for p in sessions.glob("sessions.json.bak.*")]
+    assert run_fsck(str(sessions)).returncode == 0
+
+
+def test_a_stale_lock_is_removed(migrated: Path) -> None:
+    sessions = migrated / "agents/work/sessions"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = sessions / "sessions.json.lock"
+    lock.write_bytes(orjson.dumps({"pid": dead.pid, "createdAt": "2026-01-01T00:00:00.000Z"}))
+    assert "sessions.json.lock: stale lock" in run_fsck(str(migrated)).stdout
+    assert "removed sessions.json.lock" in run_fsck("--repair", str(migrated)).stdout
+    assert not lock.exists()
+
+
+def test_a_sqlite_era_agent_is_never_touched(migrated: Path) -> None:
+    database = migrated / "agents/work/agent/openclaw-agent.sqlite"
+    database.parent.mkdir()
+    sqlite3.connect(database).close()
+    (migrated / "agents/work/sessions/sessions.d/cron%3Abroken.json").write_bytes(b"{")
+    before = tree_of(migrated / "agents/work")
+    result = run_fsck("--repair", str(migrated))
+    assert "work (SQLite era): read-only, not checked" in result.stdout
+    assert tree_of(migrated / "agents/work") == before
+
+
+def test_exit_codes(tmp_path: Path, migrated: Path) -> None:
+    assert run_fsck(str(tmp_path / "missing")).returncode == 2
+    assert run_fsck("--bogus").returncode == 2
+    (migrated / "agents/main/sessions/sessions.d/cron%3Ax.json").write_bytes(b"{")
+    assert run_fsck(str(migrated)).returncode == 1
+
+
+def test_entries_both_in_sessions_d_and_a_live_sessions_json(migrated: Path) -> None:
+    sessions = migrated / "agents/work/sessions"
+    (sessions / "sessions.json").write_bytes(
+        orjson.dumps({"agent:work:main": {"sessionId": "new", "updatedAt": 5}})
+    )
+    result = run_fsck(str(migrated))
+    assert "entries exist both in sessions.d/ and in this live sessions.json" in result.stdout
+    assert result.returncode == 1
+
+
+@pytest.mark.fuse
+def test_repair_refuses_a_mounted_store(migrated: Path, tmp_path: Path) -> None:
+    with mounted(migrated, tmp_path / "mnt") as mount:
+        refused = run_fsck("--repair", str(migrated / "agents/main/sessions"))
+        assert refused.returncode == 3
+        assert f"is mounted at {mount.path}" in refused.stderr
+        assert run_fsck(str(migrated)).returncode in (0, 1)  # a check only reads: allowed
+    assert sessionfs("fsck", "--repair", str(migrated)).returncode in (0, 1)
