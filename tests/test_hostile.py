@@ -24,7 +24,7 @@ from sessionfs.maintain import Mode, Policy, maintain_source
 from sessionfs.migrate import migrate_source
 from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes, raises_errno
-from tests.mounting import REPO, mounted, sessionfs, wait_for
+from tests.mounting import REPO, SESSIONFS, mounted, sessionfs, wait_for
 
 MAIN = "agent%3Amain%3Amain.json"
 CUT_EMOJI = b'{"agent:main:main": {"sessionId": "s1", "updatedAt": 1, "label": "hi \\ud83d"}}'
@@ -318,3 +318,91 @@ def test_keys_the_gateway_would_never_find_are_refused(state_dir: Path, tmp_path
         keys = list(store.keys())
     assert "cron:anywhere" in keys
     assert not [k for k in keys if k.startswith("agent:main:") or k != k.lower()]
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _read_everything(directory: Path) -> dict[str, bytes | int]:
+    """What `cat *` through the mount gets for every name: bytes or an errno (never a hang)."""
+    names = subprocess.run(
+        ["ls", "-1", str(directory)], capture_output=True, timeout=20, check=True
+    ).stdout.split(b"\n")
+    got: dict[str, bytes | int] = {}
+    for name in filter(None, names):
+        try:
+            with open(directory / os.fsdecode(name), "rb") as f:
+                got[os.fsdecode(name)] = f.read(1 << 20)
+        except OSError as exc:
+            got[os.fsdecode(name)] = exc.errno or 0
+    return got
+
+
+@pytest.mark.fuse
+def test_hostile_files_before_and_during_a_mount(state_dir: Path, tmp_path: Path) -> None:
+    from tests.test_fsck import HOSTILE, plant_hostile_files
+
+    migrate_source(sources.resolve(state_dir / "agents/main/sessions"), progress=None)
+    entries = state_dir / "agents/main/sessions/sessions.d"
+    plant_hostile_files(entries, big=300 * 1024 * 1024)  # a 300 MB entry (sparse)
+    work = state_dir / "agents/work/sessions/sessions.json"
+    work.unlink()
+    work.symlink_to("/etc/passwd")  # a sessions.json that is a symlink: never followed
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        before = _read_everything(mount.path / "main")
+        assert before["agent:main:main.json"] == (entries / MAIN).read_bytes()
+        assert before["cron:big.json"] == errno.EFBIG
+        during = entries / "during"
+        during.mkdir()
+        plant_hostile_files(during, big=300 * 1024 * 1024)
+        for path in during.iterdir():
+            path.rename(entries / ("x" + path.name if path.name.startswith("c") else path.name))
+        got = _read_everything(mount.path / "main")
+        assert got["agent:main:main.json"] == (entries / MAIN).read_bytes()
+        assert got["xcron:big.json"] == errno.EFBIG
+        for name, content in got.items():
+            # what is shown is an entry or refused; never the bytes of /etc/passwd
+            assert isinstance(content, int) or b"root:" not in content, name
+        assert "passwd" not in str(sorted(os.listdir(mount.path / "main")))
+        assert not (mount.path / "work").exists()  # its sessions.json is not followed
+        assert _vm_hwm_kib(mount.pid) < 250 * 1024  # a 300 MB entry was never read whole
+        (mount.path / "main" / "cron:after.json").write_bytes(entry_bytes("after"))
+        checked = subprocess.run(
+            [*SESSIONFS, "fsck", str(state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert checked.returncode == 1
+        for name, problem in HOSTILE.items():
+            assert any(name in line and problem in line for line in checked.stdout.splitlines())
+        assert "sessions.json is a symlink; never followed" in checked.stdout
+    log = mount.log_text()
+    assert "Traceback" not in log
+
+
+@pytest.mark.fuse
+def test_scratch_files_honour_o_trunc(state_dir: Path, tmp_path: Path) -> None:
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        agent = mount.path / "main"
+        shell = subprocess.run(
+            "printf 'a long first version' > notes.txt && printf 'b' > notes.txt && "
+            "cat notes.txt && "
+            "jq '.label = \"one\"' agent:main:main.json > f.tmp && "
+            "mv f.tmp agent:main:main.json && "
+            "jq '.label = \"two\"' agent:main:main.json > f.tmp && "
+            "mv f.tmp agent:main:main.json",
+            shell=True,
+            cwd=agent,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert shell.returncode == 0, shell.stderr
+        assert shell.stdout == "b"
+        assert orjson.loads((agent / "agent:main:main.json").read_bytes())["label"] == "two"
