@@ -28,7 +28,7 @@ from typing import TextIO
 import pyfuse3
 import trio
 
-from . import maintain, migrate
+from . import fsck, maintain, migrate
 from .catalog import Catalog
 from .errors import SessionFSError, describe_error
 from .fs import CONFLICT_LAST_WINS, Filesystem, Limits, assemble
@@ -47,6 +47,7 @@ CONTROL_TIMEOUT = 3.0
 # trio task, no thread); pyfuse3's default of 99 would let 99 writers waiting for
 # one locked session stop the mount from reading any other request.
 MAX_REQUESTS = 10_000
+CHECK_EVERY = 3600.0
 
 
 class MountError(SessionFSError):
@@ -66,6 +67,7 @@ class MountConfig:
     conflict: str = CONFLICT_LAST_WINS
     lock_timeout: float = LOCK_TIMEOUT
     maintain_every: float | None = None  # seconds between background maintenance runs
+    check_every: float = CHECK_EVERY  # seconds between background fsck runs (the first at once)
     maintain_mode: str = "warn"
     maintain_policy: maintain.Policy = field(default_factory=maintain.Policy)
 
@@ -378,11 +380,12 @@ async def _serve_until_unmounted(
             await pyfuse3.main(max_tasks=MAX_REQUESTS)
             nursery.cancel_scope.cancel()
 
-        await nursery.start(_stop_on_signals, shutdown)
+        await nursery.start(_stop_on_signals, shutdown, fs)
         await nursery.start(fs.watcher.run)
         nursery.start_soon(fs.graces.run)
         if config.maintain_every:
             nursery.start_soon(_maintain_periodically, config)
+        nursery.start_soon(_check_periodically, config, fs)
         nursery.start_soon(fuse_loop)
         _report(ready_fd, "ready")
 
@@ -407,8 +410,35 @@ async def _maintain_periodically(config: MountConfig) -> None:
         log.info("maintenance (%s): %s", config.maintain_mode, summary)
 
 
+async def _check_periodically(config: MountConfig, fs: Filesystem) -> None:
+    """A read-only fsck in the background, so ``status`` can say what is wrong cheaply."""
+    limiter = trio.CapacityLimiter(1)  # never more than one thread of the request pool's
+    while True:
+        try:
+            checks = await trio.to_thread.run_sync(
+                lambda: fsck.check_source(config.source), limiter=limiter
+            )
+        except OSError as exc:
+            log.warning("background check failed: %s; trying again later", describe_error(exc))
+        except Exception as exc:  # never ends the mount
+            log.error("internal error in the background check; trying again later", exc_info=exc)
+        else:
+            summary = fsck.CheckSummary.of(checks)
+            fs.control.last_check = summary.render()
+            if summary.problems:
+                log.warning(
+                    "background check: %d problem(s); run `sessionfs fsck %s` for details",
+                    summary.problems,
+                    config.source.path,
+                )
+        await trio.sleep(config.check_every)
+
+
 async def _stop_on_signals(
-    shutdown: _Shutdown, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    shutdown: _Shutdown,
+    fs: Filesystem,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         task_status.started()
@@ -419,6 +449,7 @@ async def _stop_on_signals(
         signum = shutdown.early_signal or signal.SIGTERM
         log.info("%s received; unmounting", signal.Signals(signum).name)
         shutdown.requested = True
+        fs.stop()  # requests waiting for a stuck key answer now, not at their deadline
         pyfuse3.terminate()
 
 
@@ -465,9 +496,10 @@ def status(path: Path) -> str:
         source = _read_control(path, "source").strip()
         pid = _read_control(path, "pid").strip()
         errors = _read_control(path, "errors")
+        last_check = _read_control(path, "fsck").strip()
     except OSError as exc:
         raise MountError(f"{path}: the daemon does not answer ({exc.strerror})") from None
-    lines = [f"{path}: sessionfs mount of {source} (daemon pid {pid})"]
+    lines = [f"{path}: sessionfs mount of {source} (daemon pid {pid})", last_check]
     if errors:
         lines.append("recently rejected writes (newest last):")
         lines += [f"  {line}" for line in errors.splitlines()]

@@ -375,6 +375,26 @@ def _quarantine_dir(entries: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class CheckSummary:
+    """What a background check of a mounted store found (``.sessionfs/fsck``)."""
+
+    finished: float  # time.time() when it ended
+    problems: int
+    lines: tuple[str, ...]
+
+    @classmethod
+    def of(cls, checks: list[AgentCheck]) -> CheckSummary:
+        lines = tuple(line for check in checks for line in check.lines())
+        return cls(time.time(), sum(len(c.findings) for c in checks), lines)
+
+    def render(self) -> bytes:
+        when = dt.datetime.fromtimestamp(self.finished, dt.UTC).isoformat(timespec="seconds")
+        head = f"last background check: {when}; {self.problems} problem(s)"
+        hint = " (details: sessionfs fsck SOURCE)" if self.problems else ""
+        return "\n".join([head + hint, *self.lines, ""]).encode()
+
+
 def readable(name: str) -> str:
     """A file name for a terminal or a log: bytes that are not UTF-8 shown as ``\\xff``."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -14,7 +14,7 @@ import pytest
 from sessionfs import sources
 from sessionfs.migrate import migrate_source
 from tests.helpers import entry_bytes
-from tests.mounting import REPO, mounted, sessionfs
+from tests.mounting import REPO, mounted, sessionfs, wait_for
 
 HOSTILE = {
     "cron%3Afifo.json": "a FIFO carries an entry's name; never opened",
@@ -191,3 +191,16 @@ def test_repair_refuses_a_mounted_store(migrated: Path, tmp_path: Path) -> None:
         assert f"is mounted at {mount.path}" in refused.stderr
         assert run_fsck(str(migrated)).returncode in (0, 1)  # a check only reads: allowed
     assert sessionfs("fsck", "--repair", str(migrated)).returncode in (0, 1)
+
+
+@pytest.mark.fuse
+def test_status_shows_what_the_last_background_check_found(migrated: Path, tmp_path: Path) -> None:
+    (migrated / "agents/main/sessions/sessions.d/cron%3Ahalf.json").write_bytes(b"{half")
+    with mounted(migrated, tmp_path / "mnt") as mount:
+        control = mount.path / ".sessionfs" / "fsck"
+        wait_for(lambda: b"last background check" in control.read_bytes(), what="the check")
+        status = sessionfs("status", str(mount.path))
+        assert status.returncode == 0, status.stderr
+        assert "problem(s) (details: sessionfs fsck SOURCE)" in status.stdout
+        assert "cron%3Ahalf.json: not JSON; no gateway can read it" in status.stdout
+        assert "background check:" in mount.log_text()

@@ -212,8 +212,9 @@ def test_one_stuck_key_never_stalls_the_others(state_dir: Path, tmp_path: Path) 
 
 
 @pytest.mark.fuse
-def test_sigterm_unmounts_while_writers_wait_for_a_stuck_key(
-    state_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("how", ["SIGTERM", "umount --lazy"])
+def test_unmounts_while_writers_wait_for_a_stuck_key(
+    state_dir: Path, tmp_path: Path, how: str
 ) -> None:
     store_dir = state_dir / "agents/main/sessions/sessions.d"
     with mounted(state_dir, tmp_path / "mnt", clean_exit=False) as mount:
@@ -231,7 +232,12 @@ def test_sigterm_unmounts_while_writers_wait_for_a_stuck_key(
             for thread in stuck:
                 thread.start()
             time.sleep(0.5)
-            assert mount.stop(signal.SIGTERM) == 0
+            if how == "SIGTERM":
+                assert mount.stop(signal.SIGTERM) == 0
+            else:
+                result = sessionfs("umount", "--lazy", str(mount.path))
+                assert result.returncode == 0, result.stderr
+                assert mount.proc.wait(timeout=30) == 0
             for thread in stuck:
                 thread.join(30)
                 assert not thread.is_alive()

@@ -52,6 +52,10 @@ class Filesystem:
     kernel: Kernel
     control: ControlFiles
 
+    def stop(self) -> None:
+        """The mount ends: nothing waits any longer for a key another process holds."""
+        self.editing.backings.stop()
+
 
 def assemble(
     catalog: Catalog,

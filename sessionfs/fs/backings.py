@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
 import trio
@@ -40,6 +40,28 @@ class Backings:
         self.lock_waits = 0  # calls that found a key locked by another process
         self._queues: dict[tuple[str | None, str], _Queue] = {}
         self._reported: dict[tuple[str | None, str], float] = {}  # key -> when last logged
+        # Every wait for a key in progress, so that an unmount ends them all at once
+        # instead of waiting out their deadlines.
+        self._waits: set[trio.CancelScope] = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """The mount ends: every request waiting for a key gives up now (EBUSY)."""
+        self.stopping = True
+        for scope in self._waits:
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def _waiting(self, deadline: float) -> Iterator[trio.CancelScope]:
+        """A wait for a key, ended by *deadline* or by :meth:`stop`."""
+        with trio.move_on_at(deadline) as scope:
+            if self.stopping:
+                scope.cancel()
+            self._waits.add(scope)
+            try:
+                yield scope
+            finally:
+                self._waits.discard(scope)
 
     async def run(self, agent_id: str | None, what: str, call: Callable[[Backing], _T]) -> _T:
         """Run *call* on the store behind *agent_id*'s directory; *what* names it in the stats."""
@@ -79,10 +101,10 @@ class Backings:
                 return await self.run(agent_id, what, call)
             except LockBusy:
                 self.lock_waits += 1
-                now = trio.current_time()
-                if now >= deadline:
+                with self._waiting(deadline) as scope:
+                    await trio.sleep(delay)
+                if scope.cancelled_caught:
                     raise self._gave_up(agent_id, keys) from None
-                await trio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 0.1)
 
     @contextlib.asynccontextmanager
@@ -101,7 +123,11 @@ class Backings:
         try:
             for ident in idents:
                 queue = self._queues.setdefault(ident, _Queue())
-                if not await queue.enter(deadline):
+                entered = False
+                with self._waiting(deadline):
+                    await queue.enter()
+                    entered = True
+                if not entered:
                     raise self._gave_up(agent_id, keys)
                 held.append(queue)
             yield
@@ -121,6 +147,10 @@ class Backings:
         """
         where = f"{agent_id}/" if agent_id is not None else ""
         names = ", ".join(f"{where}{key}" for key in keys)
+        if self.stopping:
+            message = f"session {names}: the mount is ending; gave up waiting (EBUSY)"
+            log.debug("%s", message)
+            return LockBusy(keys[0], message)
         message = f"session {names} is locked by another process; gave up waiting (EBUSY)"
         ident, now = (agent_id, keys[0]), trio.current_time()
         if now - self._reported.get(ident, -REPORT_EVERY) >= REPORT_EVERY:
@@ -139,16 +169,13 @@ class _Queue:
         self._owner: trio.lowlevel.Task | None = None
         self._depth = 0
 
-    async def enter(self, deadline: float) -> bool:
+    async def enter(self) -> None:
         task = trio.lowlevel.current_task()
         if self._owner is task:
             self._depth += 1
-            return True
-        with trio.move_on_at(deadline):
-            await self._lock.acquire()
-            self._owner, self._depth = task, 1
-            return True
-        return False
+            return
+        await self._lock.acquire()
+        self._owner, self._depth = task, 1
 
     def leave(self) -> None:
         self._depth -= 1

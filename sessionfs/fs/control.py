@@ -55,11 +55,15 @@ class ControlFiles:
         rejections: Rejections,
     ) -> None:
         self.directory: Dir = tree.subdir(tree.root, CONTROL_DIR)
+        # What the daemon's last background fsck found, set by the daemon; reading
+        # the file never starts a scan (a status must stay cheap on a big store).
+        self.last_check: bytes = b"no background check has finished yet\n"
         self.files = {
             "pid": f"{os.getpid()}\n".encode,
             "source": f"{source}\n".encode,
             "stats": lambda: statistics().render(),
             "errors": rejections.render,
+            "fsck": lambda: self.last_check,
         }
         for name, render in self.files.items():
             tree.control(self.directory, name, render)
