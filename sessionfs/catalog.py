@@ -133,6 +133,10 @@ class Catalog:
             return self.source.stores()[0]
         return AgentStore(self.source.agents_dir / agent_id / "sessions", agent_id)
 
+    def sessions_dir(self, agent_id: str | None) -> Path:
+        """The sessions dir of directory *agent_id*'s store (where its transcripts are)."""
+        return self._ref(agent_id).sessions_dir
+
     def owning_agent(self, agent_id: str | None) -> str | None:
         """Whose keys the store of directory *agent_id* holds (None: not known)."""
         return agent_id if agent_id is not None else agent_of(self._ref(None).sessions_dir)

@@ -40,7 +40,13 @@ def test_tree_lists_agents_and_sessions_by_key(mnt: Mount, state_dir: Path) -> N
     assert sorted(os.listdir(mnt.path)) == [".sessionfs", "main", "work"]
     for agent in ("main", "work"):
         keys = backing_keys(state_dir / f"agents/{agent}/sessions/sessions.d")
-        assert sorted(os.listdir(mnt.path / agent)) == sorted(key_to_display(k) for k in keys)
+        listed = os.listdir(mnt.path / agent)
+        entries = sorted(name for name in listed if name.endswith(".json"))
+        assert entries == sorted(key_to_display(k) for k in keys)
+        transcripts = [name for name in listed if name.endswith(".jsonl")]
+        assert transcripts  # beside the entries whose transcript exists
+        assert set(transcripts) <= {key_to_display(k) + "l" for k in keys}
+        assert len(entries) + len(transcripts) == len(listed)
     assert "agent:main:telegram:direct:james.json" in os.listdir(mnt.path / "main")
 
 
@@ -293,7 +299,7 @@ def test_no_migrate_shows_legacy_read_only(state_dir: Path, tmp_path: Path) -> N
     legacy = orjson.loads(legacy_path.read_bytes())
     before = legacy_path.read_bytes()
     with mounted(state_dir, tmp_path / "mnt", "--no-migrate") as mount:
-        names = os.listdir(mount.path / "main")
+        names = [n for n in os.listdir(mount.path / "main") if n.endswith(".json")]
         assert len(names) == len(legacy)  # no folding without migration
         shown = mount.path / "main" / "agent:main:main.json"
         assert orjson.loads(shown.read_bytes()) == legacy["agent:main:main"]
@@ -315,10 +321,12 @@ def test_demo_command(tmp_path: Path) -> None:
             "main",
             "work",
         ]
-        total = sum(len(os.listdir(mountpoint / a)) for a in ("main", "work"))
+        total = sum(len(list((mountpoint / a).glob("*.json"))) for a in ("main", "work"))
         assert 45 <= total <= 55
-        for path in (mountpoint / "main").iterdir():
+        for path in (mountpoint / "main").glob("*.json"):
             assert orjson.loads(path.read_bytes())["sessionId"]
+        for path in (mountpoint / "main").glob("*.jsonl"):  # the demo's transcripts
+            assert orjson.loads(path.read_bytes().splitlines()[0])["type"] == "session"
         again = sessionfs("demo", str(mountpoint), "--state", str(state))
         assert again.returncode == 0
         assert "already mounted" in again.stdout

@@ -34,18 +34,26 @@ from typing import Any
 import pyfuse3
 import trio
 
-from ..errors import EntryExists, InvalidEntry, InvalidKey, LockBusy, SessionFSError
+from ..errors import (
+    EntryExists,
+    InvalidEntry,
+    InvalidKey,
+    LockBusy,
+    ReadOnlyStore,
+    SessionFSError,
+)
 from ..keys import key_to_display, lookup_problem
 from ..store import ABSENT, EntryChanged, Version
+from ..transcripts import TranscriptFile
 from .backings import Backings
 from .cache import ContentCache
 from .grace import GRACE_SECONDS, Grace, GracePeriods, user_path
-from .handles import Handle, is_scratch_name
+from .handles import Handle, is_scratch_name, is_transcript_name
 from .index import Index
 from .kernel import Kernel
 from .names import Names, session_key
 from .requests import Rejections
-from .tree import Dir, File, Node, Seen, Tree
+from .tree import Dir, File, Node, Seen, Transcript, Tree
 
 log = logging.getLogger("sessionfs")
 
@@ -110,6 +118,29 @@ class Editing:
         node.open_handles += 1
         return handle
 
+    # -- transcripts: read-only ------------------------------------------------------
+
+    async def open_transcript(self, node: Transcript, flags: int) -> Handle:
+        """A handle reading *node*'s transcript file in place, whole lines only."""
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise self.transcript_read_only(node.parent, node.name)
+        assert node.parent is not None
+        sessions_dir = self.names.catalog.sessions_dir(node.parent.agent_id)
+        stream = await self.backings.thread(TranscriptFile, sessions_dir, node.file_name)
+        return self.new_handle(node, flags, b"", stream=stream)
+
+    async def read_transcript(self, handle: Handle, offset: int, size: int) -> bytes:
+        assert handle.stream is not None
+        return await self.backings.thread(handle.stream.read, offset, size)
+
+    def transcript_read_only(self, parent: Dir | None, name: str) -> pyfuse3.FUSEError:
+        """EROFS for a change to ``<key>.jsonl``, with the reason in the log and the errors."""
+        reason = ReadOnlyStore(
+            "transcripts are read-only: the gateway appends to them; sessionfs never writes "
+            "them (only the .json entry can be edited)"
+        )
+        return self.rejections.add(user_path(parent, name), reason)
+
     async def open(self, node: File, flags: int) -> Handle:
         """A handle on *node* holding the committed version it reads (or its scratch bytes)."""
         writable = flags & os.O_ACCMODE != os.O_RDONLY
@@ -148,6 +179,8 @@ class Editing:
         return handle
 
     async def create(self, parent: Dir, name: str, mode: int, flags: int) -> tuple[File, Handle]:
+        if is_transcript_name(name):
+            raise self.transcript_read_only(parent, name)
         existing = await self.names.find_existing(parent, name)
         if existing is not None:
             if flags & os.O_EXCL:
@@ -314,6 +347,8 @@ class Editing:
     async def release(self, handle: Handle) -> None:
         del self.handles[handle.fh]
         node = handle.node
+        if handle.stream is not None:
+            await self.backings.thread(handle.stream.close)
         try:
             if handle.should_commit(final=True):
                 await self.commit(handle)
@@ -397,6 +432,9 @@ class Editing:
     # -- unlink and rename ---------------------------------------------------
 
     async def unlink(self, parent: Dir, name: str) -> None:
+        if is_transcript_name(name):
+            await self.names.find(parent, name)  # ENOENT if there is none
+            raise self.transcript_read_only(parent, name)
         if is_scratch_name(name):
             scratch = self.tree.unlink(parent, name)
             if scratch is None:
@@ -438,6 +476,8 @@ class Editing:
 
     async def rename(self, parent: Dir, old: str, new: str, *, replace: bool) -> None:
         source = await self.names.find(parent, old)
+        if is_transcript_name(old) or is_transcript_name(new):
+            raise self.transcript_read_only(parent, new if is_transcript_name(new) else old)
         if not isinstance(source, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if old == new:

@@ -13,9 +13,16 @@ from dataclasses import dataclass
 
 from ..errors import InvalidEntry
 from ..store import Version
+from ..transcripts import TranscriptFile
 from .tree import File, Node
 
 SUFFIX = ".json"
+TRANSCRIPT_SUFFIX = ".jsonl"
+
+
+def is_transcript_name(name: str) -> bool:
+    """``<key>.jsonl``: a session's transcript, read-only; never a scratch file."""
+    return name.endswith(TRANSCRIPT_SUFFIX) and not name.startswith(".")
 
 
 def is_scratch_name(name: str) -> bool:
@@ -51,6 +58,7 @@ class Handle:
     truncated_at_open: bool = False
     error: InvalidEntry | None = None  # sticky: e.g. the buffer outgrew the entry limit
     changed_ns: int = 0
+    stream: TranscriptFile | None = None  # a transcript's open file (read in place)
 
     @property
     def writable(self) -> bool:

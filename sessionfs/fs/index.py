@@ -388,6 +388,8 @@ class Index:
         if node is not None and not self.tree.drop_session(node):
             return
         del parent.known[key]  # absent and unknown answer the same (entry(), listings)
+        parent.transcript_names.pop(key, None)
+        self.tree.unlink_transcript(parent, key)
         self.forgotten += 1
 
     def forget(self, ino: int, count: int) -> None:

@@ -9,15 +9,18 @@ per agent, asked of the disk on every lookup so agents can come and go.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import pyfuse3
 
-from ..catalog import Catalog
+from ..catalog import Backing, Catalog
 from ..keys import NAME_MAX, display_to_key, key_to_filename
+from ..store import Version
+from ..transcripts import parsed, transcript_name, transcript_stat
 from .backings import Backings
-from .handles import is_scratch_name
+from .handles import is_scratch_name, is_transcript_name
 from .index import Index
-from .tree import Dir, Entry, File, Node, Owner, Tree
+from .tree import Dir, Entry, File, Node, Owner, Transcript, Tree
 
 
 def text(name: bytes) -> str:
@@ -62,6 +65,8 @@ class Names:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not parent.holds_sessions:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if is_transcript_name(name):
+            return await self.transcript(parent, name)
         if is_scratch_name(name):
             scratch = self.tree.scratch(parent, name)
             if scratch is None:
@@ -79,6 +84,64 @@ class Names:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self.tree.session(parent, key)
 
+    # -- transcripts -----------------------------------------------------------
+
+    async def transcript(self, parent: Dir, name: str) -> Transcript:
+        """The ``<key>.jsonl`` file of a session that has a transcript; ENOENT otherwise."""
+        key = display_to_key(name[:-1])  # "<key>.jsonl" -> "<key>.json"
+        if key is None or key in parent.away or await self.index.entry(parent, key) is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        (found,) = await self._transcripts(parent, [key], sized=True)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
+
+    async def _transcripts(
+        self, parent: Dir, keys: list[str], *, sized: bool
+    ) -> list[Transcript | None]:
+        """The transcript files of *keys* (None where a session has none), in one worker call.
+
+        An entry is read for its transcript's name only when its version changed
+        since the last look.  With *sized* the readable size (whole lines) is
+        taken, else the file's size (listings: one ``lstat`` per transcript).
+        """
+        sessions_dir = self.catalog.sessions_dir(parent.agent_id)
+        cached = parent.transcript_names
+        stale = [
+            key
+            for key in keys
+            if (known := parent.present(key)) is not None
+            and cached.get(key, (None, None))[0] != known.version
+        ]
+
+        def look(backing: Backing) -> tuple[dict[str, tuple[Version, str | None]], list[Any]]:
+            names = {}
+            for key in stale:
+                try:
+                    snap = backing.read(key)
+                except OSError:
+                    continue  # gone, or not readable: no transcript shown
+                name = transcript_name(parsed(snap.data), sessions_dir)
+                names[key] = (Version.of(snap.stat), name)
+            wanted = [names.get(key, cached.get(key, (None, None)))[1] for key in keys]
+            return names, [
+                None if name is None else transcript_stat(sessions_dir, name, sized=sized)
+                for name in wanted
+            ]
+
+        learned, stats = await self.backings.run(parent.agent_id, "transcripts", look)
+        cached.update(learned)
+        found: list[Transcript | None] = []
+        for key, seen in zip(keys, stats, strict=True):
+            entry = cached.get(key)
+            if seen is None or entry is None or entry[1] is None:
+                found.append(None)
+                continue
+            node = self.tree.transcript(parent, key, entry[1])
+            node.saw(*seen)
+            found.append(node)
+        return found
+
     async def find_existing(self, parent: Dir, name: str) -> Node | None:
         """The node *name* stands for, or None if there is none."""
         try:
@@ -94,6 +157,18 @@ class Names:
             assert node.parent is not None and node.key is not None
             if await self.index.entry(node.parent, node.key) is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+        if (
+            isinstance(node, Transcript)
+            and node.linked
+            and node.parent is not None
+            # it grows while read: every stat looks again (tail -f polls with fstat)
+            and await self.transcript(node.parent, node.name) is not node
+        ):
+            raise pyfuse3.FUSEError(errno.ENOENT)  # gone, or a reset made a new one
+        return self._cacheable(node, node.attributes(self.owner))
+
+    def listed_attributes(self, node: Transcript) -> pyfuse3.EntryAttributes:
+        """A transcript's attributes as the listing just saw them (no I/O per name)."""
         return self._cacheable(node, node.attributes(self.owner))
 
     def entry_attributes(self, node: File, seen: Entry) -> pyfuse3.EntryAttributes:
@@ -104,7 +179,8 @@ class Names:
         # Where the watcher cannot follow changes, nothing tells the kernel when
         # its cached names and sizes go stale: it must ask every time.
         parent = node.parent if isinstance(node, File) else None
-        if parent is not None and parent.holds_sessions and not self.index.trusted(parent):
+        untrusted = parent is not None and parent.holds_sessions and not self.index.trusted(parent)
+        if untrusted or isinstance(node, Transcript):
             attrs.entry_timeout = attrs.attr_timeout = 0
         return attrs
 
@@ -130,4 +206,8 @@ class Names:
                 if isinstance(file, File) and file.pending:
                     names.append((file.name, file))
             names += [(name, self.tree.nodes[ino]) for name, ino in directory.scratch.items()]
+            present = [key for key, known in directory.known.items() if known.version is not None]
+            present = [key for key in present if key not in away]
+            transcripts = await self._transcripts(directory, present, sized=False)
+            names += [(t.name, t) for t in transcripts if t is not None]
         return names

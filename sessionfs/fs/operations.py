@@ -22,7 +22,7 @@ from .backings import Backings
 from .editing import Editing
 from .names import Names, text
 from .requests import Requests, guarded
-from .tree import Control, Dir, File, Node, Tree
+from .tree import Control, Dir, File, Node, Transcript, Tree
 
 
 @dataclass(eq=False, slots=True)
@@ -112,6 +112,8 @@ class Operations(pyfuse3.Operations):
             if fields.update_size:
                 raise pyfuse3.FUSEError(errno.EISDIR)
             return node.attributes(self.names.owner)
+        if isinstance(node, Transcript):
+            raise self.editing.transcript_read_only(node.parent, node.name)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EACCES)
         if fields.update_size:
@@ -179,6 +181,8 @@ class Operations(pyfuse3.Operations):
                     if seen is None:
                         continue  # removed since the listing was taken
                     attrs = self.names.entry_attributes(node, seen)
+                elif isinstance(node, Transcript):
+                    attrs = self.names.listed_attributes(node)
                 else:
                     attrs = await self.names.attributes(node)
             except pyfuse3.FUSEError:
@@ -229,6 +233,9 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
             handle = self.editing.new_handle(node, flags, node.render())
             return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
+        if isinstance(node, Transcript):
+            handle = await self.editing.open_transcript(node, flags)
+            return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         handle = await self.editing.open(node, flags)
@@ -249,6 +256,8 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.editing.handles[fh]
+        if handle.stream is not None:
+            return await self.editing.read_transcript(handle, off, size)
         if handle.key is None and isinstance(handle.node, File) and handle.node.is_session:
             self.requests.counts["read(session data)"] += 1
         return bytes(handle.data[off : off + size])

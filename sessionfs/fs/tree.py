@@ -143,6 +143,9 @@ class Dir(Node):
     epoch: int = 0  # counts losses of events; a listing that saw one stays partial
     generation: int = 0
     gone: set[str] = field(default_factory=set)  # keys that went, to forget (index._sweep)
+    transcripts: dict[str, int] = field(default_factory=dict)  # key -> its transcript's inode
+    # key -> (the entry version it was read from, its transcript's file name or None)
+    transcript_names: dict[str, tuple[Version, str | None]] = field(default_factory=dict)
 
     def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
         started = owner.started_ns
@@ -246,6 +249,41 @@ class Control(Node):
         )
 
 
+@dataclass(eq=False, slots=True)
+class Transcript(Node):
+    """``<key>.jsonl``: the read-only transcript of a session's current ``sessionId``.
+
+    One node per key and transcript file: the number stays while the session's
+    transcript does, and a reset (a new ``sessionId``) makes a new file.
+    """
+
+    parent: Dir | None = None
+    key: str = ""
+    file_name: str = ""  # the transcript's name in the sessions dir
+    size: int = 0  # readable bytes (whole lines) when last looked at
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    linked: bool = True
+
+    @property
+    def name(self) -> str:
+        return key_to_display(self.key) + "l"  # "<key>.json" + "l"
+
+    def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
+        return _attributes(
+            owner,
+            self.ino,
+            stat.S_IFREG | 0o400,
+            self.size,
+            1 if self.linked else 0,
+            self.mtime_ns,
+            self.ctime_ns,
+        )
+
+    def saw(self, st: os.stat_result, size: int) -> None:
+        self.size, self.mtime_ns, self.ctime_ns = size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class Tree:
     """Every node of the mount by inode number, and the name -> inode maps."""
 
@@ -310,6 +348,27 @@ class Tree:
         parent.sessions[key] = new.ino
         self._add(new)
         return new
+
+    def transcript(self, parent: Dir, key: str, file_name: str) -> Transcript:
+        """The transcript file of *key*; a new one when the session's transcript changed."""
+        ino = parent.transcripts.get(key)
+        if ino is not None:
+            node = self.nodes[ino]
+            assert isinstance(node, Transcript)
+            if node.file_name == file_name:
+                return node
+            self.unlink_transcript(parent, key)
+        new = Transcript(next(self._next_ino), parent=parent, key=key, file_name=file_name)
+        parent.transcripts[key] = new.ino
+        self._add(new)
+        return new
+
+    def unlink_transcript(self, parent: Dir, key: str) -> None:
+        ino = parent.transcripts.pop(key, None)
+        node = None if ino is None else self.nodes.get(ino)
+        if isinstance(node, Transcript):
+            node.linked = False
+            self._maybe_drop(node)
 
     def known_session(self, parent: Dir, key: str) -> File | None:
         """The node of *key* if there is one, without making one."""
@@ -435,6 +494,10 @@ class Tree:
     def _maybe_drop(self, node: Node) -> None:
         # An unlinked file goes once the kernel and every handle let go; a linked
         # session stays, so its key keeps its number while the kernel forgets it.
+        if isinstance(node, Transcript) and not node.linked:
+            if not node.open_handles and not node.nlookup:
+                self.nodes.pop(node.ino, None)
+            return
         if isinstance(node, File) and not node.linked and not node.open_handles:
             # Unreachable content: free it now, even if the kernel still holds the inode.
             node.data = b""
