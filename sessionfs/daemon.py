@@ -123,10 +123,10 @@ def mount_serving(path: Path) -> Path | None:
     A store must not be changed behind its daemon (fsck --repair, maintenance of a
     mounted store); a mount that does not answer is assumed to serve it.
     """
-    target = _absolute(path)
+    target = Path(os.path.realpath(path))  # a symlink to a mounted store is that store
     for mountpoint in sessionfs_mounts():
         try:
-            source = Path(_read_control(mountpoint, "source").strip())
+            source = Path(os.path.realpath(_read_control(mountpoint, "source").strip()))
         except OSError:
             return mountpoint
         if source == target or source in target.parents or target in source.parents:
@@ -366,6 +366,7 @@ async def _serve(
     try:
         await _serve_until_unmounted(config, fs, ready_fd, shutdown)
     finally:
+        fs.stop()
         fs.graces.keep_all()
 
 
@@ -384,20 +385,25 @@ async def _serve_until_unmounted(
         await nursery.start(fs.watcher.run)
         nursery.start_soon(fs.graces.run)
         if config.maintain_every:
-            nursery.start_soon(_maintain_periodically, config)
+            nursery.start_soon(_maintain_periodically, config, fs)
         nursery.start_soon(_check_periodically, config, fs)
         nursery.start_soon(fuse_loop)
         _report(ready_fd, "ready")
 
 
-async def _maintain_periodically(config: MountConfig) -> None:
+async def _maintain_periodically(config: MountConfig, fs: Filesystem) -> None:
     """``--maintain-every``: the same maintenance as the command, one log line per run."""
     mode = maintain.Mode(config.maintain_mode)
     while True:
         await trio.sleep(config.maintain_every or 0)
         try:
+            # abandoned on unmount (it stops at its next key): a key locked by another
+            # process must never keep the daemon from exiting
             results = await trio.to_thread.run_sync(
-                lambda: maintain.maintain_source(config.source, config.maintain_policy, mode)
+                lambda: maintain.maintain_source(
+                    config.source, config.maintain_policy, mode, stop=fs.stopping
+                ),
+                abandon_on_cancel=True,
             )
         except OSError as exc:  # SessionFSError included: a readable reason
             log.error("maintenance failed: %s; trying again at the next run", describe_error(exc))
@@ -416,7 +422,7 @@ async def _check_periodically(config: MountConfig, fs: Filesystem) -> None:
     while True:
         try:
             checks = await trio.to_thread.run_sync(
-                lambda: fsck.check_source(config.source), limiter=limiter
+                lambda: fsck.check_source(config.source), limiter=limiter, abandon_on_cancel=True
             )
         except OSError as exc:
             log.warning("background check failed: %s; trying again later", describe_error(exc))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import json
 import os
 import shutil
 import stat
@@ -29,11 +30,11 @@ from pathlib import Path
 
 from . import entry as entry_rules
 from .entry import DEFAULT_MAX_ENTRY_BYTES
-from .errors import InvalidEntry, describe_error
+from .errors import InvalidEntry, UnsafeEntry, describe_error
 from .keys import filename_to_key, key_to_display, key_to_filename, lookup_problem, normalize_key
 from .locking import LOCK_FILE, is_stale, remove_stale_lock
 from .maintain import TRANSCRIPT_RE
-from .migrate import STAGING_DIR, migrate_store, plan, read_legacy
+from .migrate import STAGING_DIR, migrate_store, migration_running, plan, read_legacy
 from .sources import AgentStore, Era, Source
 from .store import STRAY_TEMP_AGE, is_temp_name
 
@@ -176,10 +177,23 @@ class _Checker:
         except InvalidEntry as exc:
             self.found(path, str(exc), Repair.QUARANTINE)
             return
+        except FileNotFoundError:
+            return  # removed since the listing
+        except OSError as exc:
+            self.found(path, f"cannot be read: {describe_error(exc)}")
+            return
         try:
             value = entry_rules.loads(data)
-        except ValueError:
-            self.found(path, "not JSON; no gateway can read it", Repair.QUARANTINE)
+        except ValueError as exc:
+            lenient = _lenient_parse(data)
+            if lenient is _UNPARSEABLE:
+                self.found(path, "not JSON; no gateway can read it", Repair.QUARANTINE)
+                return
+            # Node reads it (bad UTF-8 becomes U+FFFD, 1e400 is Infinity, any depth):
+            # reported, never moved
+            self.found(path, f"not strict JSON (a gateway still reads it): {exc}")
+            if isinstance(lenient, dict):
+                self._session_id(lenient)
             return
         if not isinstance(value, dict):
             self.found(path, "not a JSON object; no gateway can read it", Repair.QUARANTINE)
@@ -255,9 +269,12 @@ class _Checker:
         sessions = self.agent.sessions_dir
         staging = sessions / STAGING_DIR
         if staging.is_dir() and not staging.is_symlink():
-            self.found(
-                staging, "leftover staging of a migration that did not finish", Repair.REMOVE
-            )
+            if migration_running(self.agent):
+                self.found(staging, "staging of a migration in progress; left alone")
+            else:
+                self.found(
+                    staging, "leftover staging of a migration that did not finish", Repair.REMOVE
+                )
         for name, kind in _listing(sessions):
             match = TRANSCRIPT_RE.match(name)
             if match and kind is _Kind.FILE and match.group("sid").lower() not in self.session_ids:
@@ -270,10 +287,27 @@ class _Checker:
         for normalized, variants in sorted(folded.items()):
             if len(variants) > 1:
                 shown = ", ".join(repr(v) for v in sorted(variants))
+                where = self.agent.entries if self.agent.has_entries() else self.agent.legacy
                 self.found(
-                    self.agent.entries,
-                    f"case-variant twins the gateway folds into {normalized!r}: {shown}",
+                    where, f"case-variant twins the gateway folds into {normalized!r}: {shown}"
                 )
+
+
+_UNPARSEABLE = object()
+
+
+def _lenient_parse(data: bytes) -> object:
+    """What a JavaScript reader would make of *data*, or _UNPARSEABLE if it refuses it.
+
+    Too deep to tell here counts as readable: only what surely no gateway can
+    read is ever quarantined.
+    """
+    try:
+        return json.loads(data.decode("utf-8", "replace"))
+    except RecursionError:
+        return None
+    except ValueError:
+        return _UNPARSEABLE
 
 
 class _Kind(enum.Enum):
@@ -353,6 +387,8 @@ def _repair(agent: AgentStore, result: AgentCheck) -> None:
                 )
         elif finding.repair is Repair.REMOVE:
             if path.name == STAGING_DIR:
+                if migration_running(agent):  # one started since the check
+                    continue
                 shutil.rmtree(path, ignore_errors=True)
             elif path.name.endswith(".lock"):
                 remove_stale_lock(path.with_name(path.name.removesuffix(".lock")))
@@ -369,8 +405,12 @@ def _repair(agent: AgentStore, result: AgentCheck) -> None:
 
 def _quarantine_dir(entries: Path) -> Path:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
-    path = entries / QUARANTINE_DIR / stamp
-    (entries / QUARANTINE_DIR).mkdir(mode=0o700, exist_ok=True)
+    top = entries / QUARANTINE_DIR
+    with contextlib.suppress(FileExistsError):
+        top.mkdir(mode=0o700)
+    if not stat.S_ISDIR(os.lstat(top).st_mode):  # a symlink there is never followed
+        raise UnsafeEntry(f"{top} is not a directory; nothing was quarantined")
+    path = top / stamp
     path.mkdir(mode=0o700)
     return path
 

@@ -14,21 +14,24 @@ import enum
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 
 from . import entry as entry_rules
-from .errors import EntryNotFound, SessionFSError
+from .errors import EntryNotFound, LockBusy, SessionFSError
 from .migrate import BACKUP_PREFIX
 from .sources import AgentStore, Source
 from .store import SessionStore, Snapshot
+from .transcripts import transcript_name
 
 DAY_MS = 86_400_000
 ARCHIVE_RE = re.compile(r"^.+\.jsonl\.(?:bak|reset|deleted)\..+$")
 TRANSCRIPT_RE = re.compile(r"^(?P<sid>.+?)(?:-topic-.+)?\.jsonl$")
 EPOCH_MS_RE = re.compile(r"[0-9]{1,19}")
+LOCK_WAIT = 5.0  # seconds enforce waits for a key another process holds
 
 
 class Mode(enum.Enum):
@@ -345,6 +348,8 @@ def _plan_budget(
         return
     archives, strays = [], []
     referenced = {e.session_id.lower() for e in kept if e.session_id}
+    # an entry that could not be read may reference any transcript: then none is a stray
+    strays_known = not result.unreadable
     archived = {name for r in result.removals for name in r.transcripts}
     for dirent in files:
         st = dirent.stat(follow_symlinks=False)
@@ -356,7 +361,8 @@ def _plan_budget(
                 (st.st_mtime_ns, dirent.name, st.st_size, "disk budget: oldest archive")
             )
         elif (
-            (m := TRANSCRIPT_RE.match(dirent.name))
+            strays_known
+            and (m := TRANSCRIPT_RE.match(dirent.name))
             and m.group("sid").lower() not in referenced
             and dirent.name not in archived
         ):
@@ -392,10 +398,24 @@ def _backup_age_ms(name: str, st: os.stat_result, now_ms: float) -> float:
 # -- carrying it out ---------------------------------------------------------------
 
 
-def enforce(agent: AgentStore, result: AgentResult, *, now: dt.datetime) -> None:
-    """Carry out *result*'s plan: one locked, conditional delete per key."""
+def enforce(
+    agent: AgentStore,
+    result: AgentResult,
+    *,
+    now: dt.datetime,
+    stop: threading.Event | None = None,
+) -> None:
+    """Carry out *result*'s plan: one locked, conditional delete per key.
+
+    A key another process holds for longer than :data:`LOCK_WAIT` is kept and
+    reported (a stuck holder must not stall maintenance, nor the mount that runs
+    it); *stop* set (the mount ends) leaves the rest of the plan undone.
+    """
     with SessionStore(agent.entries, create=False) as store:
         for removal in result.removals:
+            if stop is not None and stop.is_set():
+                result.skipped.append((removal.entry.key, "the mount is ending"))
+                continue
             planned = removal.entry.updated_at
 
             def unchanged(snap: Snapshot, planned: float | None = planned) -> bool:
@@ -405,9 +425,12 @@ def enforce(agent: AgentStore, result: AgentResult, *, now: dt.datetime) -> None
                 return current is not None and current <= planned
 
             try:
-                removed = store.delete(removal.entry.key, only_if=unchanged)
+                removed = store.delete(removal.entry.key, only_if=unchanged, lock_wait=LOCK_WAIT)
             except EntryNotFound:
                 result.skipped.append((removal.entry.key, "already gone"))
+                continue
+            except LockBusy:
+                result.skipped.append((removal.entry.key, "locked by another process"))
                 continue
             if not removed:
                 result.skipped.append((removal.entry.key, "updated since the plan"))
@@ -417,6 +440,8 @@ def enforce(agent: AgentStore, result: AgentResult, *, now: dt.datetime) -> None
                 if _archive(agent.sessions_dir, name, now):
                     result.archived.append(name)
     for deletion in result.deletions:
+        if stop is not None and stop.is_set():
+            break
         if _delete_if_unchanged(agent.sessions_dir, deletion):
             result.deleted.append(deletion.name)
 
@@ -452,6 +477,7 @@ def maintain_source(
     *,
     dry_run: bool = False,
     now: dt.datetime | None = None,
+    stop: threading.Event | None = None,
 ) -> list[AgentResult]:
     """Plan (and with ``enforce``, not *dry_run*, carry out) maintenance for every agent."""
     now = now or dt.datetime.now(dt.UTC)
@@ -464,7 +490,7 @@ def maintain_source(
         try:
             result = plan(agent, policy, now_ms=now_ms, mode=Mode.WARN if dry_run else mode)
             if result.mode is Mode.ENFORCE:
-                enforce(agent, result, now=now)
+                enforce(agent, result, now=now, stop=stop)
         except Exception as exc:  # one agent's failure is reported; the others go on
             result.error = str(exc) or type(exc).__name__  # keeps what enforce already did
         results.append(result)
@@ -479,38 +505,56 @@ def archive_transcripts_of(
 ) -> list[str]:
     """After a removal became final: archive its transcripts, as a maintenance run would.
 
-    ``rm`` through the mount removes an entry; its transcript (``<sessionId>.jsonl``
-    and topic variants) is renamed to ``<name>.deleted.<time>`` unless another
-    entry still references the same session id.  Returns the archived names.
+    ``rm`` through the mount removes an entry; its transcripts (``<sessionId>.jsonl``
+    with topic variants, and the file its ``sessionFile`` names) are renamed to
+    ``<name>.deleted.<time>``, each unless another entry still uses it (by
+    ``sessionId`` or ``sessionFile``).  Returns the archived names.
     """
-    value = _parse(removed)
-    session_id = value.get("sessionId") if isinstance(value, dict) else None
-    if not isinstance(session_id, str) or not session_id:
-        return []
     sessions_dir = store.path.parent
-    wanted = session_id.lower()
-    names = sorted(d.name for d in _transcripts(_files(sessions_dir)).get(wanted, []))
-    if not names or _referenced(store, wanted):
+    value = _parse(removed)
+    if not isinstance(value, dict):
         return []
+    session_id = value.get("sessionId")
+    sid = session_id.lower() if isinstance(session_id, str) and session_id else None
+    by_sid = _transcripts(_files(sessions_dir)).get(sid, []) if sid else []
+    wanted = {d.name for d in by_sid}
+    own = transcript_name(value, sessions_dir)
+    if own is not None and (sessions_dir / own).is_file():
+        wanted.add(own)
+    if not wanted:
+        return []
+    wanted -= _still_used(store, sid, wanted, {d.name for d in by_sid})
     when = now or dt.datetime.now(dt.UTC)
-    return [name for name in names if _archive(sessions_dir, name, when)]
+    return [name for name in sorted(wanted) if _archive(sessions_dir, name, when)]
 
 
-def _referenced(store: SessionStore, session_id: str) -> bool:
-    """Whether any entry's sessionId is *session_id* (lowercase); unreadable ones count."""
-    needle = session_id.encode()
+def _still_used(
+    store: SessionStore, sid: str | None, names: set[str], sid_names: set[str]
+) -> set[str]:
+    """Which of *names* another entry uses: by its ``sessionFile``, or (for *sid_names*)
+    by the same session id.  An entry that cannot be read keeps them all."""
+    sessions_dir = store.path.parent
+    needles = {name.removesuffix(".jsonl").lower().encode() for name in names}
+    if sid:
+        needles.add(sid.encode())
+    used: set[str] = set()
     for key, _ in store.scan():
         try:
             data = store.read(key).data
         except EntryNotFound:
             continue
         except SessionFSError:
-            return True  # cannot tell: keep the transcript
-        if needle in data.lower():  # only entries that may hold it are parsed
-            value = _parse(data)
-            other = value.get("sessionId") if isinstance(value, dict) else None
-            if not isinstance(value, dict) or (
-                isinstance(other, str) and other.lower() == session_id
-            ):
-                return True
-    return False
+            return set(names)  # cannot tell: keep every one
+        lowered = data.lower()
+        if not any(needle in lowered for needle in needles):
+            continue  # only entries that may mention them are parsed
+        other = _parse(data)
+        if not isinstance(other, dict):
+            return set(names)
+        other_sid = other.get("sessionId")
+        if sid and isinstance(other_sid, str) and other_sid.lower() == sid:
+            used |= sid_names
+        uses = transcript_name(other, sessions_dir)
+        if uses in names:
+            used.add(uses)
+    return used

@@ -33,7 +33,7 @@ import orjson
 from . import entry as entry_rules
 from .errors import InvalidKey, SessionFSError
 from .keys import key_to_filename, normalize_key
-from .locking import STORE_LOCK_TIMEOUT, openclaw_store_lock, remove_stale_lock
+from .locking import STORE_LOCK_TIMEOUT, is_stale, openclaw_store_lock, remove_stale_lock
 from .sources import AgentStore, Source
 from .store import SessionStore, rename_noreplace
 
@@ -228,7 +228,7 @@ def migrate_store(
         if not agent.has_legacy():
             if agent.legacy.is_symlink():
                 return _fail(report, "sessions.json is a symlink; not followed")
-            if not dry_run:
+            if not dry_run and not migration_running(agent):
                 _remove_dir(staging)  # only ever a copy of data that now lives elsewhere
                 if remove_stale_lock(agent.legacy):
                     report.notes.append("removed a stale sessions.json.lock (its holder had died)")
@@ -241,6 +241,12 @@ def migrate_store(
             return _migrate_locked(agent, staging, report, progress)
     except (SessionFSError, OSError) as exc:
         return _fail(report, str(exc))
+
+
+def migration_running(agent: AgentStore) -> bool:
+    """Whether a live process holds the agent's ``sessions.json.lock`` (its staging is busy)."""
+    lock = agent.legacy.with_name(agent.legacy.name + ".lock")
+    return lock.is_file() and not lock.is_symlink() and not is_stale(lock)
 
 
 def _fail(report: AgentReport, reason: str) -> AgentReport:
@@ -308,6 +314,14 @@ def _migrate_locked(
             report.migrated = len(decided.entries)
             _step("live")
 
+    # Writes that reached sessions.json since the parse (a gateway that ignores the
+    # lock) go live now, before the rename: a crash right after the rename must not
+    # leave them only in the backup.  The rename's own window is carried after it.
+    carried = _carry_over(agent, agent.legacy, parsed, decided)
+    if carried:
+        parsed = os.stat(agent.legacy, follow_symlinks=False)
+        decided = plan(read_legacy(agent.legacy))
+    _step("carried")
     backup = agent.sessions_dir / f"{BACKUP_PREFIX}{int(time.time() * 1000)}"
     while backup.exists():  # two runs within one millisecond must not clobber a backup
         backup = backup.with_name(f"{BACKUP_PREFIX}{int(backup.name.rsplit('.', 1)[1]) + 1}")
@@ -315,7 +329,7 @@ def _migrate_locked(
     _fsync_dir(agent.sessions_dir)
     _step("backed-up")
     report.backup = backup
-    report.carried_over = _carry_over(agent, backup, parsed, decided)
+    report.carried_over = sorted(set(carried) | set(_carry_over(agent, backup, parsed, decided)))
     report.outcome = Outcome.MIGRATED
     return report
 

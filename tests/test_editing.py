@@ -1188,3 +1188,19 @@ async def test_an_editor_backup_removed_for_good_archives_the_transcript(
     assert not store.exists(KEY)
     (archived,) = transcripts(sessions_dir, "original")
     assert archived.startswith("original.jsonl.deleted.")
+
+
+async def test_rm_keeps_a_transcript_another_entry_names_in_its_session_file(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock, sessions_dir: Path
+) -> None:
+    (sessions_dir / "original.jsonl").write_text('{"type":"session"}\n')
+    (sessions_dir / "mine.jsonl").write_text('{"type":"session"}\n')
+    store.write("cron:3", entry_bytes("other", sessionFile="original.jsonl"))
+    store.write("cron:4", entry_bytes("four", sessionFile="mine.jsonl"))
+    await drive.unlink(NAME)
+    await drive.unlink("cron:4.json")  # its own transcript is the one its sessionFile names
+    clock.now += 10
+    await fs.graces.expire()
+    assert transcripts(sessions_dir, "original") == ["original.jsonl"]
+    (archived,) = transcripts(sessions_dir, "mine")
+    assert archived.startswith("mine.jsonl.deleted.")

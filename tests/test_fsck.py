@@ -6,12 +6,14 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 
 from sessionfs import sources
+from sessionfs.locking import process_starttime
 from sessionfs.migrate import migrate_source
 from tests.helpers import entry_bytes
 from tests.mounting import REPO, mounted, sessionfs, wait_for
@@ -204,3 +206,52 @@ def test_status_shows_what_the_last_background_check_found(migrated: Path, tmp_p
         assert "problem(s) (details: sessionfs fsck SOURCE)" in status.stdout
         assert "cron%3Ahalf.json: not JSON; no gateway can read it" in status.stdout
         assert "background check:" in mount.log_text()
+
+
+def test_what_a_lenient_reader_reads_is_never_moved(migrated: Path) -> None:
+    entries = migrated / "agents/main/sessions/sessions.d"
+    latin = b'{"sessionId": "x", "label": "caf\xe9", "updatedAt": 1}'
+    (entries / "cron%3Alatin.json").write_bytes(latin)
+    (entries / "cron%3Ahuge.json").write_bytes(b'{"sessionId": "y", "n": 1e400, "updatedAt": 1}')
+    result = run_fsck("--repair", str(migrated))
+    assert "cron%3Alatin.json: not strict JSON (a gateway still reads it)" in result.stdout
+    assert "cron%3Ahuge.json: not strict JSON (a gateway still reads it)" in result.stdout
+    assert (entries / "cron%3Alatin.json").read_bytes() == latin
+    assert (entries / "cron%3Ahuge.json").exists()
+
+
+def test_a_symlinked_quarantine_is_never_followed(migrated: Path, tmp_path: Path) -> None:
+    entries = migrated / "agents/main/sessions/sessions.d"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (entries / ".quarantine").symlink_to(elsewhere)
+    (entries / "cron%3Ahalf.json").write_bytes(b"{half")
+    result = run_fsck("--repair", str(migrated))
+    assert result.returncode == 3
+    assert ".quarantine is not a directory" in result.stdout
+    assert list(elsewhere.iterdir()) == []
+    assert (entries / "cron%3Ahalf.json").exists()
+
+
+def test_staging_of_a_running_migration_is_left_alone(migrated: Path) -> None:
+    sessions = migrated / "agents/work/sessions"
+    (sessions / "sessions.d.migrating").mkdir()
+    lock = sessions / "sessions.json.lock"
+    start = process_starttime(os.getpid())
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    lock.write_bytes(orjson.dumps({"pid": os.getpid(), "createdAt": now, "starttime": start}))
+    result = run_fsck("--repair", str(sessions))
+    assert "staging of a migration in progress; left alone" in result.stdout
+    assert (sessions / "sessions.d.migrating").exists()
+
+
+@pytest.mark.fuse
+def test_repair_refuses_a_mounted_store_reached_through_a_symlink(
+    migrated: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(migrated)
+    with mounted(migrated, tmp_path / "mnt") as mount:
+        refused = run_fsck("--repair", str(link))
+        assert refused.returncode == 3
+        assert f"is mounted at {mount.path}" in refused.stderr

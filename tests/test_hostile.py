@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -277,18 +278,19 @@ async def test_failing_background_maintenance_is_logged_and_retried(
     failures = [OSError(errno.EACCES, "Permission denied", "agents/main"), RuntimeError("gremlin")]
     runs: list[int] = []
 
-    def flaky(*args: object) -> list[object]:
+    def flaky(*args: object, **kwargs: object) -> list[object]:
         runs.append(1)
         if failures:
             raise failures.pop(0)
         return []
 
     monkeypatch.setattr(maintain_module, "maintain_source", flaky)
+    stopping = SimpleNamespace(stopping=threading.Event())  # what it reads of the mount
     config = MountConfig(sources.resolve(state_dir), state_dir / "mnt", maintain_every=0.01)
     with trio.move_on_after(1):
         while len(runs) < 3:
             with trio.move_on_after(0.05):
-                await _maintain_periodically(config)
+                await _maintain_periodically(config, stopping)  # type: ignore[arg-type]
     assert len(runs) >= 3  # it went on after both failures
     assert "maintenance failed: agents/main: Permission denied; trying again" in caplog.text
     assert "internal error in maintenance; trying again at the next run" in caplog.text
@@ -412,3 +414,30 @@ def test_scratch_files_honour_o_trunc(state_dir: Path, tmp_path: Path) -> None:
         assert shell.returncode == 0, shell.stderr
         assert shell.stdout == "b"
         assert orjson.loads((agent / "agent:main:main.json").read_bytes())["label"] == "two"
+
+
+@pytest.mark.fuse
+def test_enforced_maintenance_on_a_stuck_key_never_holds_up_the_unmount(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    migrate_source(sources.resolve(state_dir), progress=None)
+    store_dir = state_dir / "agents/main/sessions/sessions.d"
+    holder = LockHolder(store_dir, "agent:main:slack:direct:ancient")
+    try:
+        with mounted(
+            state_dir,
+            tmp_path / "mnt",
+            "--maintain-every",
+            "1s",
+            "--maintain-mode",
+            "enforce",
+            clean_exit=False,
+        ) as mount:
+            time.sleep(1.5)  # maintenance is waiting for the held key now
+            started = time.monotonic()
+            assert mount.stop(signal.SIGTERM) == 0
+            assert time.monotonic() - started < 3
+            assert not is_mounted(mount.path)
+        assert (store_dir / "agent%3Amain%3Aslack%3Adirect%3Aancient.json").exists()
+    finally:
+        holder.release()

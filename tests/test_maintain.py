@@ -195,7 +195,7 @@ def test_updated_entry_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     sessions = make_store(tmp_path, {"stale": aged(90, "t"), "also-stale": aged(80, "u")})
     real_enforce = maintain.enforce
 
-    def update_then_enforce(agent: Any, result: Any, *, now: dt.datetime) -> None:
+    def update_then_enforce(agent: Any, result: Any, *, now: dt.datetime, **kwargs: Any) -> None:
         with SessionStore(sessions / "sessions.d") as store:  # the gateway touches it meanwhile
             store.write("stale", entry_bytes("t", updated_at=NOW_MS))
         real_enforce(agent, result, now=now)
@@ -216,12 +216,12 @@ def test_writer_of_another_key_waits_for_at_most_one_delete(
     real_delete = SessionStore.delete
     slow = 0.15
 
-    def slow_delete(self: SessionStore, key: str, *, only_if: Any = None) -> bool:
+    def slow_delete(self: SessionStore, key: str, *, only_if: Any = None, **kwargs: Any) -> bool:
         def held(snap: Snapshot) -> bool:
             time.sleep(slow)  # runs under the key's lock
             return bool(only_if(snap)) if only_if else True
 
-        return real_delete(self, key, only_if=held)
+        return real_delete(self, key, only_if=held, **kwargs)
 
     monkeypatch.setattr(SessionStore, "delete", slow_delete)
     latencies: list[float] = []

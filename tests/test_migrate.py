@@ -592,6 +592,26 @@ def test_a_gateway_write_during_the_migration_is_carried_over(tmp_path: Path, at
     assert live_entries(sessions_dir)[normalize_key(key)]["label"] == "late"
 
 
+def test_a_gateway_write_is_live_before_the_backup_rename(tmp_path: Path, at_step: Any) -> None:
+    """A crash right after the rename to the backup must not leave it only in the backup."""
+    sessions_dir = tmp_path / "sessions"
+    write_legacy_store(sessions_dir, "a", 10, transcripts=False)
+    legacy = orjson.loads((sessions_dir / "sessions.json").read_bytes())
+    late = {**legacy, "cron:late": {"sessionId": "late", "updatedAt": 9e12}}
+
+    def lockless_gateway_writes() -> None:
+        (sessions_dir / "sessions.json").write_bytes(orjson.dumps(late))
+
+    def live_before_the_rename() -> None:
+        assert "cron:late" in live_entries(sessions_dir)
+        assert (sessions_dir / "sessions.json").exists()
+
+    at_step("live", lockless_gateway_writes)
+    at_step("carried", live_before_the_rename)
+    report = migrate_store(AgentStore(sessions_dir))
+    assert report.carried_over == ["cron:late"]
+
+
 def test_a_sessions_d_created_meanwhile_is_merged_into_never_replaced(
     tmp_path: Path, at_step: Any
 ) -> None:

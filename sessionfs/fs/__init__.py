@@ -10,9 +10,10 @@ receiving its collaborators through its constructor:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -51,9 +52,12 @@ class Filesystem:
     watcher: Watcher
     kernel: Kernel
     control: ControlFiles
+    # Set when the mount ends: background work in worker threads stops at its next step.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def stop(self) -> None:
         """The mount ends: nothing waits any longer for a key another process holds."""
+        self.stopping.set()
         self.editing.backings.stop()
 
 

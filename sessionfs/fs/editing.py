@@ -485,11 +485,16 @@ class Editing:
         if new in parent.children:
             raise pyfuse3.FUSEError(errno.EISDIR)  # .sessionfs: the mount's own directory
         target_key = None if is_scratch_name(new) else session_key(new)
-        if target_key is not None and target_key != source.key:
-            self._check_findable(parent, target_key)
+        if (
+            target_key is not None
+            and target_key != source.key
+            and await self.index.entry(parent, target_key) is None
+        ):
+            self._check_findable(parent, target_key)  # only a new key: existing ones stay editable
         keys = tuple(k for k in (source.key, target_key) if k is not None)
         concluded = None
-        async with self.backings.serialized(parent.agent_id, keys, self.lock_deadline()):
+        deadline = self.lock_deadline()  # from the request's arrival, for every wait below
+        async with self.backings.serialized(parent.agent_id, keys, deadline):
             if await self.names.find(parent, old) is not source:
                 raise pyfuse3.FUSEError(errno.ENOENT)  # gone or replaced while it waited
             if not replace and await self.names.find_existing(parent, new) is not None:
@@ -497,9 +502,13 @@ class Editing:
             if target_key is None:
                 await self._rename_to_scratch(parent, source, new)
             elif source.is_session and not source.pending:
-                await self._rename_session(parent, source, target_key, replace=replace)
+                await self._rename_session(
+                    parent, source, target_key, replace=replace, deadline=deadline
+                )
             else:
-                concluded = await self._rename_to_session(parent, source, new, target_key)
+                concluded = await self._rename_to_session(
+                    parent, source, new, target_key, deadline=deadline
+                )
         if concluded is not None:
             # a backup of another session, renamed to this key: that session moved here
             # (after this rename's keys are let go: one task never waits holding keys)
@@ -527,7 +536,9 @@ class Editing:
         source.pending = False
         self.tree.move(source, parent, new, None)
 
-    async def _rename_session(self, parent: Dir, source: File, key: str, *, replace: bool) -> None:
+    async def _rename_session(
+        self, parent: Dir, source: File, key: str, *, replace: bool, deadline: float
+    ) -> None:
         assert source.key is not None
         old_key = source.key
         target = self.tree.known_session(parent, key)
@@ -539,7 +550,7 @@ class Editing:
                     (old_key, key),
                     "rename",
                     lambda b: b.rename(old_key, key, replace=replace, lock_wait=0),
-                    deadline=self.lock_deadline(),
+                    deadline=deadline,
                 )
                 gone.made(None)
                 arrived.made(Seen.of(st))
@@ -551,7 +562,7 @@ class Editing:
         log.info("renamed session %r to %r", old_key, key)
 
     async def _rename_to_session(
-        self, parent: Dir, source: File, new: str, key: str
+        self, parent: Dir, source: File, new: str, key: str, *, deadline: float
     ) -> Grace | None:
         """A scratch file (``sed -i``, ``jq > t && mv t f``) or a pending file becomes a session.
 
@@ -574,7 +585,7 @@ class Editing:
                     (key,),
                     "write",
                     lambda b: b.write(key, data, validate=not held, lock_wait=0),
-                    deadline=self.lock_deadline(),
+                    deadline=deadline,
                 )
                 change.made(Seen.of(commit.stat))
         except (SessionFSError, OSError) as exc:

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 from ..catalog import Backing
 from ..errors import EntryNotFound
+from ..keys import key_to_display
 from ..store import Snapshot, Version
 from .backings import Backings
 from .kernel import Kernel
@@ -116,6 +117,11 @@ class Index:
         parent = self.dir_of(agent_id)
         if parent is not None:
             self.incomplete(parent)
+            # What the kernel cached with long timeouts while it was watched would
+            # otherwise stay for up to those timeouts: it must ask again now.
+            for key, ino in parent.sessions.items():
+                self.kernel.forget_attributes(ino)
+                self.kernel.forget_name(parent.ino, key_to_display(key))
 
     def trusted(self, parent: Dir) -> bool:
         """Whether what is known of *parent*'s keys is current without asking the disk."""
