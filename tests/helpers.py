@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -27,3 +28,11 @@ def raises_errno(*codes: int) -> Iterator[None]:
     with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is what is checked
         yield
     assert info.value.errno in codes, info.value
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The peak resident memory of process *pid* (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for pid {pid}")

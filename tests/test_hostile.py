@@ -24,7 +24,7 @@ from sessionfs.errors import InvalidEntry
 from sessionfs.maintain import Mode, Policy, maintain_source
 from sessionfs.migrate import migrate_source
 from sessionfs.store import SessionStore
-from tests.helpers import entry_bytes, raises_errno
+from tests.helpers import entry_bytes, peak_rss_kib, raises_errno
 from tests.mounting import REPO, SESSIONFS, mounted, sessionfs, wait_for
 
 MAIN = "agent%3Amain%3Amain.json"
@@ -175,6 +175,17 @@ def _write_through(path: Path, data: bytes, errors: list[int]) -> None:
         errors.append(exc.errno or 0)
 
 
+def _start_writers(path: Path, count: int, errors: list[int]) -> list[threading.Thread]:
+    """*count* writers of *path* through the mount, each collecting its errno in *errors*."""
+    writers = [
+        threading.Thread(target=_write_through, args=(path, entry_bytes(f"w{i}"), errors))
+        for i in range(count)
+    ]
+    for thread in writers:
+        thread.start()
+    return writers
+
+
 @pytest.mark.fuse
 def test_one_stuck_key_never_stalls_the_others(state_dir: Path, tmp_path: Path) -> None:
     store_dir = state_dir / "agents/main/sessions/sessions.d"
@@ -184,15 +195,7 @@ def test_one_stuck_key_never_stalls_the_others(state_dir: Path, tmp_path: Path) 
         holder = LockHolder(store_dir, "agent:main:main")
         try:
             errors: list[int] = []
-            stuck = [
-                threading.Thread(
-                    target=_write_through,
-                    args=(agent / "agent:main:main.json", entry_bytes(f"w{i}"), errors),
-                )
-                for i in range(200)
-            ]
-            for thread in stuck:
-                thread.start()
+            stuck = _start_writers(agent / "agent:main:main.json", 200, errors)
             time.sleep(0.5)  # all 200 are waiting for the key now
             started = time.monotonic()
             for i in range(5):
@@ -223,15 +226,7 @@ def test_unmounts_while_writers_wait_for_a_stuck_key(
         holder = LockHolder(store_dir, "agent:main:main")
         try:
             errors: list[int] = []
-            stuck = [
-                threading.Thread(
-                    target=_write_through,
-                    args=(agent / "agent:main:main.json", entry_bytes(f"w{i}"), errors),
-                )
-                for i in range(20)
-            ]
-            for thread in stuck:
-                thread.start()
+            stuck = _start_writers(agent / "agent:main:main.json", 20, errors)
             time.sleep(0.5)
             if how == "SIGTERM":
                 assert mount.stop(signal.SIGTERM) == 0
@@ -328,13 +323,6 @@ def test_keys_the_gateway_would_never_find_are_refused(state_dir: Path, tmp_path
     assert not [k for k in keys if k.startswith("agent:main:") or k != k.lower()]
 
 
-def _vm_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def _read_everything(directory: Path) -> dict[str, bytes | int]:
     """What `cat *` through the mount gets for every name: bytes or an errno (never a hang)."""
     names = subprocess.run(
@@ -377,7 +365,7 @@ def test_hostile_files_before_and_during_a_mount(state_dir: Path, tmp_path: Path
             assert isinstance(content, int) or b"root:" not in content, name
         assert "passwd" not in str(sorted(os.listdir(mount.path / "main")))
         assert not (mount.path / "work").exists()  # its sessions.json is not followed
-        assert _vm_hwm_kib(mount.pid) < 250 * 1024  # a 300 MB entry was never read whole
+        assert peak_rss_kib(mount.pid) < 250 * 1024  # a 300 MB entry was never read whole
         (mount.path / "main" / "cron:after.json").write_bytes(entry_bytes("after"))
         checked = subprocess.run(
             [*SESSIONFS, "fsck", str(state_dir)],

@@ -16,7 +16,7 @@ import pytest
 from sessionfs.errors import UnsafeEntry
 from sessionfs.store import SessionStore
 from sessionfs.transcripts import TranscriptFile, transcript_name
-from tests.helpers import entry_bytes, raises_errno
+from tests.helpers import entry_bytes, peak_rss_kib, raises_errno
 from tests.mounting import Mount, mounted, wait_for
 
 KEY = "agent:main:main"
@@ -207,13 +207,6 @@ def test_a_symlinked_transcript_is_never_shown(mnt: Mount, state_dir: Path) -> N
     assert not (mnt.path / "main" / f"{KEY}.jsonl").exists()
 
 
-def _vm_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 @pytest.mark.fuse
 def test_a_100_mb_transcript_streams_with_bounded_memory(mnt: Mount, state_dir: Path) -> None:
     sid = session_id(state_dir)
@@ -226,4 +219,4 @@ def test_a_100_mb_transcript_streams_with_bounded_memory(mnt: Mount, state_dir: 
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     assert digest.hexdigest() == hashlib.sha256(backing.read_bytes()).hexdigest()
-    assert _vm_hwm_kib(mnt.pid) < 150 * 1024
+    assert peak_rss_kib(mnt.pid) < 150 * 1024
