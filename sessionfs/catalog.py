@@ -29,6 +29,7 @@ from .sources import (
     agent_problem,
     scan_agents,
 )
+from .sqlite_view import SqliteView
 from .store import Commit, SessionStore, Snapshot, Version
 
 
@@ -40,6 +41,8 @@ class Backing(Protocol):
 
     @property
     def writable(self) -> bool: ...
+
+    def why_read_only(self) -> str | None: ...
 
     def read(self, key: str) -> Snapshot: ...
 
@@ -93,12 +96,12 @@ class WatchTarget:
 class _Opened:
     """One opened store and how many calls are using it right now."""
 
-    identity: tuple[int, int]  # (st_dev, st_ino) of its directory; (0, 0) for a legacy view
-    backing: SessionStore | LegacyView
+    identity: tuple[int, int]  # (st_dev, st_ino) of its directory or database; (0, 0): legacy
+    backing: SessionStore | LegacyView | SqliteView
     users: int = 0
 
     def close(self) -> None:
-        if isinstance(self.backing, SessionStore):
+        if isinstance(self.backing, SessionStore | SqliteView):
             self.backing.close()
 
 
@@ -170,8 +173,9 @@ class Catalog:
     def _acquire(self, agent_id: str | None) -> _Opened:
         ref = self._ref(agent_id)
         with self._lock:
+            sqlite = ref.has_database()  # the SQLite era wins: the gateway reads only that
             try:
-                st = os.stat(ref.entries, follow_symlinks=False)
+                st = os.stat(ref.database if sqlite else ref.entries, follow_symlinks=False)
                 identity = (st.st_dev, st.st_ino)
             except FileNotFoundError:
                 identity = (0, 0)
@@ -180,8 +184,10 @@ class Catalog:
                 if current is not None:
                     self._retire(current)
                     del self._open[agent_id]
-                backing: SessionStore | LegacyView
-                if identity != (0, 0):
+                backing: SessionStore | LegacyView | SqliteView
+                if sqlite and identity != (0, 0):
+                    backing = SqliteView(ref.database)
+                elif identity != (0, 0):
                     backing = self._store_factory(ref.entries, self.max_entry_bytes)
                 elif ref.has_legacy():
                     backing = LegacyView(ref.legacy)
@@ -210,6 +216,15 @@ class Catalog:
         """Stores whose directory is open now, retired ones still in use included."""
         with self._lock:
             return len(self._open) + len(self._retired)
+
+    def sqlite_views(self) -> list[tuple[str | None, SqliteView]]:
+        """The SQLite-era stores opened so far (the watcher polls them for commits)."""
+        with self._lock:
+            return [
+                (agent, opened.backing)
+                for agent, opened in self._open.items()
+                if isinstance(opened.backing, SqliteView)
+            ]
 
     def watch_targets(self) -> list[WatchTarget]:
         """Every directory whose changes the mount must follow, as it is on disk now.

@@ -85,9 +85,10 @@ class LegacyView:
             self._entry_stat(entries[key], file_stat) if key in entries else None for key in keys
         ]
 
+    def why_read_only(self) -> str:
+        return f"{self.path} is a legacy store shown read-only; run `sessionfs migrate` to edit it"
+
     def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
-        raise ReadOnlyStore(
-            f"{self.path} is a legacy store shown read-only; run `sessionfs migrate` to edit it"
-        )
+        raise ReadOnlyStore(self.why_read_only())
 
     write = delete = remove = rename = update = _refuse

@@ -23,7 +23,7 @@ import orjson
 from . import entry as entry_rules
 from .errors import EntryNotFound, LockBusy, SessionFSError
 from .migrate import BACKUP_PREFIX
-from .sources import AgentStore, Source
+from .sources import AgentStore, Era, Source
 from .store import SessionStore, Snapshot
 from .transcripts import transcript_name
 
@@ -484,8 +484,8 @@ def maintain_source(
     now_ms = now.timestamp() * 1000
     results = []
     for agent in source.stores():
-        if not agent.has_entries():
-            continue
+        if not agent.has_entries() or agent.era() is Era.SQLITE:
+            continue  # nothing to maintain; a SQLite-era agent is OpenClaw's alone
         result = AgentResult(agent.label, mode)
         try:
             result = plan(agent, policy, now_ms=now_ms, mode=Mode.WARN if dry_run else mode)

@@ -34,7 +34,7 @@ from . import entry as entry_rules
 from .errors import InvalidKey, SessionFSError
 from .keys import key_to_filename, normalize_key
 from .locking import STORE_LOCK_TIMEOUT, is_stale, openclaw_store_lock, remove_stale_lock
-from .sources import AgentStore, Source
+from .sources import AgentStore, Era, Source
 from .store import SessionStore, rename_noreplace
 
 STAGING_DIR = "sessions.d.migrating"
@@ -224,6 +224,11 @@ def migrate_store(
     """Migrate one agent's ``sessions.json``; never raises for a store-level problem."""
     report = AgentReport(agent.label, Outcome.NOTHING_TO_DO)
     staging = agent.sessions_dir / STAGING_DIR
+    if agent.era() is Era.SQLITE:
+        # OpenClaw reads only its database; a sessions.json left there is the input of
+        # `openclaw doctor --session-sqlite import`, and must stay where it is
+        report.reason = "SQLite era (OpenClaw 2026.7.2 or later): never migrated nor touched"
+        return report
     try:
         if not agent.has_legacy():
             if agent.legacy.is_symlink():

@@ -67,8 +67,11 @@ class AgentStore:
         return self.entries.is_dir() and not self.entries.is_symlink()
 
     def has_store(self) -> bool:
-        """Whether there is anything to show: a ``sessions.d/`` or a ``sessions.json``."""
-        return self.has_entries() or self.has_legacy()
+        """Whether there is anything to show: a database, a sessions.d/ or a sessions.json."""
+        return self.has_database() or self.has_entries() or self.has_legacy()
+
+    def has_database(self) -> bool:
+        return self.database.is_file() and not self.database.is_symlink()
 
     @property
     def database(self) -> Path:
@@ -82,7 +85,7 @@ class AgentStore:
 
     def era(self) -> Era:
         """Decided once, here: a database wins (its sessions.json is only import input)."""
-        if self.database.is_file() and not self.database.is_symlink():
+        if self.has_database():
             return Era.SQLITE
         if self.has_entries():
             return Era.DIRECTORY
@@ -177,6 +180,9 @@ def agent_problem(agent_dir: Path) -> str | None:
     sessions = agent_dir / "sessions"
     if sessions.is_symlink():
         return "sessions dir is a symlink; not followed"
+    database = agent_dir / SQLITE_DB
+    if database.is_file() and not database.is_symlink():
+        return None  # a SQLite-era agent needs no sessions dir
     return None if sessions.is_dir() else ""
 
 

@@ -179,6 +179,9 @@ class SessionStore:
         self._reported: set[str] = set()
         self.remove_stray_temps()
 
+    def why_read_only(self) -> str | None:
+        return None  # sessions.d/ is the store the mount writes
+
     # -- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:

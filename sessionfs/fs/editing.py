@@ -192,7 +192,7 @@ class Editing:
             node = self.tree.new_scratch(parent, name, mode)
             return node, self.new_handle(node, flags, node.data)
         key = session_key(name)
-        await self._check_writable(parent)
+        await self._check_writable(parent, name)
         self._check_findable(parent, key)
         self.graces.claim(parent, key)  # a new version is coming: never remove the old one now
         node = self.tree.new_pending(parent, key)
@@ -217,10 +217,13 @@ class Editing:
         """Until when a request that arrives now may wait for a key's lock (trio time)."""
         return trio.current_time() + self.limits.lock_timeout
 
-    async def _check_writable(self, parent: Dir) -> None:
-        """EROFS, at once, for a directory shown read-only (a legacy ``sessions.json``)."""
-        if not await self.backings.run(parent.agent_id, "writable", lambda b: b.writable):
-            raise pyfuse3.FUSEError(errno.EROFS)
+    async def _check_writable(self, parent: Dir, name: str) -> None:
+        """EROFS, at once, for a directory shown read-only (a ``sessions.json``, a database)."""
+        reason = await self.backings.run(
+            parent.agent_id, "writable", lambda b: None if b.writable else b.why_read_only()
+        )
+        if reason is not None:
+            raise self.rejections.add(user_path(parent, name), ReadOnlyStore(reason))
 
     # -- writing -------------------------------------------------------------
 
@@ -520,7 +523,7 @@ class Editing:
             # new version is written (see Grace).
             assert source.key is not None
             key = source.key
-            await self._check_writable(parent)
+            await self._check_writable(parent, new)
             snap = await self.index.read(parent, key)
             self.check_scratch_room(len(snap.data))  # it lives in memory from now on
             self.tree.move(source, parent, new, None)

@@ -1,0 +1,235 @@
+"""A read-only view of a SQLite-era agent (``agents/<id>/agent/openclaw-agent.sqlite``).
+
+OpenClaw 2026.7.2 and later keep every session entry as a row of ``session_nodes``
+and every transcript event as a row of ``transcript_events``; the gateway is the
+only writer.  This view shows those rows as the same files as the other eras, and
+never writes: the database is opened read-only (``mode=ro``), never checkpointed
+or vacuumed, and no file is created in the gateway's directory.  A WAL database
+opened read-only needs its ``-wal`` and ``-shm`` files; when they do not exist
+(the gateway is not running) it is opened ``immutable=1`` instead, and reopened
+normally once they appear.
+
+Each entry is served as migration writes JSON-era entries (2-space indent), the
+same for every read-only view.  Its version is derived from its bytes (a CRC as
+the inode number, ``updated_at`` as mtime, the byte length as size), so any change
+of a row, even one that leaves ``updated_at`` alone, is a new version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import stat
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import quote
+
+from . import entry as entry_rules
+from .errors import EntryNotFound, ReadOnlyStore, SessionFSError
+from .store import Snapshot
+
+log = logging.getLogger("sessionfs")
+
+SUPPORTED_SCHEMAS = frozenset({23})
+BUSY_RETRIES = 50  # a SQLITE_BUSY is retried (10 ms apart), never surfaced at once
+_T = TypeVar("_T")
+
+
+class UnsupportedSchema(SessionFSError):
+    """A database whose schema this version of sessionfs does not know how to read."""
+
+
+class SqliteView:
+    """The sessions of one agent's database; blocking calls, safe from any thread."""
+
+    writable = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._immutable = False
+        self._data_version: tuple[int, int] | None = None
+        self.problem: str | None = None  # why nothing is shown (an unknown schema)
+
+    # -- the connection --------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        wal = self.path.with_name(self.path.name + "-wal")
+        shm = self.path.with_name(self.path.name + "-shm")
+        live = wal.exists() and shm.exists()
+        if self._connection is not None and (live or self._immutable):
+            if not (live and self._immutable):
+                return self._connection
+            self._connection.close()  # the gateway started: see its commits from now on
+            self._connection = None
+        mode = "mode=ro" if live else "immutable=1"
+        uri = f"file:{quote(str(self.path))}?{mode}"
+        connection = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=0.5)
+        connection.execute("PRAGMA query_only = 1")
+        self._check_schema(connection)
+        self._connection, self._immutable = connection, not live
+        return connection
+
+    def _check_schema(self, connection: sqlite3.Connection) -> None:
+        (user_version,) = connection.execute("PRAGMA user_version").fetchone()
+        try:
+            row = connection.execute(
+                "SELECT schema_version, app_version FROM schema_meta WHERE meta_key = 'primary'"
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            row = None
+        version = row[0] if row else None
+        if user_version not in SUPPORTED_SCHEMAS or version not in SUPPORTED_SCHEMAS:
+            connection.close()
+            known = ", ".join(str(v) for v in sorted(SUPPORTED_SCHEMAS))
+            raise UnsupportedSchema(
+                f"{self.path}: schema {version!r} (user_version {user_version}) is not one "
+                f"sessionfs reads (it knows {known}); nothing of this agent is shown"
+            )
+
+    def _query(self, run: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run *run* on the connection, retrying while the gateway holds the database busy."""
+        for attempt in range(BUSY_RETRIES):
+            with self._lock:
+                try:
+                    return run(self._connect())
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise SessionFSError(f"{self.path}: {exc}") from None
+                    if attempt == BUSY_RETRIES - 1:
+                        raise SessionFSError(f"{self.path}: busy for too long ({exc})") from None
+            time.sleep(0.01)
+        raise AssertionError("unreachable")
+
+    def changed(self) -> bool:
+        """Whether anything may have been committed since the last call.
+
+        Cheap: ``PRAGMA data_version`` on the open connection; a reopened
+        connection (the gateway started) counts as a change.
+        """
+        try:
+            mark = self._query(lambda c: (id(c), c.execute("PRAGMA data_version").fetchone()[0]))
+        except SessionFSError:
+            return True
+        before, self._data_version = self._data_version, mark
+        return before is not None and before != mark
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    # -- entries ---------------------------------------------------------------
+
+    def _rows(self, keys: list[str] | None) -> Iterator[tuple[str, bytes, int]]:
+        def fetch(connection: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            if keys is None:
+                return connection.execute(
+                    "SELECT session_key, entry_json, updated_at FROM session_nodes"
+                ).fetchall()
+            found: list[tuple[str, str, int]] = []
+            for first in range(0, len(keys), 500):
+                chunk = keys[first : first + 500]
+                marks = ",".join("?" * len(chunk))
+                found += connection.execute(
+                    "SELECT session_key, entry_json, updated_at FROM session_nodes "
+                    f"WHERE session_key IN ({marks})",
+                    chunk,
+                ).fetchall()
+            return found
+
+        try:
+            rows = self._query(fetch)
+        except UnsupportedSchema as exc:
+            self._unsupported(exc)
+            return
+        for key, entry_json, updated_at in rows:
+            yield key, _pretty(entry_json), updated_at
+
+    def _unsupported(self, exc: UnsupportedSchema) -> None:
+        if self.problem != str(exc):
+            log.warning("%s", exc)
+        self.problem = str(exc)
+
+    def _entry_stat(self, data: bytes, updated_at: int) -> os.stat_result:
+        file_stat = os.stat(self.path)
+        mtime_ns = int(updated_at) * 1_000_000
+        fields = (
+            stat.S_IFREG | 0o400,
+            zlib.crc32(data),  # a new version whenever the bytes change
+            file_stat.st_dev,
+            1,
+            file_stat.st_uid,
+            file_stat.st_gid,
+            len(data),
+        )
+        seconds = mtime_ns // 1_000_000_000
+        return os.stat_result(
+            (*fields, seconds, seconds, seconds),
+            {"st_atime_ns": mtime_ns, "st_mtime_ns": mtime_ns, "st_ctime_ns": mtime_ns},
+        )
+
+    def read(self, key: str) -> Snapshot:
+        for _, data, updated_at in self._rows([key]):
+            return Snapshot(data, self._entry_stat(data, updated_at))
+        raise EntryNotFound(f"no session {key!r}")
+
+    def stat(self, key: str) -> os.stat_result:
+        return self.read(key).stat
+
+    def keys(self) -> list[str]:
+        return [key for key, _, _ in self._rows(None)]
+
+    def stat_many(self, keys: list[str]) -> list[os.stat_result | None]:
+        found = {key: self._entry_stat(data, at) for key, data, at in self._rows(keys)}
+        return [found.get(key) for key in keys]
+
+    def session_id(self, key: str) -> str | None:
+        """The key's current ``sessionId`` (whose events are its transcript)."""
+        row = self._query(
+            lambda c: c.execute(
+                "SELECT current_session_id FROM session_nodes WHERE session_key = ?", (key,)
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def transcript_chunk(
+        self, session_id: str, after_seq: int, limit: int
+    ) -> list[tuple[int, bytes]]:
+        """Events of *session_id* after *after_seq*, in order, each as one ``.jsonl`` line."""
+        rows = self._query(
+            lambda c: c.execute(
+                "SELECT seq, event_json FROM transcript_events "
+                "WHERE session_id = ? AND seq > ? AND event_json IS NOT NULL "
+                "ORDER BY seq LIMIT ?",
+                (session_id, after_seq, limit),
+            ).fetchall()
+        )
+        return [(seq, event.encode() + b"\n") for seq, event in rows]
+
+    def why_read_only(self) -> str:
+        return (
+            f"{self.path} is OpenClaw's own database, shown read-only (a row changed from "
+            "outside is marked invalid until `openclaw doctor --fix`); change sessions "
+            "through OpenClaw"
+        )
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise ReadOnlyStore(self.why_read_only())
+
+    write = delete = remove = rename = update = _refuse
+
+
+def _pretty(entry_json: str) -> bytes:
+    with contextlib.suppress(ValueError):
+        value: Any = entry_rules.loads(entry_json.encode())
+        return entry_rules.dumps(value)
+    return entry_json.encode()

@@ -1,0 +1,162 @@
+"""SQLite-era agents: every row shown as `<key>.json`, read-only, fresh, never written."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sessionfs import entry as entry_rules
+from sessionfs import sources
+from sessionfs.keys import key_to_display
+from sessionfs.migrate import migrate_source
+from sessionfs.sqlite_view import SqliteView
+from tests.helpers import raises_errno
+from tests.mounting import Mount, mounted, wait_for
+from tests.sqlite_state import build_sqlite_state, database_of, put_session
+
+SHARED_FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/openclaw-sqlite-state"
+SESSIONS: dict[str, dict[str, dict[str, object]]] = {
+    "main": {
+        "agent:main:main": {"sessionId": "s-main", "updatedAt": 1_700_000_000_000, "x": "ü"},
+        "agent:main:signal:group:QUJD": {"sessionId": "s-sig", "updatedAt": 1_700_000_000_001},
+        "cron:job": {"sessionId": "s-cron", "updatedAt": 1_700_000_000_002},
+    },
+    "work": {"agent:work:main": {"sessionId": "s-work", "updatedAt": 1_700_000_000_003}},
+}
+
+
+@pytest.fixture
+def sqlite_state(tmp_path: Path) -> Path:
+    state = tmp_path / "sqlite-state"
+    build_sqlite_state(state, SESSIONS)
+    return state
+
+
+def digest_tree(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_the_view_reads_every_row(sqlite_state: Path) -> None:
+    view = SqliteView(database_of(sqlite_state, "main"))
+    assert sorted(view.keys()) == sorted(SESSIONS["main"])
+    for key, entry in SESSIONS["main"].items():
+        snap = view.read(key)
+        assert orjson.loads(snap.data) == entry
+        assert snap.data == entry_rules.dumps(entry)  # as every read-only view shows entries
+        assert snap.stat.st_size == len(snap.data)
+    view.close()
+
+
+def test_an_unknown_schema_shows_nothing_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    build_sqlite_state(tmp_path / "s", {"main": SESSIONS["main"]}, schema=99)
+    view = SqliteView(database_of(tmp_path / "s", "main"))
+    assert view.keys() == []
+    assert view.problem is not None
+    assert "schema 99" in view.problem
+    assert "schema 99" in caplog.text
+
+
+def test_migrate_and_maintain_never_touch_a_sqlite_era_agent(sqlite_state: Path) -> None:
+    sessions = sqlite_state / "agents/main/sessions"
+    sessions.mkdir()
+    (sessions / "sessions.json").write_bytes(b'{"agent:main:old": {"sessionId": "old"}}')
+    before = digest_tree(sqlite_state)
+    (report, _) = migrate_source(sources.resolve(sqlite_state), progress=None)
+    assert "SQLite era" in "\n".join(report.lines())
+    assert digest_tree(sqlite_state) == before
+    assert not (sessions / "sessions.d").exists()
+
+
+@pytest.fixture
+def mnt(sqlite_state: Path, tmp_path: Path) -> Iterator[Mount]:
+    with mounted(sqlite_state, tmp_path / "mnt") as mount:
+        yield mount
+
+
+@pytest.mark.fuse
+def test_every_row_is_a_file_and_writes_are_refused(mnt: Mount, sqlite_state: Path) -> None:
+    before = digest_tree(sqlite_state)
+    agent = mnt.path / "main"
+    names = sorted(n for n in os.listdir(agent) if n.endswith(".json"))
+    assert names == sorted(key_to_display(k) for k in SESSIONS["main"])
+    for key, entry in SESSIONS["main"].items():
+        shown = agent / key_to_display(key)
+        assert orjson.loads(shown.read_bytes()) == entry
+        assert shown.stat().st_size == len(shown.read_bytes())
+    main = agent / "agent:main:main.json"
+    with raises_errno(errno.EROFS):
+        main.write_bytes(b"{}")
+    with raises_errno(errno.EROFS):
+        (agent / "cron:new.json").write_bytes(b"{}")
+    with raises_errno(errno.EROFS):
+        main.unlink()
+    with raises_errno(errno.EROFS):
+        main.rename(agent / "cron:moved.json")
+    assert digest_tree(sqlite_state) == before  # never written, no -shm created by us
+    errors = (mnt.path / ".sessionfs" / "errors").read_text()
+    assert "OpenClaw's own database, shown read-only" in errors
+
+
+@pytest.mark.fuse
+def test_commits_of_the_gateway_show_within_a_second(mnt: Mount, sqlite_state: Path) -> None:
+    agent = mnt.path / "main"
+    shown = agent / "agent:main:main.json"
+    shown.read_bytes()
+    db = sqlite3.connect(database_of(sqlite_state, "main"))  # the gateway, in WAL mode
+    try:
+        changed = {"sessionId": "s-main", "updatedAt": 1_800_000_000_000, "label": "new"}
+        put_session(db, "agent:main:main", changed)
+        put_session(db, "cron:added", {"sessionId": "s-added", "updatedAt": 5})
+        db.execute("DELETE FROM session_nodes WHERE session_key = 'cron:job'")
+        db.commit()
+        committed = time.monotonic()
+        wait_for(lambda: orjson.loads(shown.read_bytes()) == changed, timeout=1)
+        wait_for(lambda: "cron:added.json" in os.listdir(agent), timeout=1)
+        wait_for(lambda: "cron:job.json" not in os.listdir(agent), timeout=1)
+        assert time.monotonic() - committed < 1
+        # a change that leaves updated_at alone still shows: versions come from the bytes
+        db.execute(
+            "UPDATE session_nodes SET entry_json = ? WHERE session_key = 'agent:main:main'",
+            (orjson.dumps({**changed, "label": "same time"}).decode(),),
+        )
+        db.commit()
+        wait_for(lambda: b"same time" in shown.read_bytes(), timeout=1)
+    finally:
+        db.close()
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(
+    not SHARED_FIXTURE.exists() and os.environ.get("SESSIONFS_REQUIRE_FUSE") != "1",
+    reason="the shared SQLite fixture is not here",
+)
+def test_the_real_openclaw_fixture(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    shutil.copytree(SHARED_FIXTURE, state)
+    before = digest_tree(state)
+    with mounted(state, tmp_path / "mnt") as mount:
+        for agent in ("main", "work"):
+            db = sqlite3.connect(f"file:{database_of(state, agent)}?immutable=1", uri=True)
+            rows = dict(db.execute("SELECT session_key, entry_json FROM session_nodes"))
+            db.close()
+            shown = sorted(n for n in os.listdir(mount.path / agent) if n.endswith(".json"))
+            assert shown == sorted(key_to_display(k) for k in rows)
+            for key, entry_json in rows.items():
+                data = (mount.path / agent / key_to_display(key)).read_bytes()
+                assert orjson.loads(data) == orjson.loads(entry_json)
+    assert digest_tree(state) == before
