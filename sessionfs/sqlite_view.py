@@ -17,6 +17,7 @@ of a row, even one that leaves ``updated_at`` alone, is a new version.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -55,6 +56,7 @@ class SqliteView:
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
         self._immutable = False
+        self._signature: tuple[int, int, int] | None = None  # the file when opened immutable
         self._data_version: tuple[int, int] | None = None
         self.problem: str | None = None  # why nothing is shown (an unknown schema)
 
@@ -64,11 +66,18 @@ class SqliteView:
         wal = self.path.with_name(self.path.name + "-wal")
         shm = self.path.with_name(self.path.name + "-shm")
         live = wal.exists() and shm.exists()
-        if self._connection is not None and (live or self._immutable):
-            if not (live and self._immutable):
-                return self._connection
-            self._connection.close()  # the gateway started: see its commits from now on
+        st = os.stat(self.path)
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._connection is not None:
+            if live and not self._immutable:
+                return self._connection  # WAL readers see every commit
+            if not live and self._immutable and signature == self._signature:
+                return self._connection  # nothing wrote the file since it was opened
+            # the gateway started (its WAL appeared), or wrote and stopped: an immutable
+            # connection would never see that, so open anew
+            self._connection.close()
             self._connection = None
+        self._signature = signature
         mode = "mode=ro" if live else "immutable=1"
         uri = f"file:{quote(str(self.path))}?{mode}"
         connection = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=0.5)
@@ -222,10 +231,122 @@ class SqliteView:
             "through OpenClaw"
         )
 
+    # -- transcripts -------------------------------------------------------------
+
+    def transcript_stats(self, keys: list[str]) -> list[tuple[str, os.stat_result, int] | None]:
+        """Per key: its current session id, a stat and the byte size of its transcript
+        (every event's JSON and a newline); None for a session without events."""
+
+        def fetch(connection: sqlite3.Connection) -> list[tuple[str, str, int, int, int]]:
+            found = []
+            for first in range(0, len(keys), 500):
+                chunk = keys[first : first + 500]
+                marks = ",".join("?" * len(chunk))
+                found += connection.execute(
+                    "SELECT n.session_key, n.current_session_id, COUNT(e.seq), "
+                    "COALESCE(SUM(length(CAST(e.event_json AS BLOB))), 0), "
+                    "COALESCE(MAX(e.created_at), 0) "
+                    "FROM session_nodes n JOIN transcript_events e "
+                    "ON e.session_id = n.current_session_id AND e.event_json IS NOT NULL "
+                    f"WHERE n.session_key IN ({marks}) GROUP BY n.session_key",
+                    chunk,
+                ).fetchall()
+            return found
+
+        try:
+            rows = self._query(fetch)
+        except UnsupportedSchema as exc:
+            self._unsupported(exc)
+            return [None] * len(keys)
+        stats = {}
+        for key, session_id, count, octets, created_at in rows:
+            size = octets + count
+            stats[key] = (session_id, self._synthetic_stat(size, created_at, session_id), size)
+        return [stats.get(key) for key in keys]
+
+    def _synthetic_stat(self, size: int, at_ms: int, identity: str) -> os.stat_result:
+        file_stat = os.stat(self.path)
+        mtime_ns = int(at_ms) * 1_000_000
+        seconds = mtime_ns // 1_000_000_000
+        fields = (
+            stat.S_IFREG | 0o400,
+            zlib.crc32(identity.encode()),
+            file_stat.st_dev,
+            1,
+            file_stat.st_uid,
+            file_stat.st_gid,
+            size,
+        )
+        return os.stat_result(
+            (*fields, seconds, seconds, seconds),
+            {"st_atime_ns": mtime_ns, "st_mtime_ns": mtime_ns, "st_ctime_ns": mtime_ns},
+        )
+
+    def open_transcript(self, session_id: str) -> SqliteTranscript:
+        return SqliteTranscript(self, session_id)
+
     def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
         raise ReadOnlyStore(self.why_read_only())
 
     write = delete = remove = rename = update = _refuse
+
+
+class SqliteTranscript:
+    """One session's events as the ``.jsonl`` they replaced; the same calls as a file's.
+
+    An index of each event's offset is built at open and extended as events are
+    added (``tail -f``), so a read at any offset fetches only the rows it needs.
+    """
+
+    def __init__(self, view: SqliteView, session_id: str) -> None:
+        self.view = view
+        self.session_id = session_id
+        self._starts: list[int] = []  # byte offset of each event, in seq order
+        self._seqs: list[int] = []
+        self._end = 0
+        self._extend()
+
+    def _extend(self) -> None:
+        after = self._seqs[-1] if self._seqs else -(2**63)
+        rows = self.view._query(
+            lambda c: c.execute(
+                "SELECT seq, length(CAST(event_json AS BLOB)) + 1 FROM transcript_events "
+                "WHERE session_id = ? AND seq > ? AND event_json IS NOT NULL ORDER BY seq",
+                (self.session_id, after),
+            ).fetchall()
+        )
+        for seq, size in rows:
+            self._seqs.append(seq)
+            self._starts.append(self._end)
+            self._end += size
+
+    def complete_size(self) -> int:
+        self._extend()
+        return self._end
+
+    def stat(self) -> os.stat_result:
+        return self.view._synthetic_stat(self.complete_size(), 0, self.session_id)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset + size > self._end:
+            self._extend()
+        if offset >= self._end or size <= 0:
+            return b""
+        first = bisect.bisect_right(self._starts, offset) - 1
+        out = bytearray()
+        seq_from = self._seqs[first]
+        skip = offset - self._starts[first]
+        while len(out) < skip + size:
+            chunk = self.view.transcript_chunk(self.session_id, seq_from - 1, 256)
+            if not chunk:
+                break
+            for _, line in chunk:
+                out += line
+            seq_from = chunk[-1][0] + 1
+        return bytes(out[skip : skip + size])
+
+    def close(self) -> None:
+        pass
 
 
 def _pretty(entry_json: str) -> bytes:

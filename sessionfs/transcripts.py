@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import Protocol
 
 from .entry import SESSION_ID_RE, loads
 from .errors import EntryNotFound, UnsafeEntry
@@ -47,6 +48,16 @@ def transcript_name(entry: object, sessions_dir: Path) -> str | None:
     if isinstance(session_id, str) and SESSION_ID_RE.match(session_id):
         return session_id + SUFFIX
     return None
+
+
+class TranscriptStream(Protocol):
+    """An open transcript, a file's or a database's: whole lines, read at any offset."""
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def complete_size(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class TranscriptFile:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from sessionfs.migrate import migrate_source
 from sessionfs.sqlite_view import SqliteView
 from tests.helpers import raises_errno
 from tests.mounting import Mount, mounted, wait_for
-from tests.sqlite_state import build_sqlite_state, database_of, put_session
+from tests.sqlite_state import build_sqlite_state, database_of, events_of, put_session
 
 SHARED_FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/openclaw-sqlite-state"
 SESSIONS: dict[str, dict[str, dict[str, object]]] = {
@@ -160,3 +161,58 @@ def test_the_real_openclaw_fixture(tmp_path: Path) -> None:
                 data = (mount.path / agent / key_to_display(key)).read_bytes()
                 assert orjson.loads(data) == orjson.loads(entry_json)
     assert digest_tree(state) == before
+
+
+def expected_transcript(session_id: str) -> bytes:
+    return b"".join(event.encode() + b"\n" for event in events_of(session_id))
+
+
+def test_a_transcript_reads_at_any_offset(sqlite_state: Path) -> None:
+    view = SqliteView(database_of(sqlite_state, "main"))
+    whole = expected_transcript("s-main")
+    stream = view.open_transcript("s-main")
+    assert stream.complete_size() == len(whole)
+    for offset in range(len(whole)):
+        assert stream.read(offset, 7) == whole[offset : offset + 7]
+    assert stream.read(len(whole), 10) == b""
+    view.close()
+
+
+@pytest.mark.fuse
+def test_transcripts_are_the_events_byte_for_byte(mnt: Mount, sqlite_state: Path) -> None:
+    agent = mnt.path / "main"
+    for key, entry in SESSIONS["main"].items():
+        shown = agent / (key_to_display(key) + "l")
+        expected = expected_transcript(str(entry["sessionId"]))
+        assert shown.read_bytes() == expected
+        assert shown.stat().st_size == len(expected)
+    with raises_errno(errno.EROFS):
+        (agent / "agent:main:main.jsonl").write_bytes(b"{}\n")
+
+
+@pytest.mark.fuse
+def test_tail_f_of_a_sqlite_transcript(mnt: Mount, sqlite_state: Path) -> None:
+    shown = mnt.path / "main" / "agent:main:main.jsonl"
+    tail = subprocess.Popen(
+        ["tail", "-f", "-s", "0.2", "-n", "0", str(shown)], stdout=subprocess.PIPE
+    )
+    try:
+        time.sleep(0.5)
+        assert tail.stdout is not None
+        os.set_blocking(tail.stdout.fileno(), False)
+        db = sqlite3.connect(database_of(sqlite_state, "main"))
+        event = '{"type":"message","id":"late"}'
+        db.execute("INSERT INTO transcript_events VALUES ('s-main', 10, ?, 2, NULL)", (event,))
+        db.commit()
+        db.close()
+        got = b""
+
+        def shows() -> bool:
+            nonlocal got
+            got += tail.stdout.read() or b""  # type: ignore[union-attr]
+            return got == event.encode() + b"\n"
+
+        wait_for(shows, timeout=1.0, what="the new event in tail -f")
+    finally:
+        tail.kill()
+        tail.wait()

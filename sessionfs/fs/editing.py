@@ -34,6 +34,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from ..catalog import Backing
 from ..errors import (
     EntryExists,
     InvalidEntry,
@@ -43,8 +44,9 @@ from ..errors import (
     SessionFSError,
 )
 from ..keys import key_to_display, lookup_problem
+from ..sqlite_view import SqliteView
 from ..store import ABSENT, EntryChanged, Version
-from ..transcripts import TranscriptFile
+from ..transcripts import TranscriptFile, TranscriptStream
 from .backings import Backings
 from .cache import ContentCache
 from .grace import GRACE_SECONDS, Grace, GracePeriods, user_path
@@ -126,7 +128,13 @@ class Editing:
             raise self.transcript_read_only(node.parent, node.name)
         assert node.parent is not None
         sessions_dir = self.names.catalog.sessions_dir(node.parent.agent_id)
-        stream = await self.backings.thread(TranscriptFile, sessions_dir, node.file_name)
+
+        def open_stream(backing: Backing) -> TranscriptStream:
+            if isinstance(backing, SqliteView):
+                return backing.open_transcript(node.file_name)  # its session id
+            return TranscriptFile(sessions_dir, node.file_name)
+
+        stream = await self.backings.run(node.parent.agent_id, "open transcript", open_stream)
         return self.new_handle(node, flags, b"", stream=stream)
 
     async def read_transcript(self, handle: Handle, offset: int, size: int) -> bytes:

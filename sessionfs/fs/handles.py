@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidEntry
 from ..store import Version
-from ..transcripts import TranscriptFile
+from ..transcripts import TranscriptStream
 from .tree import File, Node
 
 SUFFIX = ".json"
@@ -58,7 +58,7 @@ class Handle:
     truncated_at_open: bool = False
     error: InvalidEntry | None = None  # sticky: e.g. the buffer outgrew the entry limit
     changed_ns: int = 0
-    stream: TranscriptFile | None = None  # a transcript's open file (read in place)
+    stream: TranscriptStream | None = None  # an open transcript (read in place)
 
     @property
     def writable(self) -> bool:

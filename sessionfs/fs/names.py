@@ -15,7 +15,8 @@ import pyfuse3
 
 from ..catalog import Backing, Catalog
 from ..keys import NAME_MAX, display_to_key, key_to_filename
-from ..store import Version
+from ..sqlite_view import SqliteView
+from ..store import ABSENT, Version
 from ..transcripts import parsed, transcript_name, transcript_stat
 from .backings import Backings
 from .handles import is_scratch_name, is_transcript_name
@@ -115,6 +116,13 @@ class Names:
         ]
 
         def look(backing: Backing) -> tuple[dict[str, tuple[Version, str | None]], list[Any]]:
+            if isinstance(backing, SqliteView):  # events in the database, by session id
+                found = backing.transcript_stats(keys)
+                by_key = {
+                    k: (ABSENT, None if f is None else f[0])
+                    for k, f in zip(keys, found, strict=True)
+                }
+                return by_key, [None if f is None else f[1:] for f in found]
             names = {}
             for key in stale:
                 try:
