@@ -221,6 +221,33 @@ def _cmd_fsck(args: argparse.Namespace) -> int:
     return fsck.exit_code(checks)
 
 
+def _cmd_show_paths(args: argparse.Namespace) -> int:
+    if len(args.paths) > 2:
+        args.parser.error("expected [SOURCE] KEY")
+    args.source, args.key = (None, *args.paths) if len(args.paths) == 1 else args.paths
+    return _cmd_show(args)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from . import show
+
+    source = sources.resolve(args.source)
+    try:
+        if args.history:
+            print("\n".join(show.history(source, args.key, agent_id=args.agent)))
+            return 0
+        on_terminal = sys.stdout.isatty()
+        fmt = args.format or ("text" if on_terminal else "md")
+        for text in show.show(
+            source, args.key, agent_id=args.agent, fmt=fmt, colour=on_terminal and fmt == "text"
+        ):
+            sys.stdout.write(text)
+    except show.UsageError as exc:
+        print(f"sessionfs: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _answers(mountpoint: Path) -> bool:
     """Whether a mount is alive (a dead one says "Transport endpoint is not connected")."""
     try:
@@ -432,6 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("source", nargs="?", help=SOURCE_HELP)
     chk.add_argument("--repair", action="store_true", help="repair what is safe to repair")
     chk.set_defaults(func=_cmd_fsck)
+
+    shw = commands.add_parser(
+        "show",
+        help="print a session's transcript (Markdown, text or the raw lines)",
+        description="Print the transcript of session KEY for a person: Markdown (the default "
+        "when stdout is not a terminal), coloured text on a terminal, or the raw JSONL lines. "
+        "Every era is read; nothing is written.",
+        epilog="exit status: 0 printed, 1 no such session or transcript, 2 usage error",
+    )
+    shw.add_argument("paths", nargs="+", metavar="[SOURCE] KEY", help=SOURCE_HELP)
+    shw.add_argument("--format", choices=["md", "text", "jsonl"], help="how to print it")
+    shw.add_argument("--history", action="store_true", help="list earlier transcripts instead")
+    shw.add_argument("--agent", metavar="ID", help="the agent, for keys without agent:<id>:")
+    shw.set_defaults(func=_cmd_show_paths, parser=shw)
 
     ls = commands.add_parser("ls", help="list the sessions of every store under SOURCE")
     ls.add_argument("source", nargs="?", help=SOURCE_HELP)
