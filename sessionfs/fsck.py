@@ -36,6 +36,7 @@ from .locking import LOCK_FILE, is_stale, remove_stale_lock
 from .maintain import TRANSCRIPT_RE
 from .migrate import STAGING_DIR, migrate_store, migration_running, plan, read_legacy
 from .sources import AgentStore, Era, Source
+from .sqlite_view import SqliteView
 from .store import STRAY_TEMP_AGE, is_temp_name
 
 QUARANTINE_DIR = ".quarantine"
@@ -85,7 +86,8 @@ class AgentCheck:
         if self.error is not None:
             return [f"{head} could not check: {self.error}"]
         if self.era is Era.SQLITE:
-            return [f"{head} read-only, not checked (OpenClaw's own database)"]
+            lines = [f"{head} read-only, not checked (OpenClaw's own database)"]
+            return lines + [f"  {f.line(base)}" for f in self.findings]
         if self.era is Era.NONE:
             return [f"{head} no session store"]
         lines = [f"{head} {len(self.findings) or 'no'} problem(s)"]
@@ -108,7 +110,20 @@ def check_agent(
     agent: AgentStore, *, repair: bool = False, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
 ) -> AgentCheck:
     result = AgentCheck(agent, agent.era())
-    if result.era in (Era.SQLITE, Era.NONE):
+    if result.era is Era.SQLITE:
+        view = SqliteView(agent.database)  # read-only: only whether the mount can show it
+        try:
+            view.keys()
+            if view.problem is not None:
+                result.findings.append(Finding(agent.database, view.problem))
+        except OSError as exc:
+            result.findings.append(
+                Finding(agent.database, f"cannot be read: {describe_error(exc)}")
+            )
+        finally:
+            view.close()
+        return result
+    if result.era is Era.NONE:
         return result
     try:
         _Checker(agent, result, max_entry_bytes).run()

@@ -21,7 +21,7 @@ from sessionfs.keys import key_to_display
 from sessionfs.migrate import migrate_source
 from sessionfs.sqlite_view import SqliteView
 from tests.helpers import raises_errno
-from tests.mounting import Mount, mounted, wait_for
+from tests.mounting import Mount, mounted, sessionfs, wait_for
 from tests.sqlite_state import build_sqlite_state, database_of, events_of, put_session
 
 SHARED_FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/openclaw-sqlite-state"
@@ -216,3 +216,18 @@ def test_tail_f_of_a_sqlite_transcript(mnt: Mount, sqlite_state: Path) -> None:
     finally:
         tail.kill()
         tail.wait()
+
+
+@pytest.mark.fuse
+def test_an_unknown_schema_is_an_empty_directory_and_status_says_why(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    build_sqlite_state(state, {"main": SESSIONS["main"]}, schema=99)
+    with mounted(state, tmp_path / "mnt") as mount:
+        assert os.listdir(mount.path / "main") == []
+        wait_for(
+            lambda: b"schema 99" in (mount.path / ".sessionfs" / "fsck").read_bytes(),
+            what="the background check",
+        )
+        status = sessionfs("status", str(mount.path))
+        assert "schema 99" in status.stdout
+        assert "schema 99" in mount.log_text()

@@ -9,12 +9,14 @@ per agent, asked of the disk on every lookup so agents can come and go.
 from __future__ import annotations
 
 import errno
+import logging
+import os
 from typing import Any
 
 import pyfuse3
 
 from ..catalog import Backing, Catalog
-from ..keys import NAME_MAX, display_to_key, key_to_filename
+from ..keys import NAME_MAX, display_to_key, key_to_display, key_to_filename
 from ..sqlite_view import SqliteView
 from ..store import ABSENT, Version
 from ..transcripts import parsed, transcript_name, transcript_stat
@@ -22,6 +24,8 @@ from .backings import Backings
 from .handles import is_scratch_name, is_transcript_name
 from .index import Index
 from .tree import Dir, Entry, File, Node, Owner, Transcript, Tree
+
+log = logging.getLogger("sessionfs")
 
 
 def text(name: bytes) -> str:
@@ -54,6 +58,7 @@ class Names:
         self.backings = backings
         self.catalog = catalog
         self.owner = owner
+        self._too_long: set[tuple[int, str]] = set()  # keys whose .jsonl name was too long
 
     async def find(self, parent: Dir, name: str) -> Node:
         """The node *name* stands for in *parent*, or ENOENT."""
@@ -96,6 +101,20 @@ class Names:
         if found is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return found
+
+    def _fits(self, parent: Dir, key: str) -> bool:
+        """Whether ``<key>.jsonl`` is a possible file name; said in the log once if not."""
+        if len(os.fsencode(key_to_display(key) + "l")) <= NAME_MAX:
+            return True
+        if (parent.ino, key) not in self._too_long:
+            self._too_long.add((parent.ino, key))
+            log.info(
+                "session %r has no transcript file: %s.jsonl would be over %d bytes",
+                key,
+                "its name",
+                NAME_MAX,
+            )
+        return False
 
     async def _transcripts(
         self, parent: Dir, keys: list[str], *, sized: bool
@@ -215,7 +234,7 @@ class Names:
                     names.append((file.name, file))
             names += [(name, self.tree.nodes[ino]) for name, ino in directory.scratch.items()]
             present = [key for key, known in directory.known.items() if known.version is not None]
-            present = [key for key in present if key not in away]
+            present = [key for key in present if key not in away and self._fits(directory, key)]
             transcripts = await self._transcripts(directory, present, sized=False)
             names += [(t.name, t) for t in transcripts if t is not None]
         return names
