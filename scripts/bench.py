@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -520,6 +521,79 @@ def bench_memory(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
     print(f"  daemon RSS with {count:,} sessions listed: {rss_kb / 1024:.0f} MB", flush=True)
 
 
+def bench_sqlite(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
+    """7. a SQLite-era agent: listing, cached read, a gateway commit seen, a 100 MB transcript."""
+    sys.path.insert(0, str(REPO))
+    from tests.sqlite_state import build_sqlite_state, database_of, put_session
+
+    count = 10_000
+    state = work / "sqlite-state"
+    build_sqlite_state(
+        state,
+        {"main": {KEY.format(i): orjson.loads(entry_bytes(i)) for i in range(count)}},
+    )
+    database = database_of(state, "main")
+    big_session = orjson.loads(entry_bytes(7))["sessionId"]
+    event = orjson.dumps({"type": "message", "text": "x" * 1000}).decode()
+    db = sqlite3.connect(database)
+    db.executemany(
+        "INSERT INTO transcript_events VALUES (?, ?, ?, 1, NULL)",
+        ((big_session, 100 + seq, event) for seq in range(100 * 1024 * 1024 // len(event))),
+    )
+    db.commit()
+    mnt = work / "mnt-sqlite"
+    out: dict[str, Any] = {}
+    with mounted(
+        [sys.executable, "-m", "sessionfs", "mount", "-f", str(state), str(mnt)],
+        mnt,
+        "fuse.sessionfs",
+        work / "mount-sqlite.log",
+    ) as proc:
+        agent = mnt / "main"
+        path = str(agent / mount_name(4321))
+        read_via_path(path)
+        out["open_read_close"] = summary(sample(lambda: read_via_path(path), plan.read_samples))
+        out["listdir_10k"] = summary(sample(lambda: os.listdir(agent), 5, warmup=1))
+        samples = []
+        for version in range(1, plan.visibility_samples + 1):
+            entry = orjson.loads(entry_bytes(9, 10**6 + version))
+            put_session(db, KEY.format(9), entry)
+            db.commit()
+            begin = time.perf_counter()
+            target = agent / mount_name(9)
+            while orjson.loads(target.read_bytes()) != entry:
+                if time.perf_counter() - begin > 5:
+                    raise RuntimeError("a gateway commit did not show within 5 s")
+            samples.append(time.perf_counter() - begin)
+        out["commit_visible"] = summary(samples)
+        transcript = agent / (mount_name(7) + "l")
+        begin = time.perf_counter()
+        total = 0
+        with open(transcript, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+        seconds = time.perf_counter() - begin
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        peak_kb = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+        )
+        out["transcript"] = {
+            "bytes": total,
+            "mb_per_s": total / 1e6 / seconds,
+            "daemon_peak_rss_mb": peak_kb / 1024,
+        }
+    db.close()
+    print(
+        f"  sqlite: open/read/close {out['open_read_close']['p50_ms'] * 1e3:.0f} us, "
+        f"listing 10k {out['listdir_10k']['p50_ms']:.0f} ms, commit visible p99 "
+        f"{out['commit_visible']['p99_ms']:.1f} ms, 100 MB transcript "
+        f"{out['transcript']['mb_per_s']:.0f} MB/s (daemon peak "
+        f"{out['transcript']['daemon_peak_rss_mb']:.0f} MB)",
+        flush=True,
+    )
+    figures["sqlite"] = out
+
+
 # -- report ------------------------------------------------------------------
 
 
@@ -586,6 +660,37 @@ def targets(figures: dict[str, Any], plan: Plan) -> list[Target]:
             "<= 1.5",
         ),
         ("visibility of an outside change (p99)", figures["visibility"]["p99_ms"], "ms", "<= 100"),
+        (
+            "SQLite: listing 10,000 sessions / null FUSE (p50)",
+            figures["sqlite"]["listdir_10k"]["p50_ms"] / read["null_fuse"]["listdir_10k"]["p50_ms"],
+            "x",
+            "<= 2",
+        ),
+        (
+            "SQLite: cached open/read/close / null FUSE, direct_io (p50)",
+            figures["sqlite"]["open_read_close"]["p50_ms"]
+            / read["null_fuse_direct"]["open_read_close"]["p50_ms"],
+            "x",
+            "<= 2",
+        ),
+        (
+            "SQLite: a gateway commit visible (p99)",
+            figures["sqlite"]["commit_visible"]["p99_ms"],
+            "ms",
+            "<= 1000",
+        ),
+        (
+            "SQLite: reading a 100 MB transcript",
+            figures["sqlite"]["transcript"]["mb_per_s"],
+            "MB/s",
+            ">= 50",
+        ),
+        (
+            "SQLite: daemon peak RSS reading it",
+            figures["sqlite"]["transcript"]["daemon_peak_rss_mb"],
+            "MB",
+            "<= 150",
+        ),
         (
             f"daemon RSS with {figures['memory']['sessions']:,} sessions",
             figures["memory"]["rss_mb"],
@@ -682,6 +787,7 @@ def main() -> int:
             bench_migration,
             bench_visibility,
             bench_memory,
+            bench_sqlite,
         ):
             print(f"{step.__doc__.splitlines()[0] if step.__doc__ else step.__name__}", flush=True)
             step(plan, work, figures)

@@ -31,6 +31,8 @@ MOUNT_OPTIONS = {
     "no_auto_unmount": "leave a dead mount behind if the daemon dies (for debugging)",
     "lock_timeout=SECONDS": "how long a write waits for a session another process has locked "
     "before it fails with EBUSY (default 30)",
+    "check_every=SECONDS": "how often the daemon runs a read-only fsck in the background, for "
+    "`sessionfs status` (default 3600; the first after 30 s or SECONDS if sooner; 0: never)",
 }
 _SECONDS = "SECONDS"
 _OPTION_VALUES: dict[str, set[str] | str | None] = {
@@ -38,6 +40,7 @@ _OPTION_VALUES: dict[str, set[str] | str | None] = {
     "no_auto_unmount": None,
     "conflict": {"lww", "fail"},
     "lock_timeout": _SECONDS,
+    "check_every": _SECONDS,
 }
 DEMO_STATE = Path("~/.local/share/sessionfs/demo-state")
 DEMO_MOUNTPOINT = Path("~/sessionfs-demo")
@@ -91,7 +94,7 @@ def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> 
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
-    from .daemon import MountConfig, mount
+    from .daemon import CHECK_EVERY, MountConfig, mount
 
     if len(args.paths) > 2:
         args.parser.error("give at most SOURCE and MOUNTPOINT")
@@ -108,6 +111,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         log_file=Path(args.log).expanduser() if args.log else None,
         conflict=options.get("conflict", "lww"),
         lock_timeout=float(options.get("lock_timeout", LOCK_TIMEOUT)),
+        check_every=float(options.get("check_every", CHECK_EVERY)),
         maintain_every=args.maintain_every,
         maintain_mode=args.maintain_mode,
         maintain_policy=_policy(args),

@@ -48,6 +48,7 @@ CONTROL_TIMEOUT = 3.0
 # one locked session stop the mount from reading any other request.
 MAX_REQUESTS = 10_000
 CHECK_EVERY = 3600.0
+CHECK_DELAY = 30.0
 
 
 class MountError(SessionFSError):
@@ -67,7 +68,7 @@ class MountConfig:
     conflict: str = CONFLICT_LAST_WINS
     lock_timeout: float = LOCK_TIMEOUT
     maintain_every: float | None = None  # seconds between background maintenance runs
-    check_every: float = CHECK_EVERY  # seconds between background fsck runs (the first at once)
+    check_every: float = CHECK_EVERY  # seconds between background fsck runs; 0: never
     maintain_mode: str = "warn"
     maintain_policy: maintain.Policy = field(default_factory=maintain.Policy)
 
@@ -419,11 +420,19 @@ async def _maintain_periodically(config: MountConfig, fs: Filesystem) -> None:
 async def _check_periodically(config: MountConfig, fs: Filesystem) -> None:
     """A read-only fsck in the background, so ``status`` can say what is wrong cheaply."""
     limiter = trio.CapacityLimiter(1)  # never more than one thread of the request pool's
+    if not config.check_every:
+        return
+    # not while a fresh mount serves its first burst of requests
+    await trio.sleep(min(CHECK_DELAY, config.check_every))
+
+    def check() -> list[fsck.AgentCheck]:
+        with contextlib.suppress(OSError):  # this thread only: requests keep the CPU first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return fsck.check_source(config.source)
+
     while True:
         try:
-            checks = await trio.to_thread.run_sync(
-                lambda: fsck.check_source(config.source), limiter=limiter, abandon_on_cancel=True
-            )
+            checks = await trio.to_thread.run_sync(check, limiter=limiter, abandon_on_cancel=True)
         except OSError as exc:
             log.warning("background check failed: %s; trying again later", describe_error(exc))
         except Exception as exc:  # never ends the mount

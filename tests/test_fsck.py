@@ -198,7 +198,7 @@ def test_repair_refuses_a_mounted_store(migrated: Path, tmp_path: Path) -> None:
 @pytest.mark.fuse
 def test_status_shows_what_the_last_background_check_found(migrated: Path, tmp_path: Path) -> None:
     (migrated / "agents/main/sessions/sessions.d/cron%3Ahalf.json").write_bytes(b"{half")
-    with mounted(migrated, tmp_path / "mnt") as mount:
+    with mounted(migrated, tmp_path / "mnt", "-o", "check_every=1") as mount:
         control = mount.path / ".sessionfs" / "fsck"
         wait_for(lambda: b"last background check" in control.read_bytes(), what="the check")
         status = sessionfs("status", str(mount.path))

@@ -222,7 +222,7 @@ def test_tail_f_of_a_sqlite_transcript(mnt: Mount, sqlite_state: Path) -> None:
 def test_an_unknown_schema_is_an_empty_directory_and_status_says_why(tmp_path: Path) -> None:
     state = tmp_path / "s"
     build_sqlite_state(state, {"main": SESSIONS["main"]}, schema=99)
-    with mounted(state, tmp_path / "mnt") as mount:
+    with mounted(state, tmp_path / "mnt", "-o", "check_every=1") as mount:
         assert os.listdir(mount.path / "main") == []
         wait_for(
             lambda: b"schema 99" in (mount.path / ".sessionfs" / "fsck").read_bytes(),
