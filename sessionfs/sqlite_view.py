@@ -59,6 +59,8 @@ class SqliteView:
         self._signature: tuple[int, int, int] | None = None  # the file when opened immutable
         self._data_version: tuple[int, int] | None = None
         self.problem: str | None = None  # why nothing is shown (an unknown schema)
+        self._shown: dict[str, tuple[str, bytes]] = {}  # key -> (its row's JSON, as shown)
+        self._file_stat: os.stat_result | None = None
 
     # -- the connection --------------------------------------------------------
 
@@ -160,8 +162,12 @@ class SqliteView:
         except UnsupportedSchema as exc:
             self._unsupported(exc)
             return
+        shown = self._shown
         for key, entry_json, updated_at in rows:
-            yield key, _pretty(entry_json), updated_at
+            cached = shown.get(key)
+            if cached is None or cached[0] != entry_json:  # pretty-printed once per version
+                cached = shown[key] = (entry_json, _pretty(entry_json))
+            yield key, cached[1], updated_at
 
     def _unsupported(self, exc: UnsupportedSchema) -> None:
         if self.problem != str(exc):
@@ -169,7 +175,7 @@ class SqliteView:
         self.problem = str(exc)
 
     def _entry_stat(self, data: bytes, updated_at: int) -> os.stat_result:
-        file_stat = os.stat(self.path)
+        file_stat = self._database_stat()
         mtime_ns = int(updated_at) * 1_000_000
         fields = (
             stat.S_IFREG | 0o400,
@@ -195,7 +201,18 @@ class SqliteView:
         return self.read(key).stat
 
     def keys(self) -> list[str]:
-        return [key for key, _, _ in self._rows(None)]
+        try:
+            rows = self._query(
+                lambda c: c.execute("SELECT session_key FROM session_nodes").fetchall()
+            )
+        except UnsupportedSchema as exc:
+            self._unsupported(exc)
+            return []
+        keys = [key for (key,) in rows]
+        if len(self._shown) > len(keys):  # sessions went: forget how they were shown
+            present = set(keys)
+            self._shown = {k: v for k, v in self._shown.items() if k in present}
+        return keys
 
     def stat_many(self, keys: list[str]) -> list[os.stat_result | None]:
         found = {key: self._entry_stat(data, at) for key, data, at in self._rows(keys)}
@@ -264,8 +281,14 @@ class SqliteView:
             stats[key] = (session_id, self._synthetic_stat(size, created_at, session_id), size)
         return [stats.get(key) for key in keys]
 
+    def _database_stat(self) -> os.stat_result:
+        """The database file's owner and device, for the files shown (taken once)."""
+        if self._file_stat is None:
+            self._file_stat = os.stat(self.path)
+        return self._file_stat
+
     def _synthetic_stat(self, size: int, at_ms: int, identity: str) -> os.stat_result:
-        file_stat = os.stat(self.path)
+        file_stat = self._database_stat()
         mtime_ns = int(at_ms) * 1_000_000
         seconds = mtime_ns // 1_000_000_000
         fields = (

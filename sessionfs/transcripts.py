@@ -160,3 +160,18 @@ def parsed(data: bytes) -> object:
         return loads(data)
     except ValueError:
         return None
+
+
+def transcript_files(sessions_dir: Path) -> dict[str, tuple[os.stat_result, int]]:
+    """Every regular ``*.jsonl`` file of *sessions_dir* with its stat and size, in one pass."""
+    found: dict[str, tuple[os.stat_result, int]] = {}
+    try:
+        with os.scandir(sessions_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        st = entry.stat(follow_symlinks=False)
+                        found[entry.name] = (st, st.st_size)
+    except OSError:
+        return {}
+    return found

@@ -19,7 +19,7 @@ from ..catalog import Backing, Catalog
 from ..keys import NAME_MAX, display_to_key, key_to_display, key_to_filename
 from ..sqlite_view import SqliteView
 from ..store import ABSENT, Version
-from ..transcripts import parsed, transcript_name, transcript_stat
+from ..transcripts import parsed, transcript_files, transcript_name, transcript_stat
 from .backings import Backings
 from .handles import is_scratch_name, is_transcript_name
 from .index import Index
@@ -127,12 +127,8 @@ class Names:
         """
         sessions_dir = self.catalog.sessions_dir(parent.agent_id)
         cached = parent.transcript_names
-        stale = [
-            key
-            for key in keys
-            if (known := parent.present(key)) is not None
-            and cached.get(key, (None, None))[0] != known.version
-        ]
+        versions = {key: known.version for key in keys if (known := parent.present(key))}
+        stale = [key for key, version in versions.items() if cached.get(key, (None,))[0] != version]
 
         def look(backing: Backing) -> tuple[dict[str, tuple[Version, str | None]], list[Any]]:
             if isinstance(backing, SqliteView):  # events in the database, by session id
@@ -142,15 +138,25 @@ class Names:
                     for k, f in zip(keys, found, strict=True)
                 }
                 return by_key, [None if f is None else f[1:] for f in found]
-            names = {}
-            for key in stale:
-                try:
-                    snap = backing.read(key)
-                except OSError:
-                    continue  # gone, or not readable: no transcript shown
-                name = transcript_name(parsed(snap.data), sessions_dir)
-                names[key] = (Version.of(snap.stat), name)
+            # one listing of the sessions dir instead of a stat per session; and no
+            # entry is read for its transcript's name while the dir holds no transcript
+            existing = transcript_files(sessions_dir) if not sized else None
+            names: dict[str, tuple[Version, str | None]] = {}
+            if existing is None or existing:
+                for key in stale:
+                    try:
+                        snap = backing.read(key)
+                    except OSError:
+                        continue  # gone, or not readable: no transcript shown
+                    version = versions[key]
+                    assert version is not None
+                    names[key] = (version, transcript_name(parsed(snap.data), sessions_dir))
             wanted = [names.get(key, cached.get(key, (None, None)))[1] for key in keys]
+            if existing is not None:
+                return names, [
+                    None if name is None or name not in existing else existing[name]
+                    for name in wanted
+                ]
             return names, [
                 None if name is None else transcript_stat(sessions_dir, name, sized=sized)
                 for name in wanted
