@@ -384,6 +384,7 @@ async def _serve_until_unmounted(
 
         await nursery.start(_stop_on_signals, shutdown, fs)
         await nursery.start(fs.watcher.run)
+        nursery.start_soon(fs.watcher.poll_databases)
         nursery.start_soon(fs.graces.run)
         if config.maintain_every:
             nursery.start_soon(_maintain_periodically, config, fs)

@@ -59,6 +59,7 @@ class SqliteView:
         self._signature: tuple[int, int, int] | None = None  # the file when opened immutable
         self._data_version: tuple[int, int] | None = None
         self.problem: str | None = None  # why nothing is shown (an unknown schema)
+        self._opened = 0  # connections opened so far
         self._shown: dict[str, tuple[str, bytes]] = {}  # key -> (its row's JSON, as shown)
         self._file_stat: os.stat_result | None = None
 
@@ -86,6 +87,7 @@ class SqliteView:
         connection.execute("PRAGMA query_only = 1")
         self._check_schema(connection)
         self._connection, self._immutable = connection, not live
+        self._opened += 1  # a new connection: data_version starts afresh
         return connection
 
     def _check_schema(self, connection: sqlite3.Connection) -> None:
@@ -126,7 +128,9 @@ class SqliteView:
         connection (the gateway started) counts as a change.
         """
         try:
-            mark = self._query(lambda c: (id(c), c.execute("PRAGMA data_version").fetchone()[0]))
+            mark = self._query(
+                lambda c: (self._opened, c.execute("PRAGMA data_version").fetchone()[0])
+            )
         except SessionFSError:
             return True
         before, self._data_version = self._data_version, mark

@@ -37,6 +37,7 @@ from .index import Index
 log = logging.getLogger("sessionfs")
 
 RETRY_SECONDS = 2.0  # how soon a watcher that could not follow everything tries again
+POLL_SECONDS = 0.2  # how often SQLite-era stores are asked whether anything was committed
 
 # Entries change by rename (OpenClaw and sessionfs both write temp + rename) or,
 # for in-place writers, end in CLOSE_WRITE; ATTRIB is a touch or chmod (the mtime
@@ -139,6 +140,39 @@ class Watcher:
             if inotify is not None:
                 with contextlib.suppress(OSError):
                     inotify.rm_watch(wd)
+
+    # -- SQLite-era stores ----------------------------------------------------
+
+    async def poll_databases(self) -> None:
+        """Follow the gateway's commits to SQLite-era stores (no inotify there).
+
+        ``PRAGMA data_version`` says cheaply whether another connection committed;
+        only then are the keys the mount knows looked at again (one query), so a
+        change shows within :data:`POLL_SECONDS` and the index can answer from
+        memory in between.  A failure makes that store untrusted until it clears.
+        """
+        while True:
+            await trio.sleep(POLL_SECONDS)
+            try:
+                await self._poll_once()
+            except Exception as exc:  # never ends the mount
+                log.warning("could not poll the SQLite stores: %s", describe_error(exc))
+
+    async def _poll_once(self) -> None:
+        for agent_id, view in await self.backings.thread(self.catalog.sqlite_views):
+            parent = self.index.dir_of(agent_id)
+            if parent is None:
+                continue
+            try:
+                changed = await self.backings.thread(view.changed)
+            except OSError:
+                self.index.unwatch(agent_id)
+                continue
+            if not self.index.trusted(parent):
+                self.index.watch(agent_id)  # from this poll on, changes are seen
+                await self.rescan(agent_id)
+            elif changed:
+                await self.rescan(agent_id)
 
     # -- events ------------------------------------------------------------
 
