@@ -26,7 +26,7 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
@@ -60,7 +60,9 @@ class SqliteView:
         self._data_version: tuple[int, int] | None = None
         self.problem: str | None = None  # why nothing is shown (an unknown schema)
         self._opened = 0  # connections opened so far
-        self._shown: dict[str, tuple[str, bytes]] = {}  # key -> (its row's JSON, as shown)
+        self._shapes: dict[str, tuple[int, int]] = {}  # key -> (CRC of its row, shown size)
+        self._newest = 0  # the newest updated_at seen by changed_keys()
+        self._seen_keys: set[str] = set()
         self._file_stat: os.stat_result | None = None
 
     # -- the connection --------------------------------------------------------
@@ -144,12 +146,10 @@ class SqliteView:
 
     # -- entries ---------------------------------------------------------------
 
-    def _rows(self, keys: list[str] | None) -> Iterator[tuple[str, bytes, int]]:
+    def _rows(self, keys: list[str]) -> list[tuple[str, str, int]]:
+        """``(key, entry_json, updated_at)`` of *keys* that have a row."""
+
         def fetch(connection: sqlite3.Connection) -> list[tuple[str, str, int]]:
-            if keys is None:
-                return connection.execute(
-                    "SELECT session_key, entry_json, updated_at FROM session_nodes"
-                ).fetchall()
             found: list[tuple[str, str, int]] = []
             for first in range(0, len(keys), 500):
                 chunk = keys[first : first + 500]
@@ -162,33 +162,39 @@ class SqliteView:
             return found
 
         try:
-            rows = self._query(fetch)
+            return self._query(fetch)
         except UnsupportedSchema as exc:
             self._unsupported(exc)
-            return
-        shown = self._shown
-        for key, entry_json, updated_at in rows:
-            cached = shown.get(key)
-            if cached is None or cached[0] != entry_json:  # pretty-printed once per version
-                cached = shown[key] = (entry_json, _pretty(entry_json))
-            yield key, cached[1], updated_at
+            return []
+
+    def _shape(self, key: str, entry_json: str) -> tuple[int, int]:
+        """The version identity (a CRC of the row's JSON) and shown size of a row.
+
+        Only these two numbers are kept per key (not the bytes: a mount of a big
+        database must stay small); a row is pretty-printed again only when it changed.
+        """
+        raw_crc = zlib.crc32(entry_json.encode())
+        cached = self._shapes.get(key)
+        if cached is None or cached[0] != raw_crc:
+            cached = self._shapes[key] = (raw_crc, len(_pretty(entry_json)))
+        return cached
 
     def _unsupported(self, exc: UnsupportedSchema) -> None:
         if self.problem != str(exc):
             log.warning("%s", exc)
         self.problem = str(exc)
 
-    def _entry_stat(self, data: bytes, updated_at: int) -> os.stat_result:
+    def _entry_stat(self, identity: int, size: int, updated_at: int) -> os.stat_result:
         file_stat = self._database_stat()
         mtime_ns = int(updated_at) * 1_000_000
         fields = (
             stat.S_IFREG | 0o400,
-            zlib.crc32(data),  # a new version whenever the bytes change
+            identity,  # a new version whenever the row's JSON changes
             file_stat.st_dev,
             1,
             file_stat.st_uid,
             file_stat.st_gid,
-            len(data),
+            size,
         )
         seconds = mtime_ns // 1_000_000_000
         return os.stat_result(
@@ -197,12 +203,15 @@ class SqliteView:
         )
 
     def read(self, key: str) -> Snapshot:
-        for _, data, updated_at in self._rows([key]):
-            return Snapshot(data, self._entry_stat(data, updated_at))
+        for _, entry_json, updated_at in self._rows([key]):
+            data = _pretty(entry_json)
+            identity = zlib.crc32(entry_json.encode())
+            self._shapes[key] = (identity, len(data))
+            return Snapshot(data, self._entry_stat(identity, len(data), updated_at))
         raise EntryNotFound(f"no session {key!r}")
 
     def stat(self, key: str) -> os.stat_result:
-        return self.read(key).stat
+        return self.stat_many([key])[0] or self.read(key).stat
 
     def keys(self) -> list[str]:
         try:
@@ -213,14 +222,45 @@ class SqliteView:
             self._unsupported(exc)
             return []
         keys = [key for (key,) in rows]
-        if len(self._shown) > len(keys):  # sessions went: forget how they were shown
+        if len(self._shapes) > len(keys):  # sessions went: forget them
             present = set(keys)
-            self._shown = {k: v for k, v in self._shown.items() if k in present}
+            self._shapes = {k: v for k, v in self._shapes.items() if k in present}
         return keys
 
     def stat_many(self, keys: list[str]) -> list[os.stat_result | None]:
-        found = {key: self._entry_stat(data, at) for key, data, at in self._rows(keys)}
+        found = {
+            key: self._entry_stat(*self._shape(key, entry_json), at)
+            for key, entry_json, at in self._rows(keys)
+        }
         return [found.get(key) for key in keys]
+
+    def changed_keys(self) -> list[str]:
+        """Keys whose rows may have changed since the last call, cheaply.
+
+        The gateway's entry writer sets ``updated_at`` with every entry it writes,
+        so rows at or after the newest ``updated_at`` seen, and keys that came or
+        went, are all that can differ (a row changed without it is caught by the
+        watcher's periodic full look).
+        """
+
+        def fetch(connection: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            recent = connection.execute(
+                "SELECT session_key FROM session_nodes WHERE updated_at >= ?", (self._newest,)
+            ).fetchall()
+            every = connection.execute("SELECT session_key FROM session_nodes").fetchall()
+            newest = connection.execute("SELECT MAX(updated_at) FROM session_nodes").fetchone()
+            self._newest = newest[0] or 0
+            return [k for (k,) in recent], [k for (k,) in every]
+
+        try:
+            recent, every = self._query(fetch)
+        except UnsupportedSchema as exc:
+            self._unsupported(exc)
+            return []
+        now = set(every)
+        came_or_went = now ^ self._seen_keys
+        self._seen_keys = now
+        return sorted(set(recent) | came_or_went)
 
     def session_id(self, key: str) -> str | None:
         """The key's current ``sessionId`` (whose events are its transcript)."""

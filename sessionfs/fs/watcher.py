@@ -38,6 +38,7 @@ log = logging.getLogger("sessionfs")
 
 RETRY_SECONDS = 2.0  # how soon a watcher that could not follow everything tries again
 POLL_SECONDS = 0.2  # how often SQLite-era stores are asked whether anything was committed
+FULL_LOOK_SECONDS = 30.0  # how often every known key of a SQLite-era store is compared
 
 # Entries change by rename (OpenClaw and sessionfs both write temp + rename) or,
 # for in-place writers, end in CLOSE_WRITE; ATTRIB is a touch or chmod (the mtime
@@ -83,6 +84,7 @@ class Watcher:
         # What could not be followed at the last try (None: everything is followed).
         self.trouble: str | None = None
         self._unwatchable: dict[Path, str] = {}  # path -> why add_watch failed (warned once)
+        self._full_look: dict[str | None, float] = {}  # SQLite store -> its next full look
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.inotify = inotify = INotify()
@@ -168,11 +170,18 @@ class Watcher:
             except OSError:
                 self.index.unwatch(agent_id)
                 continue
-            if not self.index.trusted(parent):
-                self.index.watch(agent_id)  # from this poll on, changes are seen
+            now = trio.current_time()
+            if not self.index.trusted(parent) or now >= self._full_look.get(agent_id, 0.0):
+                # the first look, and every FULL_LOOK_SECONDS: a row changed without its
+                # updated_at (not the gateway's entry writer) shows by then at the latest
+                self._full_look[agent_id] = now + FULL_LOOK_SECONDS
+                await self.backings.thread(view.changed_keys)  # from here on, incremental
+                self.index.watch(agent_id)
                 await self.rescan(agent_id)
             elif changed:
-                await self.rescan(agent_id)
+                keys = await self.backings.thread(view.changed_keys)
+                if keys:
+                    await self.index.refresh(parent, keys)
 
     # -- events ------------------------------------------------------------
 
