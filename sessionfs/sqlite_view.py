@@ -62,6 +62,8 @@ class SqliteView:
         self._opened = 0  # connections opened so far
         self._shapes: dict[str, tuple[int, int]] = {}  # key -> (CRC of its row, shown size)
         self._newest = 0  # the newest updated_at seen by changed_keys()
+        # every transcript's summary, and the data_version it was taken at
+        self._transcripts_at: tuple[tuple[int, int], dict[str, Any]] | None = None
         self._seen_keys: set[str] = set()
         self._file_stat: os.stat_result | None = None
 
@@ -296,7 +298,14 @@ class SqliteView:
 
     def transcript_stats(self, keys: list[str]) -> list[tuple[str, os.stat_result, int] | None]:
         """Per key: its current session id, a stat and the byte size of its transcript
-        (every event's JSON and a newline); None for a session without events."""
+        (every event's JSON and a newline); None for a session without events.
+
+        For many keys (a listing) every session is summed in one query, and the result
+        is kept until the next commit (``data_version``, as the watcher polls it).
+        """
+        if len(keys) > 50:
+            summary = self._all_transcripts()
+            return [summary.get(key) for key in keys]
 
         def fetch(connection: sqlite3.Connection) -> list[tuple[str, str, int, int, int]]:
             found = []
@@ -304,26 +313,42 @@ class SqliteView:
                 chunk = keys[first : first + 500]
                 marks = ",".join("?" * len(chunk))
                 found += connection.execute(
-                    "SELECT n.session_key, n.current_session_id, COUNT(e.seq), "
-                    "COALESCE(SUM(length(CAST(e.event_json AS BLOB))), 0), "
-                    "COALESCE(MAX(e.created_at), 0) "
-                    "FROM session_nodes n JOIN transcript_events e "
-                    "ON e.session_id = n.current_session_id AND e.event_json IS NOT NULL "
-                    f"WHERE n.session_key IN ({marks}) GROUP BY n.session_key",
+                    _TRANSCRIPTS + f"WHERE n.session_key IN ({marks}) GROUP BY n.session_key",
                     chunk,
                 ).fetchall()
             return found
 
         try:
-            rows = self._query(fetch)
+            found = self._summaries(self._query(fetch))
         except UnsupportedSchema as exc:
             self._unsupported(exc)
             return [None] * len(keys)
+        return [found.get(key) for key in keys]
+
+    def _all_transcripts(self) -> dict[str, tuple[str, os.stat_result, int]]:
+        mark, cached = self._data_version, self._transcripts_at
+        if mark is not None and cached is not None and cached[0] == mark:
+            return cached[1]  # nothing was committed since it was taken
+        try:
+            rows = self._query(
+                lambda c: c.execute(_TRANSCRIPTS + "GROUP BY n.session_key").fetchall()
+            )
+        except UnsupportedSchema as exc:
+            self._unsupported(exc)
+            return {}
+        summary = self._summaries(rows)
+        if mark is not None:
+            self._transcripts_at = (mark, summary)
+        return summary
+
+    def _summaries(
+        self, rows: list[tuple[str, str, int, int, int]]
+    ) -> dict[str, tuple[str, os.stat_result, int]]:
         stats = {}
         for key, session_id, count, octets, created_at in rows:
             size = octets + count
             stats[key] = (session_id, self._synthetic_stat(size, created_at, session_id), size)
-        return [stats.get(key) for key in keys]
+        return stats
 
     def _database_stat(self) -> os.stat_result:
         """The database file's owner and device, for the files shown (taken once)."""
@@ -414,6 +439,14 @@ class SqliteTranscript:
 
     def close(self) -> None:
         pass
+
+
+_TRANSCRIPTS = (
+    "SELECT n.session_key, n.current_session_id, COUNT(e.seq), "
+    "COALESCE(SUM(length(CAST(e.event_json AS BLOB))), 0), COALESCE(MAX(e.created_at), 0) "
+    "FROM session_nodes n JOIN transcript_events e "
+    "ON e.session_id = n.current_session_id AND e.event_json IS NOT NULL "
+)
 
 
 def _pretty(entry_json: str) -> bytes:

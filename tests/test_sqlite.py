@@ -231,3 +231,27 @@ def test_an_unknown_schema_is_an_empty_directory_and_status_says_why(tmp_path: P
         status = sessionfs("status", str(mount.path))
         assert "schema 99" in status.stdout
         assert "schema 99" in mount.log_text()
+
+
+@pytest.mark.fuse
+def test_a_listing_of_many_sessions_shows_every_transcript_and_follows_commits(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "many"
+    many = {f"cron:job{i}": {"sessionId": f"s{i}", "updatedAt": i} for i in range(80)}
+    build_sqlite_state(state, {"main": many})
+    with mounted(state, tmp_path / "mnt") as mount:
+        agent = mount.path / "main"
+        sizes = {p.name: p.stat().st_size for p in agent.iterdir()}
+        for key, entry in many.items():
+            assert sizes[key + ".jsonl"] == len(expected_transcript(str(entry["sessionId"])))
+        db = sqlite3.connect(database_of(state, "main"))
+        db.execute("INSERT INTO transcript_events VALUES ('s3', 9, '{}', 2, NULL)")
+        db.commit()
+        db.close()
+        grown = len(expected_transcript("s3")) + 3
+        wait_for(
+            lambda: {p.name: p.stat().st_size for p in agent.iterdir()}["cron:job3.jsonl"] == grown,
+            timeout=1,
+            what="the listing to show the grown transcript",
+        )
