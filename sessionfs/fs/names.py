@@ -126,6 +126,17 @@ class Names:
         taken, else the file's size (listings: one ``lstat`` per transcript).
         """
         sessions_dir = self.catalog.sessions_dir(parent.agent_id)
+        existing: dict[str, tuple[os.stat_result, int]] | None = None
+        if not sized:
+            # one listing of the sessions dir instead of a stat per session; without
+            # any transcript in it, nothing more is done (no entry read, no loop)
+            existing = await self.backings.run(
+                parent.agent_id,
+                "transcripts",
+                lambda b: None if isinstance(b, SqliteView) else transcript_files(sessions_dir),
+            )
+            if existing is not None and not existing:
+                return [None] * len(keys)
         cached = parent.transcript_names
         versions = {key: known.version for key in keys if (known := parent.present(key))}
         stale = [key for key, version in versions.items() if cached.get(key, (None,))[0] != version]
@@ -138,19 +149,15 @@ class Names:
                     for k, f in zip(keys, found, strict=True)
                 }
                 return by_key, [None if f is None else f[1:] for f in found]
-            # one listing of the sessions dir instead of a stat per session; and no
-            # entry is read for its transcript's name while the dir holds no transcript
-            existing = transcript_files(sessions_dir) if not sized else None
             names: dict[str, tuple[Version, str | None]] = {}
-            if existing is None or existing:
-                for key in stale:
-                    try:
-                        snap = backing.read(key)
-                    except OSError:
-                        continue  # gone, or not readable: no transcript shown
-                    version = versions[key]
-                    assert version is not None
-                    names[key] = (version, transcript_name(parsed(snap.data), sessions_dir))
+            for key in stale:
+                try:
+                    snap = backing.read(key)
+                except OSError:
+                    continue  # gone, or not readable: no transcript shown
+                version = versions[key]
+                assert version is not None
+                names[key] = (version, transcript_name(parsed(snap.data), sessions_dir))
             wanted = [names.get(key, cached.get(key, (None, None)))[1] for key in keys]
             if existing is not None:
                 return names, [
