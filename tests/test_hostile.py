@@ -357,6 +357,9 @@ def test_hostile_files_before_and_during_a_mount(state_dir: Path, tmp_path: Path
         plant_hostile_files(during, big=300 * 1024 * 1024)
         for path in during.iterdir():
             path.rename(entries / ("x" + path.name if path.name.startswith("c") else path.name))
+        wait_for(  # the watcher shows files placed behind the mount within 100 ms
+            lambda: "xcron:big.json" in os.listdir(mount.path / "main"), timeout=1
+        )
         got = _read_everything(mount.path / "main")
         assert got["agent:main:main.json"] == (entries / MAIN).read_bytes()
         assert got["xcron:big.json"] == errno.EFBIG
