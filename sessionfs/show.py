@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -260,18 +261,31 @@ def _content(content: object, style: Style, *, tool_result: bool) -> str:
         elif kind in ("toolCall", "tool_use", "toolUse"):
             name = part.get("name", "?")
             arguments = part.get("arguments", part.get("input"))
-            body = orjson.dumps(arguments, option=orjson.OPT_INDENT_2).decode()
+            body = _json(arguments, indent=True)
             parts.append(style.folded(f"tool call: {name}", body))
         elif kind in ("toolResult", "tool_result"):
-            body = orjson.dumps(part.get("content"), option=orjson.OPT_INDENT_2).decode()
+            body = _json(part.get("content"), indent=True)
             parts.append(style.folded("tool result", body))
         else:
             parts.append(_compact(part, style))
     return "\n\n".join(parts)
 
 
+def _json(value: object, *, indent: bool) -> str:
+    """JSON for a person; what orjson refuses (lone surrogates, deep nesting) still shows."""
+    try:
+        return orjson.dumps(
+            value, default=str, option=orjson.OPT_INDENT_2 if indent else 0
+        ).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        try:
+            return json.dumps(value, ensure_ascii=True, indent=2 if indent else None, default=str)
+        except (ValueError, RecursionError):
+            return repr(value)[:COMPACT_LIMIT]
+
+
 def _compact(value: object, style: Style) -> str:
-    text = orjson.dumps(value, default=str).decode()
+    text = _json(value, indent=False)
     if len(text) > COMPACT_LIMIT:
         text = text[:COMPACT_LIMIT] + "…"
     kind = value.get("type") if isinstance(value, dict) else type(value).__name__

@@ -17,6 +17,7 @@ of a row, even one that leaves ``updated_at`` alone, is a new version.
 
 from __future__ import annotations
 
+import array
 import bisect
 import contextlib
 import logging
@@ -393,24 +394,27 @@ class SqliteTranscript:
     def __init__(self, view: SqliteView, session_id: str) -> None:
         self.view = view
         self.session_id = session_id
-        self._starts: list[int] = []  # byte offset of each event, in seq order
-        self._seqs: list[int] = []
+        # byte offset and seq of each event, in seq order: 16 bytes an event, not ~80
+        self._starts = array.array("q")
+        self._seqs = array.array("q")
         self._end = 0
         self._extend()
 
     def _extend(self) -> None:
-        after = self._seqs[-1] if self._seqs else -(2**63)
-        rows = self.view._query(
-            lambda c: c.execute(
+        def index(connection: sqlite3.Connection) -> None:
+            # from what is indexed now: a retry after SQLITE_BUSY continues, never repeats
+            after = self._seqs[-1] if self._seqs else -(2**63)
+            cursor = connection.execute(
                 "SELECT seq, length(CAST(event_json AS BLOB)) + 1 FROM transcript_events "
                 "WHERE session_id = ? AND seq > ? AND event_json IS NOT NULL ORDER BY seq",
                 (self.session_id, after),
-            ).fetchall()
-        )
-        for seq, size in rows:
-            self._seqs.append(seq)
-            self._starts.append(self._end)
-            self._end += size
+            )
+            for seq, size in cursor:  # streamed: never every row at once
+                self._seqs.append(seq)
+                self._starts.append(self._end)
+                self._end += size
+
+        self.view._query(index)
 
     def complete_size(self) -> int:
         self._extend()

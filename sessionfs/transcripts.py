@@ -39,7 +39,9 @@ def transcript_name(entry: object, sessions_dir: Path) -> str | None:
     session_file = entry.get("sessionFile")
     if isinstance(session_file, str) and session_file:
         path = Path(session_file)
-        if (not path.is_absolute() and len(path.parts) == 1) or path.parent == sessions_dir:
+        if (not path.is_absolute() and len(path.parts) == 1) or _same_dir(
+            path.parent, sessions_dir
+        ):
             name = path.name
             if name.endswith(SUFFIX) and not name.startswith(".") and "/" not in name:
                 return name
@@ -48,6 +50,11 @@ def transcript_name(entry: object, sessions_dir: Path) -> str | None:
     if isinstance(session_id, str) and SESSION_ID_RE.match(session_id):
         return session_id + SUFFIX
     return None
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    """Whether two spellings name one directory (a state dir reached through a symlink)."""
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
 class TranscriptStream(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import orjson
@@ -95,3 +96,17 @@ def test_keys_without_an_agent_part_and_missing_ones(state_dir: Path) -> None:
     assert "no session 'cron:nope'" in missing.stderr
     assert "Traceback" not in missing.stderr
     assert sessionfs("show", str(state_dir), "agent:ghost:x").returncode == 2
+
+
+def test_what_orjson_refuses_is_still_shown() -> None:
+    deep: object = "bottom"
+    for _ in range(300):
+        deep = [deep]
+    odd = [
+        b'{"type":"weird","s":"\\ud83d"}\n',
+        json.dumps({"type": "nested", "v": deep}).encode() + b"\n",
+    ]
+    for fmt in ("md", "text"):
+        text = "".join(render(iter(odd), fmt))
+        assert "weird" in text
+        assert "nested" in text

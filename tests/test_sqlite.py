@@ -255,3 +255,26 @@ def test_a_listing_of_many_sessions_shows_every_transcript_and_follows_commits(
             timeout=1,
             what="the listing to show the grown transcript",
         )
+
+
+@pytest.mark.fuse
+def test_a_key_too_long_for_a_file_name_never_hides_the_others(tmp_path: Path) -> None:
+    state = tmp_path / "long"
+    long_key = "agent:main:" + "é" * 120
+    build_sqlite_state(
+        state, {"main": {**SESSIONS["main"], long_key: {"sessionId": "s-long", "updatedAt": 9}}}
+    )
+    with mounted(state, tmp_path / "mnt") as mount:
+        names = os.listdir(mount.path / "main")
+        assert "agent:main:main.json" in names
+        assert not any(name.startswith("agent:main:é") for name in names)
+        assert "has no entry file in the mount" in mount.log_text()
+
+
+@pytest.mark.fuse
+def test_removing_an_entry_says_why_it_is_refused(mnt: Mount) -> None:
+    with raises_errno(errno.EROFS):
+        (mnt.path / "main" / "agent:main:main.json").unlink()
+    errors = (mnt.path / ".sessionfs" / "errors").read_text()
+    assert "main/agent:main:main.json" in errors
+    assert "OpenClaw's own database" in errors

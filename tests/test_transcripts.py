@@ -220,3 +220,24 @@ def test_a_100_mb_transcript_streams_with_bounded_memory(mnt: Mount, state_dir: 
             digest.update(chunk)
     assert digest.hexdigest() == hashlib.sha256(backing.read_bytes()).hexdigest()
     assert peak_rss_kib(mnt.pid) < 150 * 1024
+
+
+def test_a_session_file_through_a_symlinked_state_dir(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    entry = {"sessionId": "abc", "sessionFile": str(real / "t.jsonl")}
+    assert transcript_name(entry, tmp_path / "link") == "t.jsonl"
+
+
+@pytest.mark.fuse
+def test_a_transcript_replaced_by_rename_is_a_new_file(mnt: Mount, state_dir: Path) -> None:
+    sid = session_id(state_dir)
+    backing = sessions_of(state_dir) / f"{sid}.jsonl"
+    shown = mnt.path / "main" / f"{KEY}.jsonl"
+    ino = shown.stat().st_ino
+    replacement = backing.with_name("replacement.tmp")
+    replacement.write_bytes(backing.read_bytes() + event(1))
+    os.replace(replacement, backing)  # as a gateway that rewrites the file would
+    assert shown.stat().st_ino != ino  # so `tail -F` reopens it
+    assert shown.read_bytes().endswith(event(1))

@@ -458,6 +458,7 @@ class Editing:
             return
         node = await self.names.find(parent, name)
         assert isinstance(node, File) and node.key is not None
+        await self._check_writable(parent, name)  # EROFS with the reason, before any lock
         key = node.key
         deadline = self.lock_deadline()
         async with self.backings.serialized(parent.agent_id, (key,), deadline):
@@ -489,6 +490,8 @@ class Editing:
         source = await self.names.find(parent, old)
         if is_transcript_name(old) or is_transcript_name(new):
             raise self.transcript_read_only(parent, new if is_transcript_name(new) else old)
+        if (isinstance(source, File) and source.is_session) or not is_scratch_name(new):
+            await self._check_writable(parent, new)
         if not isinstance(source, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if old == new:

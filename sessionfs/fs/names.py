@@ -16,6 +16,7 @@ from typing import Any
 import pyfuse3
 
 from ..catalog import Backing, Catalog
+from ..errors import InvalidKey
 from ..keys import NAME_MAX, display_to_key, key_to_display, key_to_filename
 from ..sqlite_view import SqliteView
 from ..store import ABSENT, Version
@@ -102,16 +103,28 @@ class Names:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return found
 
-    def _fits(self, parent: Dir, key: str) -> bool:
-        """Whether ``<key>.jsonl`` is a possible file name; said in the log once if not."""
-        if len(os.fsencode(key_to_display(key) + "l")) <= NAME_MAX:
+    def _fits(self, parent: Dir, key: str, suffix: str = "") -> bool:
+        """Whether ``<key>.json`` (with *suffix*: ``.jsonl``) is a possible file name.
+
+        A SQLite-era or legacy key has no length limit of its own; one name the
+        kernel cannot take would make the whole directory unlistable.  Said once.
+        """
+        if len(key) <= 60:  # at most 4 bytes a character: surely short enough
             return True
-        if (parent.ino, key) not in self._too_long:
-            self._too_long.add((parent.ino, key))
-            log.info(
-                "session %r has no transcript file: %s.jsonl would be over %d bytes",
+        try:
+            name = key_to_display(key) + suffix
+        except InvalidKey:  # its .json name alone is over the limit
+            name = key + ".json" + suffix
+        else:
+            if len(os.fsencode(name)) <= NAME_MAX:
+                return True
+        if (parent.ino, name) not in self._too_long:
+            self._too_long.add((parent.ino, name))
+            what = "transcript" if suffix else "entry"
+            log.warning(
+                "session %r has no %s file in the mount: its name would be over %d bytes",
                 key,
-                "its name",
+                what,
                 NAME_MAX,
             )
         return False
@@ -177,7 +190,7 @@ class Names:
             if seen is None or entry is None or entry[1] is None:
                 found.append(None)
                 continue
-            node = self.tree.transcript(parent, key, entry[1])
+            node = self.tree.transcript(parent, key, entry[1], seen[0].st_ino)
             node.saw(*seen)
             found.append(node)
         return found
@@ -237,7 +250,7 @@ class Names:
                 await self.index.scan(directory)
             away, session = directory.away, self.tree.session
             for key, known in directory.known.items():
-                if known.version is not None and key not in away:
+                if known.version is not None and key not in away and self._fits(directory, key):
                     node = session(directory, key)
                     if not node.pending:
                         names.append((node.name, node))
@@ -247,7 +260,9 @@ class Names:
                     names.append((file.name, file))
             names += [(name, self.tree.nodes[ino]) for name, ino in directory.scratch.items()]
             present = [key for key, known in directory.known.items() if known.version is not None]
-            present = [key for key in present if key not in away and self._fits(directory, key)]
+            present = [
+                key for key in present if key not in away and self._fits(directory, key, "l")
+            ]
             transcripts = await self._transcripts(directory, present, sized=False)
             names += [(t.name, t) for t in transcripts if t is not None]
         return names

@@ -259,7 +259,8 @@ class Transcript(Node):
 
     parent: Dir | None = None
     key: str = ""
-    file_name: str = ""  # the transcript's name in the sessions dir
+    file_name: str = ""  # the transcript's name in the sessions dir (SQLite: session id)
+    backing_ino: int = 0  # the inode of that file when it was found
     size: int = 0  # readable bytes (whole lines) when last looked at
     mtime_ns: int = 0
     ctime_ns: int = 0
@@ -349,16 +350,24 @@ class Tree:
         self._add(new)
         return new
 
-    def transcript(self, parent: Dir, key: str, file_name: str) -> Transcript:
-        """The transcript file of *key*; a new one when the session's transcript changed."""
+    def transcript(self, parent: Dir, key: str, file_name: str, backing_ino: int) -> Transcript:
+        """The transcript file of *key*; a new one when the session's transcript changed
+        (a reset names another file; a file replaced by rename is another inode, so
+        ``tail -F`` reopens it, and an open handle keeps reading the one it opened)."""
         ino = parent.transcripts.get(key)
         if ino is not None:
             node = self.nodes[ino]
             assert isinstance(node, Transcript)
-            if node.file_name == file_name:
+            if node.file_name == file_name and node.backing_ino == backing_ino:
                 return node
             self.unlink_transcript(parent, key)
-        new = Transcript(next(self._next_ino), parent=parent, key=key, file_name=file_name)
+        new = Transcript(
+            next(self._next_ino),
+            parent=parent,
+            key=key,
+            file_name=file_name,
+            backing_ino=backing_ino,
+        )
         parent.transcripts[key] = new.ino
         self._add(new)
         return new

@@ -31,8 +31,10 @@ from inotify_simple import INotify, flags
 from ..catalog import Catalog, WatchTarget
 from ..errors import describe_error
 from ..keys import filename_to_key
+from ..sqlite_view import SqliteView
 from .backings import Backings
 from .index import Index
+from .tree import Dir
 
 log = logging.getLogger("sessionfs")
 
@@ -166,22 +168,27 @@ class Watcher:
             if parent is None:
                 continue
             try:
-                changed = await self.backings.thread(view.changed)
-            except OSError:
+                await self._poll_database(agent_id, parent, view)
+            except Exception as exc:
+                # a commit may now go unseen: ask the database on every request until
+                # the next successful poll has looked at everything again
                 self.index.unwatch(agent_id)
-                continue
-            now = trio.current_time()
-            if not self.index.trusted(parent) or now >= self._full_look.get(agent_id, 0.0):
-                # the first look, and every FULL_LOOK_SECONDS: a row changed without its
-                # updated_at (not the gateway's entry writer) shows by then at the latest
-                self._full_look[agent_id] = now + FULL_LOOK_SECONDS
-                await self.backings.thread(view.changed_keys)  # from here on, incremental
-                self.index.watch(agent_id)
-                await self.rescan(agent_id)
-            elif changed:
-                keys = await self.backings.thread(view.changed_keys)
-                if keys:
-                    await self.index.refresh(parent, keys)
+                log.warning("could not follow %s: %s", view.path, describe_error(exc))
+
+    async def _poll_database(self, agent_id: str | None, parent: Dir, view: SqliteView) -> None:
+        changed = await self.backings.thread(view.changed)
+        now = trio.current_time()
+        if not self.index.trusted(parent) or now >= self._full_look.get(agent_id, 0.0):
+            # the first look, and every FULL_LOOK_SECONDS: a row changed without its
+            # updated_at (not the gateway's entry writer) shows by then at the latest
+            self._full_look[agent_id] = now + FULL_LOOK_SECONDS
+            await self.backings.thread(view.changed_keys)  # from here on, incremental
+            self.index.watch(agent_id)
+            await self.rescan(agent_id)
+        elif changed:
+            keys = await self.backings.thread(view.changed_keys)
+            if keys:
+                await self.index.refresh(parent, keys)
 
     # -- events ------------------------------------------------------------
 
