@@ -63,6 +63,7 @@ class SqliteView:
         self._opened = 0  # connections opened so far
         self._shapes: dict[str, tuple[int, int]] = {}  # key -> (CRC of its row, shown size)
         self._newest = 0  # the newest updated_at seen by changed_keys()
+        self._warned_compressed: set[str] = set()
         # every transcript's summary, and the data_version it was taken at
         self._transcripts_at: tuple[tuple[int, int], dict[str, Any]] | None = None
         self._seen_keys: set[str] = set()
@@ -376,6 +377,21 @@ class SqliteView:
         )
 
     def open_transcript(self, session_id: str) -> SqliteTranscript:
+        compressed = self._query(
+            lambda c: c.execute(
+                "SELECT COUNT(*) FROM transcript_events "
+                "WHERE session_id = ? AND event_json IS NULL",
+                (session_id,),
+            ).fetchone()[0]
+        )
+        if compressed and session_id not in self._warned_compressed:
+            self._warned_compressed.add(session_id)
+            log.warning(
+                "transcript %s: %d event(s) stored compressed (zstd) are left out; "
+                "sessionfs cannot decompress them (no zstd in Python 3.11's library)",
+                session_id,
+                compressed,
+            )
         return SqliteTranscript(self, session_id)
 
     def _refuse(self, *args: object, **kwargs: object) -> NoReturn:

@@ -278,3 +278,20 @@ def test_removing_an_entry_says_why_it_is_refused(mnt: Mount) -> None:
     errors = (mnt.path / ".sessionfs" / "errors").read_text()
     assert "main/agent:main:main.json" in errors
     assert "OpenClaw's own database" in errors
+
+
+def test_compressed_events_are_reported_not_silently_dropped(
+    sqlite_state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = sqlite3.connect(database_of(sqlite_state, "main"))
+    db.execute(
+        "UPDATE transcript_events SET event_json = NULL, event_zstd = x'28b52ffd' "
+        "WHERE session_id = 's-main' AND seq = 1"
+    )
+    db.commit()
+    db.close()
+    view = SqliteView(database_of(sqlite_state, "main"))
+    stream = view.open_transcript("s-main")
+    assert stream.read(0, 1 << 20) == expected_transcript("s-main").splitlines(True)[0]
+    assert "1 event(s) stored compressed (zstd) are left out" in caplog.text
+    view.close()
