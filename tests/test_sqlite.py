@@ -295,3 +295,12 @@ def test_compressed_events_are_reported_not_silently_dropped(
     assert stream.read(0, 1 << 20) == expected_transcript("s-main").splitlines(True)[0]
     assert "1 event(s) stored compressed (zstd) are left out" in caplog.text
     view.close()
+
+
+@pytest.mark.fuse
+def test_nothing_is_created_in_a_sqlite_directory(mnt: Mount, sqlite_state: Path) -> None:
+    with raises_errno(errno.EROFS):
+        (mnt.path / "main" / ".agent:main:main.json.swp").write_bytes(b"vim")
+    with raises_errno(errno.EROFS):
+        (mnt.path / "main" / "notes.txt").write_bytes(b"x")
+    assert "notes.txt" not in os.listdir(mnt.path / "main")

@@ -197,6 +197,7 @@ class Editing:
                 raise pyfuse3.FUSEError(errno.EISDIR)
             return existing, await self.open(existing, flags)
         if is_scratch_name(name):
+            await self._check_writable(parent, name)  # nothing is created in a read-only view
             node = self.tree.new_scratch(parent, name, mode)
             return node, self.new_handle(node, flags, node.data)
         key = session_key(name)
