@@ -497,6 +497,12 @@ def bench_visibility(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
     )
 
 
+def proc_status_kb(pid: int, field: str) -> int:
+    """A memory figure of process *pid* from /proc (VmRSS: now, VmHWM: its peak), in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field)))
+
+
 def bench_memory(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
     """6. the daemon's resident memory with every session of a large store known."""
     count = plan.rss_entries
@@ -508,10 +514,7 @@ def bench_memory(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
         listing_s = time.perf_counter() - start
         for i in range(0, count, max(1, count // 1000)):
             os.stat(mnt / mount_name(i))
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        rss_kb = int(
-            next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
-        )
+        rss_kb = proc_status_kb(proc.pid, "VmRSS")
     figures["memory"] = {
         "sessions": count,
         "listed": listed,
@@ -573,10 +576,7 @@ def bench_sqlite(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
             while chunk := f.read(1 << 20):
                 total += len(chunk)
         seconds = time.perf_counter() - begin
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        peak_kb = int(
-            next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
-        )
+        peak_kb = proc_status_kb(proc.pid, "VmHWM")
         out["transcript"] = {
             "bytes": total,
             "mb_per_s": total / 1e6 / seconds,

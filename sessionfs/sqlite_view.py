@@ -215,7 +215,10 @@ class SqliteView:
         raise EntryNotFound(f"no session {key!r}")
 
     def stat(self, key: str) -> os.stat_result:
-        return self.stat_many([key])[0] or self.read(key).stat
+        (found,) = self.stat_many([key])
+        if found is None:
+            raise EntryNotFound(f"no session {key!r}")
+        return found
 
     def keys(self) -> list[str]:
         try:

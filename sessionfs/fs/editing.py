@@ -306,15 +306,12 @@ class Editing:
         held = self.graces.holds(parent, key, data)  # a round trip of what went away
         self.graces.claim(parent, key)
         try:
-            with self.index.own(parent, key) as change:
-                commit = await self.backings.run_locked(
-                    parent.agent_id,
-                    (key,),
-                    "write",
-                    lambda b: b.write(key, data, validate=not held, expected=expected, lock_wait=0),
-                    deadline=deadline,
-                )
-                change.made(Seen.of(commit.stat))
+            commit = await self.index.write(
+                parent,
+                key,
+                lambda b: b.write(key, data, validate=not held, expected=expected, lock_wait=0),
+                deadline=deadline,
+            )
         except EntryChanged as exc:
             reason = (
                 f"changed behind the mount since it was opened (mtime "
@@ -469,15 +466,9 @@ class Editing:
                 self.tree.unlink(parent, name, key)  # never committed
                 return
             shown = node.shown()  # what an open handle's fstat keeps showing
-            with self.index.own(parent, key) as change:
-                removed = await self.backings.run_locked(
-                    parent.agent_id,
-                    (key,),
-                    "remove",
-                    lambda b: b.remove(key, lock_wait=0),
-                    deadline=deadline,
-                )
-                change.made(None)
+            removed = await self.index.remove(
+                parent, key, lambda b: b.remove(key, lock_wait=0), deadline=deadline
+            )
             self.tree.unlink(parent, name, key, last_seen=shown)
             self.content.drop((parent.ino, key))
             self.graces.removed(parent, key, removed)
@@ -594,15 +585,12 @@ class Editing:
         replaced = None if target is None else target.shown()
         self.graces.claim(parent, key)
         try:
-            with self.index.own(parent, key) as change:
-                commit = await self.backings.run_locked(
-                    parent.agent_id,
-                    (key,),
-                    "write",
-                    lambda b: b.write(key, data, validate=not held, lock_wait=0),
-                    deadline=deadline,
-                )
-                change.made(Seen.of(commit.stat))
+            commit = await self.index.write(
+                parent,
+                key,
+                lambda b: b.write(key, data, validate=not held, lock_wait=0),
+                deadline=deadline,
+            )
         except (SessionFSError, OSError) as exc:
             where = user_path(parent, new)
             error = self.rejections.add(f"{where} (renamed from {source.name})", exc)

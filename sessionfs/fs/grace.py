@@ -38,7 +38,7 @@ from ..store import ABSENT, EntryChanged, SessionStore, Snapshot, Version
 from .backings import Backings
 from .index import Index
 from .kernel import Kernel
-from .tree import Dir, File, Seen, Tree
+from .tree import Dir, File, Tree
 
 log = logging.getLogger("sessionfs")
 
@@ -174,22 +174,19 @@ class GracePeriods:
             snap = grace.snapshot
             if grace.backup is None:
                 try:
-                    with self.index.own(parent, key) as change:
-                        commit = await self.backings.run_locked(
-                            parent.agent_id,
-                            (key,),
-                            "write",
-                            lambda b: b.write(
-                                key,
-                                snap.data,
-                                validate=False,
-                                expected=ABSENT,
-                                mtime_ns=snap.stat.st_mtime_ns,
-                                lock_wait=0,
-                            ),
-                            deadline=deadline,
-                        )
-                        change.made(Seen.of(commit.stat))
+                    await self.index.write(
+                        parent,
+                        key,
+                        lambda b: b.write(
+                            key,
+                            snap.data,
+                            validate=False,
+                            expected=ABSENT,
+                            mtime_ns=snap.stat.st_mtime_ns,
+                            lock_wait=0,
+                        ),
+                        deadline=deadline,
+                    )
                 except EntryChanged:
                     pass  # written meanwhile by someone else: that version stays
                 except OSError as exc:
@@ -257,20 +254,17 @@ class GracePeriods:
             return
         removed = False
         try:
-            with self.index.own(parent, key) as change:
-                await self.backings.run_locked(
-                    parent.agent_id,
-                    (key,),
-                    "remove",
-                    lambda b: b.remove(
-                        key,
-                        only_if=lambda s: not grace.claimed and s.version == version,
-                        lock_wait=0,
-                    ),
-                    deadline=trio.current_time() + self.lock_timeout,
-                )
-                change.made(None)
-                removed = True
+            await self.index.remove(
+                parent,
+                key,
+                lambda b: b.remove(
+                    key,
+                    only_if=lambda s: not grace.claimed and s.version == version,
+                    lock_wait=0,
+                ),
+                deadline=trio.current_time() + self.lock_timeout,
+            )
+            removed = True
         except (EntryNotFound, EntryChanged):
             pass  # gone already, written anew, or changed behind the mount: not ours to remove
         self._drop(grace)

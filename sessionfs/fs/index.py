@@ -58,18 +58,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..catalog import Backing
 from ..errors import EntryNotFound
 from ..keys import key_to_display
-from ..store import Snapshot, Version
+from ..store import Commit, Snapshot, Version
 from .backings import Backings
 from .kernel import Kernel
 from .tree import Dir, Entry, File, Known, Seen, Tree
 
 SCAN_CHUNK = 1024
+_T = TypeVar("_T")
 log = logging.getLogger("sessionfs")
 
 
@@ -209,6 +211,29 @@ class Index:
                         ours = change.done and _version(now) == _version(change.result)
                         if not ours:
                             self._tell_kernel(parent, key)
+
+    async def write(
+        self, parent: Dir, key: str, write: Callable[[Backing], Commit], *, deadline: float
+    ) -> Commit:
+        """Commit *key* with *write* (a store write taking the lock with ``lock_wait=0``)
+        as an operation of the mount, and learn the version it made."""
+        with self.own(parent, key) as change:
+            commit = await self.backings.run_locked(
+                parent.agent_id, (key,), "write", write, deadline=deadline
+            )
+            change.made(Seen.of(commit.stat))
+        return commit
+
+    async def remove(
+        self, parent: Dir, key: str, remove: Callable[[Backing], _T], *, deadline: float
+    ) -> _T:
+        """Remove *key* with *remove* (as :meth:`write`), and learn that it is gone."""
+        with self.own(parent, key) as change:
+            result = await self.backings.run_locked(
+                parent.agent_id, (key,), "remove", remove, deadline=deadline
+            )
+            change.made(None)
+        return result
 
     def _learned_outside(self, parent: Dir, key: str, seen: Seen | None, stamp: int) -> None:
         if not self.learn(parent, key, seen, stamp):
