@@ -25,7 +25,6 @@ from .sources import (
     AgentStore,
     Source,
     SourceKind,
-    agent_of,
     agent_problem,
     scan_agents,
 )
@@ -142,7 +141,7 @@ class Catalog:
 
     def owning_agent(self, agent_id: str | None) -> str | None:
         """Whose keys the store of directory *agent_id* holds (None: not known)."""
-        return agent_id if agent_id is not None else agent_of(self._ref(None).sessions_dir)
+        return self._ref(agent_id).owner
 
     def agents(self) -> list[str]:
         """The agent ids to show right now."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 
 from . import entry as entry_rules
-from .errors import EntryNotFound, NoStore, SessionFSError
+from .errors import EntryNotFound, SessionFSError
 from .legacy import LegacyView
 from .sources import AgentStore, Era, Source, SourceKind
 from .sqlite_view import SqliteView
@@ -308,4 +308,4 @@ def history(source: Source, key: str, *, agent_id: str | None) -> list[str]:
     return [f"{e.when}  {e.what:<24} {e.size:>10} bytes  {e.where}" for e in earlier]
 
 
-__all__ = ["NoStore", "UsageError", "history", "show"]
+__all__ = ["UsageError", "history", "show"]

@@ -439,9 +439,6 @@ class SqliteTranscript:
         self._extend()
         return self._end
 
-    def stat(self) -> os.stat_result:
-        return self.view._synthetic_stat(self.complete_size(), 0, self.session_id)
-
     def read(self, offset: int, size: int) -> bytes:
         if offset + size > self._end:
             self._extend()
