@@ -125,6 +125,7 @@ def make_filesystem(
     if clock is not None:
         options["clock"] = clock
     options.setdefault("limits", Limits(max_entry_bytes=catalog.max_entry_bytes))
+    options.setdefault("inline_io", False)  # every store call reaches the worker thread's gates
     return assemble(catalog, **options)
 
 

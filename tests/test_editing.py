@@ -628,10 +628,10 @@ async def test_a_failed_watcher_stat_forgets_rather_than_removes(
     backings = fs.operations.backings
     real = backings.run
 
-    async def failing(agent_id: str | None, what: str, call: object) -> object:
+    async def failing(agent_id: str | None, what: str, call: object, **how: bool) -> object:
         if what == "stat":
             raise OSError(errno.EIO, "transient")
-        return await real(agent_id, what, call)  # type: ignore[arg-type]
+        return await real(agent_id, what, call, **how)  # type: ignore[arg-type]
 
     monkeypatch.setattr(backings, "run", failing)
     await fs.index.refresh(fs.operations.tree.root, [KEY])
@@ -827,10 +827,10 @@ async def test_listing_racing_lost_events_hides_a_new_session(
             backings = fs.operations.backings
             real = backings.run
 
-            async def failing(agent_id, what, call):  # type: ignore[no-untyped-def]
+            async def failing(agent_id, what, call, **how):  # type: ignore[no-untyped-def]
                 if what == "stat":
                     raise OSError(errno.EIO, "transient")
-                return await real(agent_id, what, call)
+                return await real(agent_id, what, call, **how)
 
             monkeypatch.setattr(backings, "run", failing)
             await fs.index.refresh(root, ["cron:new"])
@@ -924,12 +924,12 @@ async def test_failed_undo_loses_the_grace_snapshot(
     real = backings.run
     writes = 0
 
-    async def full_disk(agent_id, what, call):  # type: ignore[no-untyped-def]
+    async def full_disk(agent_id, what, call, **how):  # type: ignore[no-untyped-def]
         nonlocal writes
         if what == "write":
             writes += 1
             raise OSError(errno.ENOSPC, "No space left on device")
-        return await real(agent_id, what, call)
+        return await real(agent_id, what, call, **how)
 
     monkeypatch.setattr(backings, "run", full_disk)
     with pytest.raises(pyfuse3.FUSEError) as raised:

@@ -5,17 +5,22 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import pytest
+import trio
+import trio.testing
 
 from sessionfs.fs import Filesystem, Limits
+from sessionfs.fs.backings import SLOW_INLINE_SECONDS, THREADED_SECONDS
 from sessionfs.fs.operations import Operations
 from sessionfs.store import SessionStore, Version
-from tests.driving import CTX, Replies, make_filesystem
+from tests.driving import CTX, Driver, Gates, Replies, make_filesystem
 from tests.helpers import entry_bytes
 
 
@@ -217,3 +222,56 @@ def test_content_cache_is_bounded_and_version_keyed() -> None:
     assert cache.get((1, "a"), v2) is None  # the least recently used went first
     cache.put((99, "a"), v1, b"x" * 30)  # over a quarter of the budget: not kept
     assert cache.get((99, "a"), v1) is None
+
+
+class _TimedGates(Gates):
+    """Records which thread each store write runs in; makes the next *slow* writes slow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+        self.stat_threads: list[int] = []
+        self.slow = 0
+
+    def pause(self, point: str) -> None:
+        if point == "in stat_many":
+            self.stat_threads.append(threading.get_ident())
+        if point == "before write":
+            self.threads.append(threading.get_ident())
+            if self.slow:
+                self.slow -= 1
+                time.sleep(SLOW_INLINE_SECONDS * 2)
+
+
+async def test_commits_leave_the_trio_thread_while_the_disk_is_slow(
+    sessions: SessionStore, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sessionfs")
+    gates = _TimedGates()
+    fs = make_filesystem(sessions.path.parent, gates, inline_io=True)
+    fs.index.watch(None)
+    drive = Driver(fs, pytest.MonkeyPatch())
+    trio_thread = threading.get_ident()
+
+    async def commit_thread(version: str) -> int:
+        await drive.write("cron:1.json", entry_bytes(version))
+        assert sessions.read("cron:1").data == entry_bytes(version)
+        return gates.threads[-1]
+
+    assert await commit_thread("fast") == trio_thread  # no thread hop while the disk is fast
+    await fs.index.refresh(fs.operations.tree.root, ["cron:1"])  # as after the commit's event
+    assert gates.stat_threads == [trio_thread]
+    gates.slow = 1
+    assert await commit_thread("slow") == trio_thread  # found slow only once it has run
+    assert "the disk is slow" in caplog.text
+    assert await commit_thread("after-a-slow-one") != trio_thread
+    await fs.index.refresh(fs.operations.tree.root, ["cron:1"])
+    assert gates.stat_threads[-1] != trio_thread
+    mock_clock.jump(THREADED_SECONDS)
+    assert await commit_thread("fast-again") == trio_thread
+    gates.slow = 1
+    await commit_thread("slow-again-soon")
+    mock_clock.jump(THREADED_SECONDS)  # slow again within its period: threaded for twice as long
+    assert await commit_thread("still-threaded") != trio_thread
+    mock_clock.jump(THREADED_SECONDS)
+    assert await commit_thread("fast-at-last") == trio_thread

@@ -19,7 +19,7 @@ import trio
 
 from ..catalog import Catalog
 from ..entry import DEFAULT_MAX_ENTRY_BYTES
-from .backings import Backings
+from .backings import Backings, Pace
 from .cache import ContentCache
 from .control import ControlFiles, MountStatistics
 from .editing import CONFLICT_FAIL, CONFLICT_LAST_WINS, Editing, Limits
@@ -70,12 +70,18 @@ def assemble(
     limits: Limits | None = None,
     limiter: trio.CapacityLimiter | None = None,
     clock: Callable[[], float] = time.monotonic,
+    inline_io: bool = True,
 ) -> Filesystem:
-    """Build every part of a mount of *catalog*'s stores."""
+    """Build every part of a mount of *catalog*'s stores.
+
+    *inline_io* lets an update's commit and stat run on the trio thread while the
+    disk is fast (see :class:`~.backings.Pace`); race tests turn it off to pause
+    those calls in a worker thread.
+    """
     tree = Tree()
     tree.root.holds_sessions = not catalog.per_agent
     kernel = Kernel()
-    backings = Backings(catalog, limiter)
+    backings = Backings(catalog, limiter, Pace(enabled=inline_io))
     index = Index(tree, backings, kernel)
     owner = Owner.current(cache_timeout)
     names = Names(tree, index, backings, catalog, owner)

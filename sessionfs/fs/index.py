@@ -71,6 +71,7 @@ from .kernel import Kernel
 from .tree import Dir, Entry, File, Known, Seen, Tree
 
 SCAN_CHUNK = 1024
+INLINE_STATS = 16  # a refresh of at most this many keys may stat on the trio thread
 _T = TypeVar("_T")
 log = logging.getLogger("sessionfs")
 
@@ -219,7 +220,7 @@ class Index:
         as an operation of the mount, and learn the version it made."""
         with self.own(parent, key) as change:
             commit = await self.backings.run_locked(
-                parent.agent_id, (key,), "write", write, deadline=deadline
+                parent.agent_id, (key,), "write", write, deadline=deadline, inline=True
             )
             change.made(Seen.of(commit.stat))
         return commit
@@ -348,7 +349,12 @@ class Index:
 
     async def _refresh(self, parent: Dir, keys: list[str], stamp: int) -> None:
         try:
-            stats = await self.backings.run(parent.agent_id, "stat", lambda b: b.stat_many(keys))
+            stats = await self.backings.run(
+                parent.agent_id,
+                "stat",
+                lambda b: b.stat_many(keys),
+                inline=len(keys) <= INLINE_STATS,  # the event of one update: no thread hop
+            )
         except OSError as exc:
             self._unknown(parent, keys, exc)
             return
