@@ -7,7 +7,10 @@ never writes: the database is opened read-only (``mode=ro``), never checkpointed
 or vacuumed, and no file is created in the gateway's directory.  A WAL database
 opened read-only needs its ``-wal`` and ``-shm`` files; when they do not exist
 (the gateway is not running) it is opened ``immutable=1`` instead, and reopened
-normally once they appear.
+normally once they appear.  ``readonly_shm=1`` keeps SQLite from creating a
+``-shm`` itself if the gateway closes between that check and the open (the open
+then fails, and the database is read as immutable); an empty ``-wal`` may still
+appear in that instant (SQLite gives it the database's owner).
 
 Each entry is served as migration writes JSON-era entries (2-space indent), the
 same for every read-only view.  Its version is derived from its bytes (a CRC as
@@ -87,13 +90,32 @@ class SqliteView:
             self._connection.close()
             self._connection = None
         self._signature = signature
-        mode = "mode=ro" if live else "immutable=1"
-        uri = f"file:{quote(str(self.path))}?{mode}"
-        connection = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=0.5)
-        connection.execute("PRAGMA query_only = 1")
-        self._check_schema(connection)
+        connection = None
+        if live:
+            try:
+                connection = self._open("mode=ro&readonly_shm=1")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN:
+                    raise
+                # the gateway closed (and its -shm went) since we looked: a read-only
+                # connection would have created one in its directory; this opens none
+                log.debug("%s: reading it as immutable: %s", self.path, exc)
+                live = False
+        if connection is None:
+            connection = self._open("immutable=1")
         self._connection, self._immutable = connection, not live
         self._opened += 1  # a new connection: data_version starts afresh
+        return connection
+
+    def _open(self, mode: str) -> sqlite3.Connection:
+        uri = f"file:{quote(str(self.path))}?{mode}"
+        connection = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=0.5)
+        try:
+            connection.execute("PRAGMA query_only = 1")
+            self._check_schema(connection)  # also the first read: it maps the -shm
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
     def _check_schema(self, connection: sqlite3.Connection) -> None:
@@ -106,7 +128,6 @@ class SqliteView:
             row = None
         version = row[0] if row else None
         if user_version not in SUPPORTED_SCHEMAS or version not in SUPPORTED_SCHEMAS:
-            connection.close()
             known = ", ".join(str(v) for v in sorted(SUPPORTED_SCHEMAS))
             raise UnsupportedSchema(
                 f"{self.path}: schema {version!r} (user_version {user_version}) is not one "

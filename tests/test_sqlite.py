@@ -304,3 +304,20 @@ def test_nothing_is_created_in_a_sqlite_directory(mnt: Mount, sqlite_state: Path
     with raises_errno(errno.EROFS):
         (mnt.path / "main" / "notes.txt").write_bytes(b"x")
     assert "notes.txt" not in os.listdir(mnt.path / "main")
+
+
+def test_a_gateway_closing_while_the_view_opens_leaves_no_shm(
+    sqlite_state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The -wal and -shm were there when looked at, gone when SQLite opens: no -shm made."""
+    db = database_of(sqlite_state, "main")
+    shm = db.with_name(db.name + "-shm")
+    assert not shm.exists()  # the builder closed its connection: no gateway runs
+    real_exists = Path.exists
+    monkeypatch.setattr(
+        Path, "exists", lambda p: True if p.name.endswith(("-wal", "-shm")) else real_exists(p)
+    )
+    view = SqliteView(db)
+    assert sorted(view.keys()) == sorted(SESSIONS["main"])  # read as immutable instead
+    view.close()
+    assert not os.path.exists(shm)
