@@ -64,7 +64,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     source = sources.resolve(args.source)
-    reports = migrate.migrate_source(source, dry_run=args.dry_run, lock_timeout=args.lock_timeout)
+    if args.revert:
+        from .revert import revert_source
+
+        reports = revert_source(source, dry_run=args.dry_run, lock_timeout=args.lock_timeout)
+    else:
+        reports = migrate.migrate_source(
+            source, dry_run=args.dry_run, lock_timeout=args.lock_timeout
+        )
     if not reports:
         print(f"{source.path}: no agents with a sessions dir")
     for report in reports:
@@ -403,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mig.add_argument("source", nargs="?", help=SOURCE_HELP)
     mig.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    mig.add_argument(
+        "--revert",
+        action="store_true",
+        help="undo: rebuild sessions.json from sessions.d/ (merged with a sessions.json the "
+        "gateway wrote since), keeping sessions.d/ as sessions.d.reverted.<epoch-ms>",
+    )
     mig.add_argument(
         "--lock-timeout",
         type=float,

@@ -35,10 +35,13 @@ from .errors import InvalidKey, SessionFSError
 from .keys import key_to_filename, normalize_key
 from .locking import STORE_LOCK_TIMEOUT, is_stale, openclaw_store_lock, remove_stale_lock
 from .sources import AgentStore, Era, Source
-from .store import SessionStore, rename_noreplace
+from .store import SessionStore, rename_noreplace, write_file_atomically
 
 STAGING_DIR = "sessions.d.migrating"
 BACKUP_PREFIX = "sessions.json.bak."
+# In sessions.d/: the name of the backup the migration made, which `migrate --revert`
+# reads (OpenClaw's rotation backups share its name pattern).  A dot name: no key.
+MIGRATED_FROM = ".migrated-from"
 PROGRESS_MIN_ENTRIES = 5000
 
 # Fault injection for the crash tests: SIGKILL ourselves when reaching this step.
@@ -47,7 +50,7 @@ _CRASH_AT = os.environ.get("SESSIONFS_MIGRATE_CRASH_AT")
 STEP_HOOKS: dict[str, Callable[[], None]] = {}
 
 
-def _step(name: str) -> None:
+def step(name: str) -> None:
     if name == _CRASH_AT:
         os.kill(os.getpid(), signal.SIGKILL)
     hook = STEP_HOOKS.get(name)
@@ -61,10 +64,12 @@ class Outcome(enum.Enum):
     PLANNED = "would migrate"
     FAILED = "failed"
     SKIPPED = "skipped"
+    REVERTED = "reverted"
+    PLANNED_REVERT = "would revert"
 
     @property
     def ok(self) -> bool:
-        return self in (Outcome.MIGRATED, Outcome.NOTHING_TO_DO, Outcome.PLANNED)
+        return self not in (Outcome.FAILED, Outcome.SKIPPED)
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,11 @@ class AgentReport:
     def lines(self) -> list[str]:
         """The readable summary printed by ``sessionfs migrate`` and ``mount``."""
         head = f"{self.label}: {self.outcome.value}"
-        if self.outcome in (Outcome.MIGRATED, Outcome.PLANNED):
+        if self.outcome in (Outcome.REVERTED, Outcome.PLANNED_REVERT):
+            head += f" {self.migrated} entries to sessions.json"
+            if self.backup is not None:
+                head += f"; sessions.d/ kept as {self.backup}"
+        elif self.outcome in (Outcome.MIGRATED, Outcome.PLANNED):
             head += f" {self.migrated} entries"
             if self.backup is not None:
                 verb = "backup would be" if self.outcome is Outcome.PLANNED else "backup"
@@ -134,7 +143,7 @@ class Plan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _recency(value: object) -> tuple[bool, float]:
+def recency(value: object) -> tuple[bool, float]:
     stamp = entry_rules.updated_at(value)
     return (stamp is not None, stamp or 0.0)
 
@@ -154,7 +163,7 @@ def plan(legacy: dict[str, Any]) -> Plan:
         except InvalidKey as exc:
             result.skipped += [(key, str(exc)) for key in members]
             continue
-        winner = max(members, key=lambda k: _recency(legacy[k]))  # first wins a tie
+        winner = max(members, key=lambda k: recency(legacy[k]))  # first wins a tie
         result.entries[target] = legacy[winner]
         result.folded += [Fold(target, winner, k) for k in members if k != winner]
         if winner != target:
@@ -242,7 +251,7 @@ def migrate_store(
         if dry_run:
             return _plan_only(agent, report)
         with openclaw_store_lock(agent.legacy, timeout=lock_timeout):
-            _step("locked")
+            step("locked")
             return _migrate_locked(agent, staging, report, progress)
     except (SessionFSError, OSError) as exc:
         return _fail(report, str(exc))
@@ -288,36 +297,36 @@ def _migrate_locked(
     legacy = read_legacy(agent.legacy)
     decided = plan(legacy)
     _fill(report, decided)
-    _step("parsed")
+    step("parsed")
 
     _remove_dir(staging)
-    _step("staging-cleared")
+    step("staging-cleared")
     bar = _Progress(agent.label, len(decided.entries), progress)
     with SessionStore(staging) as staged:
         _stage(staged, staging, decided, bar)
         staged.sync()
-        _step("staged")
+        step("staged")
 
         try:
             # RENAME_NOREPLACE: a sessions.d/ created meanwhile is merged into, never replaced
             rename_noreplace(staging, agent.entries)
         except FileExistsError:
             with SessionStore(agent.entries, create=False) as live:
-                _step("merging")
+                step("merging")
                 moved, kept = staged.move_into(live)
                 report.kept_live = _differing(live, decided, kept)
             report.migrated = len(moved)
-            _step("merged")
+            step("merged")
             _remove_dir(staging)
-            _step("staging-removed")
+            step("staging-removed")
             if not moved and kept and not report.kept_live:
                 report.notes.append(
                     "completed an interrupted migration: every entry was already live"
                 )
         else:
-            _fsync_dir(agent.sessions_dir)
+            fsync_dir(agent.sessions_dir)
             report.migrated = len(decided.entries)
-            _step("live")
+            step("live")
 
     # Writes that reached sessions.json since the parse (a gateway that ignores the
     # lock) go live now, before the rename: a crash right after the rename must not
@@ -326,13 +335,14 @@ def _migrate_locked(
     if carried:
         parsed = os.stat(agent.legacy, follow_symlinks=False)
         decided = plan(read_legacy(agent.legacy))
-    _step("carried")
+    step("carried")
     backup = agent.sessions_dir / f"{BACKUP_PREFIX}{int(time.time() * 1000)}"
     while backup.exists():  # two runs within one millisecond must not clobber a backup
         backup = backup.with_name(f"{BACKUP_PREFIX}{int(backup.name.rsplit('.', 1)[1]) + 1}")
     os.rename(agent.legacy, backup)
-    _fsync_dir(agent.sessions_dir)
-    _step("backed-up")
+    fsync_dir(agent.sessions_dir)
+    step("backed-up")
+    write_file_atomically(agent.entries, MIGRATED_FROM, backup.name.encode())
     report.backup = backup
     report.carried_over = sorted(set(carried) | set(_carry_over(agent, backup, parsed, decided)))
     report.outcome = Outcome.MIGRATED
@@ -348,7 +358,7 @@ def _stage(staged: SessionStore, staging: Path, decided: Plan, bar: _Progress) -
             staged.create_unlocked(key, entry_rules.dumps(value))
             bar.tick()
             if n == len(decided.entries) // 2:
-                _step("staging-half")
+                step("staging-half")
     except OSError as exc:
         _remove_dir(staging)  # it holds the last free space, and nothing of value
         raise SessionFSError(
@@ -399,14 +409,14 @@ def _carry_over(
                 current = entry_rules.loads(live.read(key).data)
             except SessionFSError:
                 current = None
-            if _recency(current) > _recency(value):
+            if recency(current) > recency(value):
                 continue
             live.write(key, entry_rules.dumps(value), validate=False)
             carried.append(key)
     return carried
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

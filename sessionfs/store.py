@@ -133,6 +133,37 @@ ABSENT = Version(-1, -1, -1)
 """The "version" of an entry that does not exist, for ``write(expected=...)``."""
 
 
+def write_file_atomically(directory: Path, name: str, data: bytes) -> None:
+    """Replace *directory*/*name* with *data* the way OpenClaw does: temp, fsync, rename.
+
+    For files beside the entries (``sessions.json``, markers): the temp is named
+    ``<name>.<random>.tmp`` as OpenClaw's are, opened 0600 without following
+    symlinks, and the directory is synced after the rename.
+    """
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    temp = f"{name}.{secrets.token_hex(8)}.tmp"
+    try:
+        fd = os.open(
+            temp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            FILE_MODE,
+            dir_fd=dir_fd,
+        )
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(dir_fd)
+
+
 def _check_regular(st: os.stat_result, name: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = {
