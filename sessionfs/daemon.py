@@ -154,6 +154,34 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=False)
 
 
+FUSE_DEVICE = "/dev/fuse"
+
+
+def check_fuse() -> None:
+    """Fail now, in the user's words, if this process cannot mount a FUSE filesystem.
+
+    Checked before anything is migrated: a mount that cannot start must not have
+    changed the store first.
+    """
+    try:
+        fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError(
+            f"{FUSE_DEVICE} does not exist: load the FUSE module (sudo modprobe fuse), or in a "
+            "container, start it with --device /dev/fuse"
+        ) from None
+    except PermissionError:
+        raise MountError(
+            f"no permission to open {FUSE_DEVICE}: run `sudo chmod 0666 {FUSE_DEVICE}` or add "
+            "yourself to the group that owns it"
+        ) from None
+    except OSError as exc:
+        raise MountError(f"cannot open {FUSE_DEVICE}: {exc.strerror}") from None
+    os.close(fd)
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 is missing (it unmounts FUSE filesystems): install fuse3")
+
+
 def probe(path: Path, timeout: float = CONTROL_TIMEOUT) -> str:
     """Whether the sessionfs daemon behind *path* is "alive", "dead" or "hung".
 
@@ -237,16 +265,37 @@ def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
     """``sessionfs mount``: returns once the mount is live (or failed), or serves with -f."""
     for notice in prepare_mountpoint(config.mountpoint):
         print(notice, file=out)
+    check_fuse()
+    migrated = False
     if config.migrate:
         reports = migrate.migrate_source(config.source)
         for report in reports:
             if report.outcome is not migrate.Outcome.NOTHING_TO_DO:
                 print("\n".join(report.lines()), file=out)
+        migrated = any(r.outcome is migrate.Outcome.MIGRATED for r in reports)
         if not migrate.all_ok(reports):
             print(
                 "some agents were not migrated; they are shown read-only from sessions.json",
                 file=out,
             )
+    code = 1
+    try:
+        code = _mount_migrated(config, out)
+    finally:
+        if code != 0 and migrated:  # never mounted (serving ends with 0)
+            _tell_how_to_revert(config)
+    return code
+
+
+def _tell_how_to_revert(config: MountConfig) -> None:
+    print(
+        f"sessionfs: the mount failed after migrating {config.source.path}; a gateway that "
+        f"reads sessions.json needs it back: sessionfs migrate --revert {config.source.path}",
+        file=sys.stderr,
+    )
+
+
+def _mount_migrated(config: MountConfig, out: TextIO) -> int:
     catalog = Catalog(config.source)
     out.flush()
     if config.foreground:

@@ -1,0 +1,90 @@
+"""`sessionfs mount` changes nothing before it knows the mount can work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sessionfs import daemon
+from sessionfs.cli import main as cli
+from tests.helpers import entry
+
+
+@pytest.fixture
+def legacy(tmp_path: Path) -> Path:
+    sessions_dir = tmp_path / "sessions"
+    sessions_dir.mkdir()
+    store = {"agent:main:main": entry("s-main")}
+    (sessions_dir / "sessions.json").write_bytes(orjson.dumps(store, option=orjson.OPT_INDENT_2))
+    (tmp_path / "mnt").mkdir()
+    return sessions_dir
+
+
+def untouched(sessions_dir: Path) -> bool:
+    return sorted(p.name for p in sessions_dir.iterdir()) == ["sessions.json"]
+
+
+def test_no_fuse_device_refuses_before_migrating(
+    legacy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(daemon, "FUSE_DEVICE", str(tmp_path / "no-fuse"))
+    assert cli(["mount", str(legacy), str(tmp_path / "mnt")]) == 1
+    assert "does not exist: load the FUSE module" in capsys.readouterr().err
+    assert untouched(legacy)
+
+
+def test_an_unopenable_fuse_device_says_how_to_fix_it(
+    legacy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def denied(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(daemon, "FUSE_DEVICE", "/dev/fuse")
+    real_open = daemon.os.open
+    monkeypatch.setattr(
+        daemon.os,
+        "open",
+        lambda path, flags, *a, **k: (
+            denied(path, flags) if path == "/dev/fuse" else real_open(path, flags, *a, **k)
+        ),
+    )
+    assert cli(["mount", str(legacy), str(tmp_path / "mnt")]) == 1
+    assert "sudo chmod 0666 /dev/fuse" in capsys.readouterr().err
+    assert untouched(legacy)
+
+
+def test_no_fusermount3_refuses_before_migrating(
+    legacy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "empty-bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    assert cli(["mount", str(legacy), str(tmp_path / "mnt")]) == 1
+    assert "fusermount3 is missing" in capsys.readouterr().err
+    assert untouched(legacy)
+
+
+def test_a_mount_failing_after_migrating_tells_how_to_undo_it(
+    legacy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def cannot_mount(*args: object) -> None:
+        raise RuntimeError("fuse_session_mount failed")
+
+    monkeypatch.setattr(daemon.pyfuse3, "init", cannot_mount)
+    assert cli(["mount", "-f", str(legacy), str(tmp_path / "mnt")]) == 1
+    err = capsys.readouterr().err
+    assert f"sessionfs migrate --revert {legacy}" in err
+    assert (legacy / "sessions.d").is_dir()  # migrated, and the way back was printed
