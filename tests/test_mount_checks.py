@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import orjson
+import pyfuse3
 import pytest
 
 from sessionfs import daemon
@@ -48,9 +50,9 @@ def test_an_unopenable_fuse_device_says_how_to_fix_it(
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(daemon, "FUSE_DEVICE", "/dev/fuse")
-    real_open = daemon.os.open
+    real_open = os.open
     monkeypatch.setattr(
-        daemon.os,
+        os,
         "open",
         lambda path, flags, *a, **k: (
             denied(path, flags) if path == "/dev/fuse" else real_open(path, flags, *a, **k)
@@ -83,7 +85,7 @@ def test_a_mount_failing_after_migrating_tells_how_to_undo_it(
     def cannot_mount(*args: object) -> None:
         raise RuntimeError("fuse_session_mount failed")
 
-    monkeypatch.setattr(daemon.pyfuse3, "init", cannot_mount)
+    monkeypatch.setattr(pyfuse3, "init", cannot_mount)
     assert cli(["mount", "-f", str(legacy), str(tmp_path / "mnt")]) == 1
     err = capsys.readouterr().err
     assert f"sessionfs migrate --revert {legacy}" in err
