@@ -79,6 +79,25 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0 if migrate.all_ok(reports) else 1
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_source
+    from .store import write_file_atomically
+
+    result = export_source(
+        sources.resolve(args.source), agent_id=args.agent, sessions_d=args.sessions_d
+    )
+    for line in result.notes + result.problems:
+        print(f"sessionfs: {line}", file=sys.stderr)
+    data = result.dumps()
+    if args.output is None or args.output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        target = Path(args.output).expanduser().absolute()
+        write_file_atomically(target.parent, target.name, data)
+    return 1 if result.problems else 0
+
+
 def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> dict[str, str]:
     options: dict[str, str] = {}
     for opt in (o.strip() for value in values for o in value.split(",")):
@@ -424,6 +443,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for a gateway's sessions.json.lock (default 10)",
     )
     mig.set_defaults(func=_cmd_migrate)
+
+    exp = commands.add_parser(
+        "export",
+        help="print every session of SOURCE as one JSON document (any era)",
+        description="Export the sessions of SOURCE, whatever its era (SQLite database, "
+        "sessions.d/ or sessions.json), as JSON: {key: entry} for one agent (the shape of "
+        "sessions.json), {agentId: {key: entry}} for a state dir. Nothing is written to a store.",
+        epilog="exit status: 0 exported, 1 some sessions could not be read (named on stderr), "
+        "2 usage error",
+    )
+    exp.add_argument("source", nargs="?", help=SOURCE_HELP)
+    exp.add_argument("--agent", metavar="ID", help="only this agent, as {key: entry}")
+    exp.add_argument(
+        "--sessions-d",
+        action="store_true",
+        help="read sessions.d/ even where a SQLite database took over (after an upgrade)",
+    )
+    exp.add_argument("-o", "--output", metavar="FILE", help="write here (atomically), not stdout")
+    exp.set_defaults(func=_cmd_export)
 
     mtn = commands.add_parser(
         "maintain",
