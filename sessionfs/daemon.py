@@ -28,18 +28,19 @@ from typing import TextIO
 import pyfuse3
 import trio
 
-from . import fsck, maintain, migrate
+from . import fsck, maintain, migrate, revert
 from .catalog import Catalog
 from .errors import SessionFSError, describe_error
 from .fs import CONFLICT_LAST_WINS, Filesystem, Limits, assemble
 from .fs.control import CONTROL_DIR
 from .fs.editing import LOCK_TIMEOUT
 from .locking import pid_alive
-from .sources import Source
+from .sources import Source, resolve
 
 log = logging.getLogger("sessionfs")
 
 FS_TYPE = "fuse.sessionfs"
+UNREAD_MIGRATION_CHECK_SECONDS = 2.0  # how often the mount looks for a new sessions.json
 CACHE_TIMEOUT = 300.0  # seconds; the watcher invalidates changes long before
 UNMOUNT_WAIT = 10.0
 CONTROL_TIMEOUT = 3.0
@@ -278,6 +279,8 @@ def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
                 "some agents were not migrated; they are shown read-only from sessions.json",
                 file=out,
             )
+    for unread in revert.unread_migrations(config.source):
+        print(f"sessionfs: WARNING: {unread.message(config.source.path)}", file=sys.stderr)
     code = 1
     try:
         code = _mount_migrated(config, out)
@@ -438,6 +441,7 @@ async def _serve_until_unmounted(
         if config.maintain_every:
             nursery.start_soon(_maintain_periodically, config, fs)
         nursery.start_soon(_check_periodically, config, fs)
+        nursery.start_soon(_watch_for_unread_migrations, config)
         nursery.start_soon(fuse_loop)
         _report(ready_fd, "ready")
 
@@ -497,6 +501,29 @@ async def _check_periodically(config: MountConfig, fs: Filesystem) -> None:
                     config.source.path,
                 )
         await trio.sleep(config.check_every)
+
+
+async def _watch_for_unread_migrations(config: MountConfig) -> None:
+    """Warn, once per file, when a gateway writes ``sessions.json`` beside ``sessions.d/``.
+
+    That gateway does not read ``sessions.d/``: every session it creates from now
+    on is invisible to the mount and vice versa, until the migration is undone.
+    """
+    warned: set[tuple[int, int]] = set()
+    limiter = trio.CapacityLimiter(1)
+    while True:
+        try:
+            found = await trio.to_thread.run_sync(
+                revert.unread_migrations, config.source, limiter=limiter, abandon_on_cancel=True
+            )
+        except Exception as exc:  # never ends the mount
+            log.warning("could not look for unread migrations: %s", describe_error(exc))
+            found = []
+        for unread in found:
+            if unread.identity not in warned:
+                warned.add(unread.identity)
+                log.warning("%s", unread.message(config.source.path))
+        await trio.sleep(UNREAD_MIGRATION_CHECK_SECONDS)
 
 
 async def _stop_on_signals(
@@ -565,6 +592,10 @@ def status(path: Path) -> str:
     except OSError as exc:
         raise MountError(f"{path}: the daemon does not answer ({exc.strerror})") from None
     lines = [f"{path}: sessionfs mount of {source} (daemon pid {pid})", last_check]
+    with contextlib.suppress(SessionFSError, OSError):
+        source_path = Path(source)
+        for unread in revert.unread_migrations(resolve(source_path)):
+            lines.append(f"WARNING: {unread.message(source_path)}")
     if errors:
         lines.append("recently rejected writes (newest last):")
         lines += [f"  {line}" for line in errors.splitlines()]

@@ -40,12 +40,13 @@ from .migrate import (
     AgentReport,
     Outcome,
     fsync_dir,
+    migration_running,
     plan,
     read_legacy,
     recency,
     step,
 )
-from .sources import AgentStore, Source
+from .sources import AgentStore, Era, Source
 from .store import SessionStore, Version, rename_noreplace, write_file_atomically
 
 REVERTED_PREFIX = "sessions.d.reverted."
@@ -238,3 +239,51 @@ def revert_source(
     return [
         revert_store(agent, dry_run=dry_run, lock_timeout=lock_timeout) for agent in source.stores()
     ]
+
+
+@dataclass(frozen=True)
+class UnreadMigration:
+    """A ``sessions.json`` written beside ``sessions.d/``: its gateway does not read the latter."""
+
+    agent: AgentStore
+    written: float  # when the gateway last wrote it (epoch seconds)
+    migrated: float | None  # when the migration made its backup, if known
+    identity: tuple[int, int]  # the file written (warned about once per file)
+
+    def message(self, source: Path) -> str:
+        since = "" if self.migrated is None else f" since the migration of {_when(self.migrated)}"
+        return (
+            f"agent {self.agent.label}: a gateway wrote a new sessions.json beside sessions.d/ "
+            f"(last at {_when(self.written)}): it does not read sessions.d/ and has not seen its "
+            f"sessions{since}. Undo the migration (after unmounting): "
+            f"sessionfs migrate --revert {source}"
+        )
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def unread_migrations(source: Source) -> list[UnreadMigration]:
+    """Every agent whose gateway writes ``sessions.json`` although it was migrated."""
+    found = []
+    for agent in source.stores():
+        if agent.era() is not Era.DIRECTORY or not agent.has_legacy():
+            continue  # (a SQLite agent's sessions.json is the gateway's import input)
+        if migration_running(agent):
+            continue  # mid-migration, sessions.json is still the input
+        try:
+            st = os.stat(agent.legacy, follow_symlinks=False)
+        except OSError:
+            continue
+        backup = migration_backup(agent)
+        stamp = backup.name.removeprefix(BACKUP_PREFIX) if backup is not None else ""
+        found.append(
+            UnreadMigration(
+                agent,
+                st.st_mtime,
+                int(stamp) / 1000 if stamp.isdigit() else None,
+                (st.st_dev, st.st_ino),
+            )
+        )
+    return found

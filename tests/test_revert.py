@@ -14,10 +14,11 @@ import pytest
 
 from sessionfs import sources
 from sessionfs.migrate import MIGRATED_FROM, Outcome, migrate_source
-from sessionfs.revert import REVERTED_PREFIX, migration_backup, revert_source
+from sessionfs.revert import REVERTED_PREFIX, migration_backup, revert_source, unread_migrations
 from sessionfs.store import SessionStore
 from tests.helpers import entry, entry_bytes
-from tests.mounting import mounted
+from tests.mounting import mounted, sessionfs, wait_for
+from tests.sqlite_state import build_sqlite_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,3 +180,43 @@ def test_sigkill_at_every_step_of_a_revert_then_rerun_completes(migrated: Path, 
     assert not (migrated / "sessions.d").exists()
     assert len(kept_dirs(migrated)) == 1
     assert not list(migrated.glob("*.tmp"))
+
+
+# --- a gateway that does not read sessions.d/ ----------------------------------
+
+
+def test_a_new_sessions_json_beside_sessions_d_is_an_unread_migration(
+    migrated: Path, tmp_path: Path
+) -> None:
+    source = sources.resolve(migrated)
+    assert unread_migrations(source) == []
+    legacy_store(migrated, {"cron:gw": entry("s-gw", 50)})  # the JSON-era gateway's next write
+    (unread,) = unread_migrations(source)
+    message = unread.message(migrated)
+    assert "does not read sessions.d/" in message
+    assert f"sessionfs migrate --revert {migrated}" in message
+    assert "since the migration of" in message
+    # a SQLite-era agent's sessions.json is OpenClaw's import input, not a sign of this
+    build_sqlite_state(tmp_path / "state", {"main": {"cron:s": entry("s-s", 1)}})
+    upgraded = tmp_path / "state" / "agents" / "main" / "sessions"
+    upgraded.mkdir(exist_ok=True)
+    SessionStore(upgraded / "sessions.d").close()
+    legacy_store(upgraded, {"cron:s": entry("s-s", 1)})
+    assert unread_migrations(sources.resolve(tmp_path / "state")) == []
+
+
+def test_the_mount_and_status_say_so_loudly(migrated: Path, tmp_path: Path) -> None:
+    with mounted(migrated, tmp_path / "mnt", "--no-migrate") as mount:
+        legacy_store(migrated, {"cron:gw": entry("s-gw", 50)})
+        wait_for(lambda: "a gateway wrote a new sessions.json" in mount.log_text(), timeout=10)
+        assert " WARNING " in mount.log_text()
+        status = sessionfs("status", str(mount.path))
+        assert status.returncode == 0, status.stderr
+        assert "WARNING: agent" in status.stdout
+        assert f"sessionfs migrate --revert {migrated}" in status.stdout
+    again = sessionfs("mount", "--no-migrate", str(migrated), str(tmp_path / "mnt"))
+    try:
+        assert again.returncode == 0, again.stderr
+        assert "a gateway wrote a new sessions.json" in again.stderr  # on the terminal too
+    finally:
+        sessionfs("umount", str(tmp_path / "mnt"))
