@@ -19,7 +19,7 @@ import pytest
 from sessionfs.daemon import find_mount
 from sessionfs.keys import key_to_display
 from sessionfs.store import SessionStore
-from tests.helpers import entry_bytes, raises_errno
+from tests.helpers import entry, entry_bytes, raises_errno
 from tests.mounting import Mount, cleanup, mounted, sessionfs, start_mount, wait_for
 
 pytestmark = pytest.mark.fuse
@@ -308,6 +308,32 @@ def test_no_migrate_shows_legacy_read_only(state_dir: Path, tmp_path: Path) -> N
             shown.write_bytes(entry_bytes())
     assert legacy_path.read_bytes() == before
     assert not (state_dir / "agents/main/sessions/sessions.d").exists()
+
+
+def test_a_json_era_view_is_as_fresh_as_the_directory_store(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """A gateway's write of sessions.json shows at once (the issue asks for 100 ms)."""
+    legacy_path = state_dir / "agents/main/sessions/sessions.json"
+    legacy = orjson.loads(legacy_path.read_bytes())
+    with mounted(state_dir, tmp_path / "mnt", "--no-migrate") as mount:
+        shown = mount.path / "main" / "agent:main:main.json"
+        assert orjson.loads(shown.read_bytes()) == legacy["agent:main:main"]
+        changed = {**legacy["agent:main:main"], "label": "written by the gateway"}
+        temp = legacy_path.with_name("sessions.json.tmp")  # as OpenClaw writes it
+        temp.write_bytes(
+            orjson.dumps(
+                {**legacy, "agent:main:main": changed, "cron:new": entry("s-new")},
+                option=orjson.OPT_INDENT_2,
+            )
+        )
+        temp.rename(legacy_path)
+        written = time.monotonic()
+        data = shown.read_bytes()  # the very next stat, open and read
+        assert shown.stat().st_size == len(data)
+        assert orjson.loads(data) == changed
+        assert "cron:new.json" in os.listdir(mount.path / "main")
+        assert time.monotonic() - written < 0.1
 
 
 def test_demo_command(tmp_path: Path) -> None:
