@@ -210,12 +210,6 @@ class Catalog:
         else:
             self._retired.add(opened)
 
-    def is_directory_store(self, agent_id: str | None) -> bool:
-        """Whether *agent_id*'s store, as last opened, is a ``sessions.d/`` (no I/O)."""
-        with self._lock:
-            opened = self._open.get(agent_id)
-            return opened is not None and isinstance(opened.backing, SessionStore)
-
     @property
     def open_stores(self) -> int:
         """Stores whose directory is open now, retired ones still in use included."""

@@ -34,13 +34,13 @@ from .errors import InvalidEntry, UnsafeEntry, describe_error
 from .keys import filename_to_key, key_to_display, key_to_filename, lookup_problem, normalize_key
 from .locking import LOCK_FILE, is_stale, remove_stale_lock
 from .maintain import TRANSCRIPT_RE
-from .migrate import STAGING_DIR, migrate_store, migration_running, plan, read_legacy
+from .migrate import MIGRATED_FROM, STAGING_DIR, migrate_store, migration_running, plan, read_legacy
 from .sources import AgentStore, Era, Source
 from .sqlite_view import SqliteView
 from .store import STRAY_TEMP_AGE, is_temp_name
 
 QUARANTINE_DIR = ".quarantine"
-OWN_DOT_NAMES = frozenset({QUARANTINE_DIR, ".history", LOCK_FILE})
+OWN_DOT_NAMES = frozenset({QUARANTINE_DIR, ".history", LOCK_FILE, MIGRATED_FROM})
 
 
 class Repair(enum.Enum):

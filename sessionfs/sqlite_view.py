@@ -4,13 +4,16 @@ OpenClaw 2026.7.2 and later keep every session entry as a row of ``session_nodes
 and every transcript event as a row of ``transcript_events``; the gateway is the
 only writer.  This view shows those rows as the same files as the other eras, and
 never writes: the database is opened read-only (``mode=ro``), never checkpointed
-or vacuumed, and no file is created in the gateway's directory.  A WAL database
+or vacuumed, and no file is created in the gateway's directory (but for the one
+instant told below).  A WAL database
 opened read-only needs its ``-wal`` and ``-shm`` files; when they do not exist
 (the gateway is not running) it is opened ``immutable=1`` instead, and reopened
 normally once they appear.  ``readonly_shm=1`` keeps SQLite from creating a
 ``-shm`` itself if the gateway closes between that check and the open (the open
 then fails, and the database is read as immutable); an empty ``-wal`` may still
-appear in that instant (SQLite gives it the database's owner).
+appear in that instant (SQLite gives it the database's owner when run as root).
+Any other failure to open a live database is an error, never a silent fall back
+to the main file without its WAL.
 
 Each entry is served as migration writes JSON-era entries (2-space indent), the
 same for every read-only view.  Its version is derived from its bytes (a CRC as
@@ -95,8 +98,8 @@ class SqliteView:
             try:
                 connection = self._open("mode=ro&readonly_shm=1")
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN:
-                    raise
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_CANTOPEN or shm.exists():
+                    raise  # (with the -shm there, this is not the gateway having closed)
                 # the gateway closed (and its -shm went) since we looked: a read-only
                 # connection would have created one in its directory; this opens none
                 log.debug("%s: reading it as immutable: %s", self.path, exc)

@@ -20,6 +20,7 @@ import pytest
 
 from sessionfs.catalog import Catalog
 from sessionfs.fs import Filesystem, Limits, assemble
+from sessionfs.fs.quick import QuickCalls
 from sessionfs.sources import resolve
 from sessionfs.store import Commit, SessionStore, Snapshot
 
@@ -125,7 +126,7 @@ def make_filesystem(
     if clock is not None:
         options["clock"] = clock
     options.setdefault("limits", Limits(max_entry_bytes=catalog.max_entry_bytes))
-    options.setdefault("inline_io", False)  # every store call reaches the worker thread's gates
+    options.setdefault("quick", QuickCalls(enabled=False))  # paused calls: in trio threads
     return assemble(catalog, **options)
 
 

@@ -17,8 +17,8 @@ import trio
 import trio.testing
 
 from sessionfs.fs import Filesystem, Limits
-from sessionfs.fs.backings import SLOW_INLINE_SECONDS, THREADED_SECONDS
 from sessionfs.fs.operations import Operations
+from sessionfs.fs.quick import THREAD_NAME, THREADED_SECONDS, QuickCalls
 from sessionfs.store import SessionStore, Version
 from tests.driving import CTX, Driver, Gates, Replies, make_filesystem
 from tests.helpers import entry_bytes
@@ -225,53 +225,61 @@ def test_content_cache_is_bounded_and_version_keyed() -> None:
 
 
 class _TimedGates(Gates):
-    """Records which thread each store write runs in; makes the next *slow* writes slow."""
+    """Records the thread of each store write and stat; makes the next write *slow*."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.threads: list[int] = []
-        self.stat_threads: list[int] = []
-        self.slow = 0
+        self.write_threads: list[str] = []
+        self.stat_threads: list[str] = []
+        self.slow = 0.0
 
     def pause(self, point: str) -> None:
         if point == "in stat_many":
-            self.stat_threads.append(threading.get_ident())
+            self.stat_threads.append(threading.current_thread().name)
         if point == "before write":
-            self.threads.append(threading.get_ident())
-            if self.slow:
-                self.slow -= 1
-                time.sleep(SLOW_INLINE_SECONDS * 2)
+            self.write_threads.append(threading.current_thread().name)
+            slow, self.slow = self.slow, 0.0
+            time.sleep(slow)
 
 
-async def test_commits_leave_the_trio_thread_while_the_disk_is_slow(
+async def test_an_updates_calls_skip_the_hop_but_never_hold_up_the_mount(
     sessions: SessionStore, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "sessionfs")
     gates = _TimedGates()
-    fs = make_filesystem(sessions.path.parent, gates, inline_io=True)
+    # thresholds far above any real fsync, so only the test's sleeps are slow
+    quick = QuickCalls(wait_seconds=0.5, slow_seconds=0.2)
+    fs = make_filesystem(sessions.path.parent, gates, quick=quick)
     fs.index.watch(None)
     drive = Driver(fs, pytest.MonkeyPatch())
-    trio_thread = threading.get_ident()
+    root = fs.operations.tree.root
 
-    async def commit_thread(version: str) -> int:
+    async def commit(version: str) -> str:
         await drive.write("cron:1.json", entry_bytes(version))
         assert sessions.read("cron:1").data == entry_bytes(version)
-        return gates.threads[-1]
+        return gates.write_threads[-1]
 
-    assert await commit_thread("fast") == trio_thread  # no thread hop while the disk is fast
-    await fs.index.refresh(fs.operations.tree.root, ["cron:1"])  # as after the commit's event
-    assert gates.stat_threads == [trio_thread]
-    gates.slow = 1
-    assert await commit_thread("slow") == trio_thread  # found slow only once it has run
+    assert await commit("fast") == THREAD_NAME  # no trio thread hop while the disk is fast
+    await fs.index.refresh(root, ["cron:1"])  # as after the commit's inotify event
+    assert gates.stat_threads[-1] == THREAD_NAME
+
+    # a disk that hangs for a second: the trio thread waits 0.5 s at most, then
+    # serves everyone else while the commit still runs
+    gates.slow = 1.5
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commit, "hung-disk")
+        await trio.to_thread.run_sync(lambda: time.sleep(0.05))  # it is in the quick thread
+        started = time.perf_counter()
+        assert await drive.read("agent:a:main.json") == entry_bytes("agent-a-main")
+        assert time.perf_counter() - started < 1.0
     assert "the disk is slow" in caplog.text
-    assert await commit_thread("after-a-slow-one") != trio_thread
-    await fs.index.refresh(fs.operations.tree.root, ["cron:1"])
-    assert gates.stat_threads[-1] != trio_thread
+    assert await commit("after-a-slow-one") != THREAD_NAME  # worker threads for a while
     mock_clock.jump(THREADED_SECONDS)
-    assert await commit_thread("fast-again") == trio_thread
-    gates.slow = 1
-    await commit_thread("slow-again-soon")
-    mock_clock.jump(THREADED_SECONDS)  # slow again within its period: threaded for twice as long
-    assert await commit_thread("still-threaded") != trio_thread
+    assert await commit("fast-again") == THREAD_NAME
+
+    gates.slow = 0.3  # slow, though done within the wait
+    assert await commit("slow-again-soon") == THREAD_NAME
+    mock_clock.jump(THREADED_SECONDS)  # slow again within its period: twice as long
+    assert await commit("still-threaded") != THREAD_NAME
     mock_clock.jump(THREADED_SECONDS)
-    assert await commit_thread("fast-at-last") == trio_thread
+    assert await commit("fast-at-last") == THREAD_NAME

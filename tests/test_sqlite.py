@@ -11,12 +11,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from sessionfs import entry as entry_rules
 from sessionfs import sources
+from sessionfs.errors import SessionFSError
 from sessionfs.keys import key_to_display
 from sessionfs.migrate import migrate_source
 from sessionfs.sqlite_view import SqliteView
@@ -314,10 +316,41 @@ def test_a_gateway_closing_while_the_view_opens_leaves_no_shm(
     shm = db.with_name(db.name + "-shm")
     assert not shm.exists()  # the builder closed its connection: no gateway runs
     real_exists = Path.exists
-    monkeypatch.setattr(
-        Path, "exists", lambda p: True if p.name.endswith(("-wal", "-shm")) else real_exists(p)
-    )
+    looks = iter([True, True])  # the view's first look finds both; the next ones, the truth
+
+    def exists(path: Path) -> bool:
+        if path.name.endswith(("-wal", "-shm")):
+            return next(looks, real_exists(path))
+        return real_exists(path)
+
+    monkeypatch.setattr(Path, "exists", exists)
     view = SqliteView(db)
     assert sorted(view.keys()) == sorted(SESSIONS["main"])  # read as immutable instead
     view.close()
     assert not os.path.exists(shm)
+
+
+def test_a_view_that_cannot_open_a_live_database_says_so(
+    sqlite_state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CANTOPEN with the gateway's -shm there (no descriptors left, say) is an error, not a
+    silent fall back to reading the main file without its WAL."""
+    db = database_of(sqlite_state, "main")
+    gateway = sqlite3.connect(db)  # a live gateway: -wal and -shm exist
+    gateway.execute("SELECT 1 FROM session_nodes").fetchall()
+    real_connect = sqlite3.connect
+
+    def cannot_open(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if "readonly_shm" in database:
+            exc = sqlite3.OperationalError("unable to open database file")
+            exc.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN
+            raise exc
+        connection: sqlite3.Connection = real_connect(database, *args, **kwargs)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", cannot_open)
+    try:
+        with pytest.raises(SessionFSError, match="unable to open"):
+            SqliteView(db).keys()
+    finally:
+        gateway.close()

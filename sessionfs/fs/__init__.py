@@ -19,7 +19,7 @@ import trio
 
 from ..catalog import Catalog
 from ..entry import DEFAULT_MAX_ENTRY_BYTES
-from .backings import Backings, Pace
+from .backings import Backings
 from .cache import ContentCache
 from .control import ControlFiles, MountStatistics
 from .editing import CONFLICT_FAIL, CONFLICT_LAST_WINS, Editing, Limits
@@ -28,6 +28,7 @@ from .index import Index
 from .kernel import Kernel
 from .names import Names
 from .operations import Operations
+from .quick import QuickCalls
 from .requests import Rejections, Requests
 from .tree import Owner, Tree
 from .watcher import Watcher
@@ -70,18 +71,18 @@ def assemble(
     limits: Limits | None = None,
     limiter: trio.CapacityLimiter | None = None,
     clock: Callable[[], float] = time.monotonic,
-    inline_io: bool = True,
+    quick: QuickCalls | None = None,
 ) -> Filesystem:
     """Build every part of a mount of *catalog*'s stores.
 
-    *inline_io* lets an update's commit and stat run on the trio thread while the
-    disk is fast (see :class:`~.backings.Pace`); race tests turn it off to pause
-    those calls in a worker thread.
+    *quick* lets an update's commit and stat skip trio's thread hop while the disk
+    is fast (see :mod:`.quick`); race tests pass a disabled one, so that every
+    store call they pause runs in a worker thread of trio's.
     """
     tree = Tree()
     tree.root.holds_sessions = not catalog.per_agent
     kernel = Kernel()
-    backings = Backings(catalog, limiter, Pace(enabled=inline_io))
+    backings = Backings(catalog, limiter, quick)
     index = Index(tree, backings, kernel)
     owner = Owner.current(cache_timeout)
     names = Names(tree, index, backings, catalog, owner)

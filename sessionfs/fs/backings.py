@@ -3,13 +3,9 @@
 Every disk access of the FUSE layer goes through :meth:`Backings.run`, so the
 calls can be counted (``.sessionfs/stats``) and kept off the trio thread that
 serves requests for every session: a slow fsync for one session must not hold up
-the others.  Most calls run in worker threads.  The two that every update makes
-(the commit of one entry, and the stat that follows its inotify event) may run
-*inline* instead, because a thread hop costs 0.1-0.25 ms each way, as much as
-half of the commit itself (``scripts/bench``: an update through the mount went
-from 2.2x to 1.5x the store API).  :class:`Pace` allows that only while the disk
-answers fast: one inline call slower than :data:`SLOW_INLINE_SECONDS` sends
-them all to threads, for a period that doubles while the disk stays slow.
+the others.  Calls run in worker threads; the two that every update makes go to
+:mod:`.quick`, which answers them faster and bounds how long the trio thread
+ever waits for them.
 
 Lock waits never happen in a worker thread (:meth:`Backings.run_locked`): a key
 held by another process (a gateway stopped in a debugger, a hung NFS client)
@@ -23,8 +19,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
@@ -32,52 +26,12 @@ import trio
 
 from ..catalog import Backing, Catalog
 from ..errors import EntryNotFound, LockBusy, NoStore
+from .quick import QuickCalls
 
 log = logging.getLogger("sessionfs")
 REPORT_EVERY = 10.0  # seconds between warnings about one locked key
-SLOW_INLINE_SECONDS = 0.02  # an inline call this slow sends the next ones to threads
-THREADED_SECONDS = 60.0  # for this long at first, doubling while the disk stays slow
-MAX_THREADED_SECONDS = 3600.0
 
 _T = TypeVar("_T")
-
-
-class Pace:
-    """Whether the short calls of an update may run on the trio thread now.
-
-    An inline call blocks every request of the mount while it runs, which is
-    cheaper than a thread hop only while the disk is fast.  A call slower than
-    :data:`SLOW_INLINE_SECONDS` (a congested disk, a store being reopened) makes
-    every call threaded for :data:`THREADED_SECONDS`, doubled each time the disk
-    is found slow again, up to :data:`MAX_THREADED_SECONDS`; so a disk that stays
-    slow costs the mount one such stall per hour at most.
-    """
-
-    def __init__(self, *, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.threaded_until = -math.inf  # trio time
-        self.threaded_for = THREADED_SECONDS
-        self.slow_calls = 0
-
-    def inline(self) -> bool:
-        return self.enabled and trio.current_time() >= self.threaded_until
-
-    def took(self, seconds: float, what: str) -> None:
-        if seconds < SLOW_INLINE_SECONDS:
-            return
-        self.slow_calls += 1
-        now = trio.current_time()
-        if now >= self.threaded_until + self.threaded_for:
-            self.threaded_for = THREADED_SECONDS  # fast for as long again: start afresh
-        else:
-            self.threaded_for = min(self.threaded_for * 2, MAX_THREADED_SECONDS)
-        self.threaded_until = now + self.threaded_for
-        log.info(
-            "a %s took %.0f ms; the disk is slow, so commits run in worker threads for %.0f s",
-            what,
-            seconds * 1e3,
-            self.threaded_for,
-        )
 
 
 class Backings:
@@ -87,11 +41,11 @@ class Backings:
         self,
         catalog: Catalog,
         limiter: trio.CapacityLimiter | None = None,
-        pace: Pace | None = None,
+        quick: QuickCalls | None = None,
     ) -> None:
         self.catalog = catalog
         self.limiter = limiter
-        self.pace = pace or Pace()
+        self.quick = quick or QuickCalls()
         self.calls: collections.Counter[str] = collections.Counter()
         self.lock_waits = 0  # calls that found a key locked by another process
         self._queues: dict[tuple[str | None, str], _Queue] = {}
@@ -125,13 +79,13 @@ class Backings:
         what: str,
         call: Callable[[Backing], _T],
         *,
-        inline: bool = False,
+        quick: bool = False,
     ) -> _T:
         """Run *call* on the store behind *agent_id*'s directory; *what* names it in the stats.
 
-        With *inline*, a call on a directory store runs on the trio thread while
-        :class:`Pace` allows it; the caller promises a call that only touches one
-        or a few entries and never waits (locks are tried, not awaited).
+        With *quick*, the call may go to :class:`~.quick.QuickCalls` instead of a
+        worker thread; the caller promises a call that touches one or a few small
+        entries and never waits (locks are tried, not awaited).
         """
         self.calls[what] += 1
 
@@ -142,12 +96,8 @@ class Backings:
             except NoStore:  # only opening raises it
                 raise EntryNotFound(f"agent {agent_id!r} has no store any more") from None
 
-        if inline and self.pace.inline() and self.catalog.is_directory_store(agent_id):
-            started = time.perf_counter()
-            try:
-                return run()
-            finally:
-                self.pace.took(time.perf_counter() - started, what)
+        if quick and self.quick.available():
+            return await self.quick.run(run, what)
         return await trio.to_thread.run_sync(run, limiter=self.limiter)
 
     async def thread(self, fn: Callable[..., _T], *args: object) -> _T:
@@ -162,7 +112,7 @@ class Backings:
         call: Callable[[Backing], _T],
         *,
         deadline: float,
-        inline: bool = False,
+        quick: bool = False,
     ) -> _T:
         """Run *call*, which must take the locks of *keys* with ``lock_wait=0``.
 
@@ -173,7 +123,7 @@ class Backings:
         delay = 0.002
         while True:
             try:
-                return await self.run(agent_id, what, call, inline=inline)
+                return await self.run(agent_id, what, call, quick=quick)
             except LockBusy:
                 self.lock_waits += 1
                 with self._waiting(deadline) as scope:
@@ -197,6 +147,8 @@ class Backings:
         held: list[_Queue] = []
         try:
             for ident in idents:
+                if self.stopping or trio.current_time() >= deadline:
+                    raise self._gave_up(agent_id, keys)
                 queue = self._queues.setdefault(ident, _Queue())
                 if queue.try_enter():  # the common case: nobody else works on the key
                     held.append(queue)

@@ -72,6 +72,7 @@ def describe_version(version: Version | None) -> str:
 
 
 LOCK_TIMEOUT = 30.0
+QUICK_COMMIT_BYTES = 256 * 1024  # larger entries take longer to check and write: threads
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +312,7 @@ class Editing:
                 key,
                 lambda b: b.write(key, data, validate=not held, expected=expected, lock_wait=0),
                 deadline=deadline,
+                quick=len(data) <= QUICK_COMMIT_BYTES,
             )
         except EntryChanged as exc:
             reason = (

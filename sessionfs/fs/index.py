@@ -71,7 +71,7 @@ from .kernel import Kernel
 from .tree import Dir, Entry, File, Known, Seen, Tree
 
 SCAN_CHUNK = 1024
-INLINE_STATS = 16  # a refresh of at most this many keys may stat on the trio thread
+QUICK_STATS = 16  # a refresh of at most this many keys is a quick call (see .quick)
 _T = TypeVar("_T")
 log = logging.getLogger("sessionfs")
 
@@ -214,13 +214,20 @@ class Index:
                             self._tell_kernel(parent, key)
 
     async def write(
-        self, parent: Dir, key: str, write: Callable[[Backing], Commit], *, deadline: float
+        self,
+        parent: Dir,
+        key: str,
+        write: Callable[[Backing], Commit],
+        *,
+        deadline: float,
+        quick: bool = False,
     ) -> Commit:
         """Commit *key* with *write* (a store write taking the lock with ``lock_wait=0``)
-        as an operation of the mount, and learn the version it made."""
+        as an operation of the mount, and learn the version it made.  *quick*: a small
+        entry, which :mod:`.quick` may commit."""
         with self.own(parent, key) as change:
             commit = await self.backings.run_locked(
-                parent.agent_id, (key,), "write", write, deadline=deadline, inline=True
+                parent.agent_id, (key,), "write", write, deadline=deadline, quick=quick
             )
             change.made(Seen.of(commit.stat))
         return commit
@@ -353,7 +360,7 @@ class Index:
                 parent.agent_id,
                 "stat",
                 lambda b: b.stat_many(keys),
-                inline=len(keys) <= INLINE_STATS,  # the event of one update: no thread hop
+                quick=len(keys) <= QUICK_STATS,  # the event of one update
             )
         except OSError as exc:
             self._unknown(parent, keys, exc)

@@ -1,0 +1,129 @@
+"""The two store calls of every update, answered without trio's thread hop, never stalling.
+
+An update through the mount makes two small store calls: the commit of one entry
+(lock try, temp file, fsync, rename, fsync of the directory: ~0.6 ms on a healthy
+disk) and the stat that follows its inotify event.  A ``trio.to_thread`` round
+trip costs 0.1-0.25 ms each way on top (the result comes back through trio's
+wakeup socket and scheduler), a third of the update (``scripts/bench``).
+
+Here one dedicated thread takes such a call, and the trio thread waits for it on a
+plain :class:`threading.Event`, which costs ~50 us instead, but at most
+:data:`WAIT_SECONDS`: the trio thread serves every request of the mount, so it is
+never held longer than that, even by an fsync that never returns (a frozen or
+dead disk) or a store being reopened.  A call that outlives the wait is awaited
+like any threaded one, and a call slower than :data:`SLOW_SECONDS` sends every
+call to ordinary worker threads for :data:`THREADED_SECONDS`, doubled each time
+the disk is found slow again, up to :data:`MAX_THREADED_SECONDS`.  While the
+dedicated thread is still busy (with a call that outlived its wait), new calls
+never queue behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import trio
+
+log = logging.getLogger("sessionfs")
+
+WAIT_SECONDS = 0.02  # the longest the trio thread waits for a quick call
+SLOW_SECONDS = 0.005  # a call this slow means a slow disk: threads for a while
+THREADED_SECONDS = 60.0  # for this long at first, doubling while the disk stays slow
+MAX_THREADED_SECONDS = 3600.0
+THREAD_NAME = "sessionfs-quick"
+
+_T = TypeVar("_T")
+
+
+class _Call(Generic[_T]):
+    """One call handed to the quick thread, and its outcome once ``done`` is set."""
+
+    def __init__(self, fn: Callable[[], _T]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.seconds = 0.0
+        self._result: _T | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._result = self.fn()
+        except BaseException as exc:  # handed to the waiting request, raised there
+            self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
+            self.done.set()
+
+    def outcome(self) -> _T:
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+
+class QuickCalls:
+    """Runs short store calls in one thread that the trio thread waits for, briefly."""
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        wait_seconds: float = WAIT_SECONDS,
+        slow_seconds: float = SLOW_SECONDS,
+    ) -> None:
+        self.enabled = enabled
+        self.wait_seconds = wait_seconds
+        self.slow_seconds = slow_seconds
+        self.threaded_until = -math.inf  # trio time
+        self.threaded_for = THREADED_SECONDS
+        self.slow_calls = 0
+        self._calls: queue.SimpleQueue[_Call[object]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._current: _Call[object] | None = None  # the last call handed over
+
+    def available(self) -> bool:
+        """Whether a call handed over now would start at once, on a fast disk."""
+        idle = self._current is None or self._current.done.is_set()
+        return self.enabled and idle and trio.current_time() >= self.threaded_until
+
+    async def run(self, fn: Callable[[], _T], what: str) -> _T:
+        """Run *fn* in the quick thread; the caller checked :meth:`available`."""
+        call = _Call(fn)
+        self._current = call  # type: ignore[assignment]
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=THREAD_NAME, daemon=True)
+            self._thread.start()
+        self._calls.put(call)  # type: ignore[arg-type]
+        if not call.done.wait(self.wait_seconds):
+            self._slow(what, None)
+            # the disk hangs or crawls: wait like any threaded call, holding no one up
+            await trio.to_thread.run_sync(call.done.wait, abandon_on_cancel=True)
+        elif call.seconds >= self.slow_seconds:
+            self._slow(what, call.seconds)
+        return call.outcome()
+
+    def _serve(self) -> None:
+        while True:
+            self._calls.get().run()
+
+    def _slow(self, what: str, seconds: float | None) -> None:
+        self.slow_calls += 1
+        now = trio.current_time()
+        if now >= self.threaded_until + self.threaded_for:
+            self.threaded_for = THREADED_SECONDS  # fast for as long again: start afresh
+        else:
+            self.threaded_for = min(self.threaded_for * 2, MAX_THREADED_SECONDS)
+        self.threaded_until = now + self.threaded_for
+        took = f"took {seconds * 1e3:.0f} ms" if seconds is not None else "is still running"
+        log.info(
+            "a %s %s; the disk is slow, so updates use worker threads for %.0f s",
+            what,
+            took,
+            self.threaded_for,
+        )
