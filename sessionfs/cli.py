@@ -16,7 +16,6 @@ from . import __version__, fsck, maintain, migrate, sources
 from .errors import NoStore, SessionFSError
 from .fs.editing import LOCK_TIMEOUT
 from .keys import key_to_display
-from .store import SessionStore
 
 log = logging.getLogger("sessionfs")
 
@@ -47,19 +46,32 @@ DEMO_MOUNTPOINT = Path("~/sessionfs-demo")
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
+    from .export import era_entries
+    from .sqlite_view import SqliteView
+
     source = sources.resolve(args.source)
     for store_ref in source.stores():
-        if not store_ref.has_entries():
-            print(f"{store_ref.label}: no sessions.d/ yet (run `sessionfs migrate`)")
-            continue
-        with SessionStore(store_ref.entries, create=False) as store:
-            keys = sorted(store.keys())
-        print(f"{store_ref.label}: {len(keys)} sessions")
+        era = store_ref.era()
+        with era_entries(store_ref) as entries:
+            keys = sorted(entries.keys()) if entries is not None else []
+            problem = entries.problem if isinstance(entries, SqliteView) else None
+        how = _ERA_ACCESS[era]
+        print(f"{store_ref.label}: {len(keys)} sessions ({era.value}, {how})")
+        if problem is not None:
+            print(f"  {problem}")
         for key in keys:
             print(f"  {key_to_display(key)}")
     for name, reason in source.skipped:
         print(f"{name}: skipped: {reason}", file=sys.stderr)
     return 0
+
+
+_ERA_ACCESS = {
+    sources.Era.SQLITE: "read-only: OpenClaw's database",
+    sources.Era.DIRECTORY: "sessions.d/, read-write through a mount",
+    sources.Era.JSON: "sessions.json, not migrated",
+    sources.Era.NONE: "nothing here yet",
+}
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from .fs import CONFLICT_LAST_WINS, Filesystem, Limits, assemble
 from .fs.control import CONTROL_DIR
 from .fs.editing import LOCK_TIMEOUT
 from .locking import pid_alive
-from .sources import Source, resolve
+from .sources import Era, Source, resolve
 
 log = logging.getLogger("sessionfs")
 
@@ -594,7 +594,12 @@ def status(path: Path) -> str:
     lines = [f"{path}: sessionfs mount of {source} (daemon pid {pid})", last_check]
     with contextlib.suppress(SessionFSError, OSError):
         source_path = Path(source)
-        for unread in revert.unread_migrations(resolve(source_path)):
+        resolved = resolve(source_path)
+        for agent in resolved.stores():
+            era = agent.era()
+            access = "read-write" if era is Era.DIRECTORY else "read-only"
+            lines.append(f"{agent.label}: {era.value}, {access}")
+        for unread in revert.unread_migrations(resolved):
             lines.append(f"WARNING: {unread.message(source_path)}")
     if errors:
         lines.append("recently rejected writes (newest last):")

@@ -26,7 +26,9 @@ from .sqlite_view import SqliteView
 from .store import SessionStore, Snapshot
 
 
-class _Entries(Protocol):
+class Entries(Protocol):
+    """What every era's store offers a reader: its keys, and one entry's bytes."""
+
     def keys(self) -> Any: ...
 
     def read(self, key: str) -> Snapshot: ...
@@ -45,7 +47,8 @@ class Export:
 
 
 @contextlib.contextmanager
-def _reader(agent: AgentStore, *, sessions_d: bool) -> Iterator[_Entries | None]:
+def era_entries(agent: AgentStore, *, sessions_d: bool = False) -> Iterator[Entries | None]:
+    """The entries of *agent* in the store its era says (None: it has none), read-only."""
     era = agent.era()
     if (sessions_d and agent.has_entries()) or era is Era.DIRECTORY:
         with SessionStore(agent.entries, create=False) as store:
@@ -70,7 +73,7 @@ def export_agent(agent: AgentStore, out: Export, *, sessions_d: bool = False) ->
             f"{agent.label}: also has a sessions.d/ from before its upgrade to SQLite; "
             "--sessions-d exports that instead"
         )
-    with _reader(agent, sessions_d=sessions_d) as reader:
+    with era_entries(agent, sessions_d=sessions_d) as reader:
         if reader is None:
             out.notes.append(f"{agent.label}: no sessions (no database, sessions.d/ or json)")
             return entries

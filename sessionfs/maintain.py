@@ -106,6 +106,7 @@ class AgentResult:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # reported, never removed
     implausible: list[tuple[str, str]] = field(default_factory=list)  # reported, never removed
     error: str | None = None
+    not_maintained: str | None = None  # why this agent's store is left alone (its era)
 
     @property
     def planned_bytes(self) -> int:
@@ -119,6 +120,8 @@ class AgentResult:
         return bool(self.removals or self.deletions)
 
     def summary(self) -> str:
+        if self.not_maintained is not None:
+            return f"{self.label}: not maintained: {self.not_maintained}"
         if self.error is not None:
             done = ""
             if self.removed or self.deleted:
@@ -484,8 +487,10 @@ def maintain_source(
     now_ms = now.timestamp() * 1000
     results = []
     for agent in source.stores():
-        if not agent.has_entries() or agent.era() is Era.SQLITE:
-            continue  # nothing to maintain; a SQLite-era agent is OpenClaw's alone
+        why_not = _why_not_maintained(agent)
+        if why_not is not None:
+            results.append(AgentResult(agent.label, mode, not_maintained=why_not))
+            continue
         result = AgentResult(agent.label, mode)
         try:
             result = plan(agent, policy, now_ms=now_ms, mode=Mode.WARN if dry_run else mode)
@@ -495,6 +500,18 @@ def maintain_source(
             result.error = str(exc) or type(exc).__name__  # keeps what enforce already did
         results.append(result)
     return results
+
+
+def _why_not_maintained(agent: AgentStore) -> str | None:
+    """Why maintenance leaves *agent* alone, decided by its era; None if it does not."""
+    era = agent.era()
+    if era is Era.SQLITE:
+        return "SQLite era (OpenClaw 2026.7.2 or later): OpenClaw maintains its database"
+    if era is Era.JSON:
+        return "JSON era: sessions.json is maintained by its gateway until it is migrated"
+    if era is Era.NONE:
+        return "no store"
+    return None
 
 
 # -- a removal made elsewhere ------------------------------------------------------

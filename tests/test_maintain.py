@@ -261,6 +261,7 @@ def test_daemon_maintains_in_the_background_and_the_mount_shows_it(tmp_path: Pat
             mount.path / "main" / "agent:main:stale.json", "r+b"
         ):  # open for writing: still removed
             wait_for(lambda: not stale.exists(), timeout=10, what="the background run to remove it")
+        wait_for(lambda: "maintenance (enforce): " in mount.log_text(), what="its log line")
         runs = [line for line in mount.log_text().splitlines() if "maintenance (enforce): " in line]
         assert "maintenance (enforce): main: removed 1 entries" in runs[0]  # one line per run
         assert (mount.path / "main" / "agent:main:fresh.json").exists()

@@ -1,0 +1,103 @@
+"""Each agent's era, decided in one place, and what every command does with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sessionfs import sources
+from sessionfs.cli import main as cli
+from sessionfs.sources import Era
+from sessionfs.store import SessionStore
+from tests.helpers import entry, entry_bytes
+from tests.sqlite_state import build_sqlite_state
+
+
+def legacy(sessions_dir: Path, keys: list[str]) -> None:
+    sessions_dir.mkdir(parents=True, exist_ok=True)
+    store = {key: entry(f"s-{i}") for i, key in enumerate(keys)}
+    (sessions_dir / "sessions.json").write_bytes(orjson.dumps(store, option=orjson.OPT_INDENT_2))
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """One agent of each era, and the leftovers real state dirs hold."""
+    state = tmp_path / "state"
+    agents = state / "agents"
+    legacy(agents / "jsonera" / "sessions", ["agent:jsonera:main"])
+    (agents / "direra" / "sessions").mkdir(parents=True)
+    with SessionStore(agents / "direra" / "sessions" / "sessions.d") as store:
+        store.write("agent:direra:main", entry_bytes("s-d"))
+    build_sqlite_state(
+        state,
+        {
+            "sqlera": {"agent:sqlera:main": entry("s-q")},
+            "leftover": {"agent:leftover:main": entry("s-l")},
+            "upgraded": {"agent:upgraded:main": entry("s-u")},
+        },
+    )
+    legacy(agents / "leftover" / "sessions", ["agent:leftover:old"])  # import input
+    (agents / "upgraded" / "sessions").mkdir(parents=True, exist_ok=True)
+    with SessionStore(agents / "upgraded" / "sessions" / "sessions.d") as store:
+        store.write("agent:upgraded:old", entry_bytes("s-o"))
+    (agents / "empty" / "sessions").mkdir(parents=True)
+    return state
+
+
+def eras(state: Path) -> dict[str, Era]:
+    return {agent.label: agent.era() for agent in sources.resolve(state).stores()}
+
+
+def test_each_agent_has_one_era(mixed: Path) -> None:
+    assert eras(mixed) == {
+        "direra": Era.DIRECTORY,
+        "empty": Era.NONE,
+        "jsonera": Era.JSON,
+        "leftover": Era.SQLITE,  # a database wins: its sessions.json is import input
+        "sqlera": Era.SQLITE,
+        "upgraded": Era.SQLITE,  # migrated by sessionfs, then upgraded
+    }
+
+
+def lines_of(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, str]:
+    cli(list(argv))
+    out = capsys.readouterr().out
+    return {line.split(":", 1)[0]: line for line in out.splitlines() if not line.startswith(" ")}
+
+
+def test_migrate_says_one_line_per_agent_and_never_touches_sqlite_agents(
+    mixed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    leftover = (mixed / "agents/leftover/sessions/sessions.json").read_bytes()
+    lines = lines_of(capsys, "migrate", str(mixed))
+    assert set(lines) == {"direra", "empty", "jsonera", "leftover", "sqlera", "upgraded"}
+    assert "migrated 1 entries" in lines["jsonera"]
+    for agent in ("leftover", "sqlera", "upgraded"):
+        assert "SQLite era" in lines[agent]
+        assert "never migrated" in lines[agent]
+    assert (mixed / "agents/leftover/sessions/sessions.json").read_bytes() == leftover
+    assert not (mixed / "agents/leftover/sessions/sessions.d").exists()
+
+
+def test_maintain_says_why_it_leaves_an_agent_alone(
+    mixed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = lines_of(capsys, "maintain", str(mixed), "--dry-run")
+    assert "not maintained" not in lines["direra"]  # the one era maintenance is for
+    assert "not maintained: JSON era" in lines["jsonera"]
+    for agent in ("leftover", "sqlera", "upgraded"):
+        assert "not maintained: SQLite era" in lines[agent]
+
+
+def test_ls_lists_every_era_from_its_own_store(
+    mixed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["ls", str(mixed)]) == 0
+    out = capsys.readouterr().out
+    assert "upgraded: 1 sessions (SQLite era, read-only" in out
+    assert "agent:upgraded:main.json" in out  # the database, not the old sessions.d/
+    assert "jsonera: 1 sessions (JSON era, sessions.json, not migrated)" in out
+    assert "direra: 1 sessions (directory era, sessions.d/, read-write" in out
+    assert "empty: 0 sessions (no store" in out
