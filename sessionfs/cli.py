@@ -105,8 +105,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        target = Path(args.output).expanduser().absolute()
-        write_file_atomically(target.parent, target.name, data)
+        target = Path(os.path.realpath(Path(args.output).expanduser()))
+        try:
+            write_file_atomically(target.parent, target.name, data)
+        except OSError as exc:
+            print(f"sessionfs: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+            return 1
     return 1 if result.problems else 0
 
 

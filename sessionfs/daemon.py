@@ -279,8 +279,9 @@ def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
                 "some agents were not migrated; they are shown read-only from sessions.json",
                 file=out,
             )
-    for unread in revert.unread_migrations(config.source):
-        print(f"sessionfs: WARNING: {unread.message(config.source.path)}", file=sys.stderr)
+    with contextlib.suppress(OSError):  # (a warning; never a reason not to mount)
+        for unread in revert.unread_migrations(config.source):
+            print(f"sessionfs: WARNING: {unread.message(config.source)}", file=sys.stderr)
     code = 1
     try:
         code = _mount_migrated(config, out)
@@ -293,7 +294,7 @@ def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
 def _tell_how_to_revert(config: MountConfig) -> None:
     print(
         f"sessionfs: the mount failed after migrating {config.source.path}; a gateway that "
-        f"reads sessions.json needs it back: sessionfs migrate --revert {config.source.path}",
+        f"reads sessions.json needs it back: {revert.revert_command(config.source)}",
         file=sys.stderr,
     )
 
@@ -509,7 +510,7 @@ async def _watch_for_unread_migrations(config: MountConfig) -> None:
     That gateway does not read ``sessions.d/``: every session it creates from now
     on is invisible to the mount and vice versa, until the migration is undone.
     """
-    warned: set[tuple[int, int]] = set()
+    warned: set[str] = set()  # agents warned about (again once it has gone and come back)
     limiter = trio.CapacityLimiter(1)
     while True:
         try:
@@ -520,9 +521,9 @@ async def _watch_for_unread_migrations(config: MountConfig) -> None:
             log.warning("could not look for unread migrations: %s", describe_error(exc))
             found = []
         for unread in found:
-            if unread.identity not in warned:
-                warned.add(unread.identity)
-                log.warning("%s", unread.message(config.source.path))
+            if unread.agent.label not in warned:
+                log.warning("%s", unread.message(config.source))
+        warned = {unread.agent.label for unread in found}
         await trio.sleep(UNREAD_MIGRATION_CHECK_SECONDS)
 
 
@@ -600,7 +601,7 @@ def status(path: Path) -> str:
             access = "read-write" if era is Era.DIRECTORY else "read-only"
             lines.append(f"{agent.label}: {era.value}, {access}")
         for unread in revert.unread_migrations(resolved):
-            lines.append(f"WARNING: {unread.message(source_path)}")
+            lines.append(f"WARNING: {unread.message(resolved)}")
     if errors:
         lines.append("recently rejected writes (newest last):")
         lines += [f"  {line}" for line in errors.splitlines()]

@@ -12,6 +12,7 @@ Nothing is ever written to a store.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ import orjson
 from . import entry as entry_rules
 from .errors import SessionFSError
 from .legacy import LegacyView
-from .sources import AgentStore, Era, Source
+from .sources import AgentStore, Era, Source, SourceKind
 from .sqlite_view import SqliteView
 from .store import SessionStore, Snapshot
 
@@ -43,7 +44,7 @@ class Export:
     notes: list[str] = field(default_factory=list)
 
     def dumps(self) -> bytes:
-        return orjson.dumps(self.document, option=orjson.OPT_INDENT_2) + b"\n"
+        return entry_rules.dumps(self.document) + b"\n"  # lone surrogates as Node writes them
 
 
 @contextlib.contextmanager
@@ -73,18 +74,21 @@ def export_agent(agent: AgentStore, out: Export, *, sessions_d: bool = False) ->
             f"{agent.label}: also has a sessions.d/ from before its upgrade to SQLite; "
             "--sessions-d exports that instead"
         )
-    with era_entries(agent, sessions_d=sessions_d) as reader:
-        if reader is None:
-            out.notes.append(f"{agent.label}: no sessions (no database, sessions.d/ or json)")
-            return entries
-        keys = sorted(reader.keys())
-        if isinstance(reader, SqliteView) and reader.problem is not None:
-            out.problems.append(f"{agent.label}: {reader.problem}")  # an unknown schema
-        for key in keys:
-            try:
-                entries[key] = entry_rules.loads(reader.read(key).data)
-            except (SessionFSError, OSError, orjson.JSONDecodeError) as exc:
-                out.problems.append(f"{agent.label}: {key!r} left out: {exc}")
+    try:
+        with era_entries(agent, sessions_d=sessions_d) as reader:
+            if reader is None:
+                out.notes.append(f"{agent.label}: no sessions (no database, sessions.d/ or json)")
+                return entries
+            keys = sorted(reader.keys())
+            if isinstance(reader, SqliteView) and reader.problem is not None:
+                out.problems.append(f"{agent.label}: {reader.problem}")  # an unknown schema
+            for key in keys:
+                try:
+                    entries[key] = entry_rules.loads(reader.read(key).data)
+                except (SessionFSError, OSError, orjson.JSONDecodeError) as exc:
+                    out.problems.append(f"{agent.label}: {key!r} left out: {exc}")
+    except (SessionFSError, OSError, sqlite3.Error) as exc:  # a store that cannot be read
+        out.problems.append(f"{agent.label}: not exported: {exc}")
     return entries
 
 
@@ -94,6 +98,7 @@ def export_source(
     """The export of *source*: flat for one store or ``--agent``, else by agent id."""
     out = Export()
     stores = source.stores()
+    sessions_d = sessions_d or source.kind is SourceKind.ENTRIES_DIR  # what was named
     out.notes += [f"{name}: skipped: {why}" for name, why in source.skipped]
     if agent_id is not None:
         chosen = [agent for agent in stores if agent.owner == agent_id]

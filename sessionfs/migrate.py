@@ -35,7 +35,7 @@ from .errors import InvalidKey, SessionFSError
 from .keys import key_to_filename, normalize_key
 from .locking import STORE_LOCK_TIMEOUT, is_stale, openclaw_store_lock, remove_stale_lock
 from .sources import AgentStore, Era, Source
-from .store import SessionStore, rename_noreplace, write_file_atomically
+from .store import SessionStore, read_small_file, rename_noreplace, write_file_atomically
 
 STAGING_DIR = "sessions.d.migrating"
 BACKUP_PREFIX = "sessions.json.bak."
@@ -65,11 +65,12 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     SKIPPED = "skipped"
     REVERTED = "reverted"
+    REVERTED_PARTLY = "reverted, except what could not be read,"
     PLANNED_REVERT = "would revert"
 
     @property
     def ok(self) -> bool:
-        return self not in (Outcome.FAILED, Outcome.SKIPPED)
+        return self not in (Outcome.FAILED, Outcome.SKIPPED, Outcome.REVERTED_PARTLY)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class AgentReport:
     def lines(self) -> list[str]:
         """The readable summary printed by ``sessionfs migrate`` and ``mount``."""
         head = f"{self.label}: {self.outcome.value}"
-        if self.outcome in (Outcome.REVERTED, Outcome.PLANNED_REVERT):
+        if self.outcome in (Outcome.REVERTED, Outcome.REVERTED_PARTLY, Outcome.PLANNED_REVERT):
             head += f" {self.migrated} entries to sessions.json"
             if self.backup is not None:
                 head += f"; sessions.d/ kept as {self.backup}"
@@ -342,11 +343,25 @@ def _migrate_locked(
     os.rename(agent.legacy, backup)
     fsync_dir(agent.sessions_dir)
     step("backed-up")
-    write_file_atomically(agent.entries, MIGRATED_FROM, backup.name.encode())
+    _note_backup(agent, backup, report)
     report.backup = backup
     report.carried_over = sorted(set(carried) | set(_carry_over(agent, backup, parsed, decided)))
     report.outcome = Outcome.MIGRATED
     return report
+
+
+def _note_backup(agent: AgentStore, backup: Path, report: AgentReport) -> None:
+    """Add *backup* to the names in ``sessions.d/.migrated-from`` (``migrate --revert``).
+
+    Best effort: the migration is complete without it, and a revert then takes
+    the newest backup instead.
+    """
+    marker = agent.entries / MIGRATED_FROM
+    earlier = read_small_file(marker) or b""
+    try:
+        write_file_atomically(agent.entries, MIGRATED_FROM, earlier + backup.name.encode() + b"\n")
+    except OSError as exc:
+        report.notes.append(f"could not note the backup's name in {marker}: {exc.strerror}")
 
 
 def _stage(staged: SessionStore, staging: Path, decided: Plan, bar: _Progress) -> None:

@@ -5,25 +5,29 @@ migrated sees an empty store and starts a new ``sessions.json`` beside it, and
 ``openclaw doctor --session-sqlite import`` imports only ``sessions.json``.  For
 one agent, a revert:
 
-1. holds OpenClaw's ``sessions.json.lock`` (a JSON-era gateway waits);
-2. reads every entry of ``sessions.d/``, a ``sessions.json`` the gateway wrote
-   since the migration, and the entries the migration had to leave in its backup
-   (keys no file can be named after, values that are not objects);
-3. writes ``sessions.json`` as OpenClaw does (2-space indent, temp + fsync +
-   rename), the newest ``updatedAt`` winning where two sides hold one key;
-4. renames ``sessions.d/`` to ``sessions.d.reverted.<epoch-ms>`` (nothing is deleted);
-5. reads the moved directory again, and writes ``sessions.json`` once more if a
-   writer of ``sessions.d/`` changed an entry while this ran.
+1. holds OpenClaw's ``sessions.json.lock`` (a JSON-era gateway that locks waits);
+2. renames ``sessions.d/`` to ``sessions.d.reverted.<epoch-ms>``: from here on no
+   writer that opens the store finds it, and the directory is the one source
+   read, so nothing written to it before this instant is missed;
+3. reads every entry of it, a ``sessions.json`` a gateway wrote since the
+   migration, and the entries the migrations had to leave in their backups (keys
+   no file can be named after, values that are not objects), the newest
+   ``updatedAt`` winning where two hold one key;
+4. writes ``sessions.json`` as OpenClaw does (2-space indent, temp + fsync +
+   rename), reading the gateway's file again if it changed meanwhile (a gateway
+   that takes no lock);
+5. marks the moved directory done (``.revert-done``).
 
-A crash before step 4 leaves ``sessions.d/`` in place and a ``sessions.json`` that
-the next run merges with it again to the same result; after step 4 nothing is
-left to do.  A second run finds no ``sessions.d/`` and changes nothing.
+A crash after step 2 leaves a moved directory without the mark: the next run
+finishes it (steps 3-5), merging whatever the gateway wrote in between.  A second
+run finds no ``sessions.d/`` and nothing unfinished, and changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +50,12 @@ from .migrate import (
     recency,
     step,
 )
-from .sources import AgentStore, Era, Source
-from .store import SessionStore, Version, rename_noreplace, write_file_atomically
+from .sources import AgentStore, Era, Source, SourceKind
+from .store import SessionStore, read_small_file, rename_noreplace, write_file_atomically
 
 REVERTED_PREFIX = "sessions.d.reverted."
+REVERT_DONE = ".revert-done"  # in a moved directory: its entries are in sessions.json
+GATEWAY_REREADS = 5  # how often a sessions.json changing under the revert is read again
 
 
 @dataclass
@@ -57,16 +63,14 @@ class _Sides:
     """Everything that goes into the rebuilt ``sessions.json``, and where it came from."""
 
     merged: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, Version] = field(default_factory=dict)  # sessions.d/ as read
     from_entries: int = 0
     from_gateway: list[str] = field(default_factory=list)
     from_backup: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def offer(self, key: str, value: object) -> bool:
-        """Take *value* for *key* unless the one already taken is newer."""
-        current = self.merged.get(key)
-        if key in self.merged and recency(current) >= recency(value):
+        """Take *value* for *key* unless the one already taken is as new or newer."""
+        if key in self.merged and recency(self.merged[key]) >= recency(value):
             return False
         self.merged[key] = value
         return True
@@ -77,29 +81,39 @@ def revert_store(
 ) -> AgentReport:
     """Revert one agent's migration; never raises for a store-level problem."""
     report = AgentReport(agent.label, Outcome.NOTHING_TO_DO)
-    if not agent.has_entries():
-        report.reason = "no sessions.d/ (never migrated, or already reverted)"
-        return report
-    from .daemon import mount_serving  # the daemon module is heavy; only needed here
-
-    mountpoint = mount_serving(agent.sessions_dir)
-    if mountpoint is not None:
-        return _failed(
-            report,
-            f"mounted at {mountpoint}; unmount it first (sessionfs umount {mountpoint})",
-        )
     try:
+        unfinished = _unfinished(agent)
+        if not agent.has_entries() and not unfinished:
+            report.reason = "no sessions.d/ (never migrated, or already reverted)"
+            return report
+        if agent.legacy.is_symlink():
+            return _failed(report, "sessions.json is a symlink; not followed, nothing reverted")
+        refusal = _mounted(agent)
+        if refusal is not None:
+            return _failed(report, refusal)
         if dry_run:
-            sides = _read_sides(agent)
+            sides = _read_sides(agent, [agent.entries] if agent.has_entries() else unfinished)
             _describe(report, sides)
             report.outcome = Outcome.PLANNED_REVERT
             report.backup = agent.sessions_dir / f"{REVERTED_PREFIX}<epoch-ms>"
             return report
         with openclaw_store_lock(agent.legacy, timeout=lock_timeout):
             step("revert-locked")
+            refusal = _mounted(agent)  # (a mount may have started while we waited)
+            if refusal is not None:
+                return _failed(report, refusal)
             return _revert_locked(agent, report)
-    except (SessionFSError, OSError) as exc:
+    except (SessionFSError, OSError, sqlite3.Error) as exc:
         return _failed(report, str(exc))
+
+
+def _mounted(agent: AgentStore) -> str | None:
+    from .daemon import mount_serving  # the daemon module is heavy; only needed here
+
+    mountpoint = mount_serving(agent.sessions_dir)
+    if mountpoint is None:
+        return None
+    return f"mounted at {mountpoint}; unmount it first (sessionfs umount {mountpoint})"
 
 
 def _failed(report: AgentReport, reason: str) -> AgentReport:
@@ -107,48 +121,55 @@ def _failed(report: AgentReport, reason: str) -> AgentReport:
     return report
 
 
+def _unfinished(agent: AgentStore) -> list[Path]:
+    """Moved directories whose entries may not all be in ``sessions.json`` yet (a crash)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(agent.sessions_dir) as listing:
+        for dirent in listing:
+            if not dirent.name.startswith(REVERTED_PREFIX):
+                continue
+            if dirent.is_dir(follow_symlinks=False) and not os.path.lexists(
+                Path(dirent.path) / REVERT_DONE
+            ):
+                found.append(Path(dirent.path))
+    return sorted(found)
+
+
 def _revert_locked(agent: AgentStore, report: AgentReport) -> AgentReport:
-    sides = _read_sides(agent)
-    _write_legacy(agent, sides.merged)
+    moved = _unfinished(agent)
+    if agent.has_entries():
+        target = agent.sessions_dir / f"{REVERTED_PREFIX}{int(time.time() * 1000)}"
+        while os.path.lexists(target):
+            target = target.with_name(f"{REVERTED_PREFIX}{int(target.name.rsplit('.', 1)[1]) + 1}")
+        rename_noreplace(agent.entries, target)
+        fsync_dir(agent.sessions_dir)
+        moved.append(target)
+        step("revert-moved")
+    sides = _read_sides(agent, moved)
+    _write_legacy(agent, sides)
     step("revert-written")
-    moved = agent.sessions_dir / f"{REVERTED_PREFIX}{int(time.time() * 1000)}"
-    while moved.exists():
-        moved = moved.with_name(f"{REVERTED_PREFIX}{int(moved.name.rsplit('.', 1)[1]) + 1}")
-    rename_noreplace(agent.entries, moved)
-    fsync_dir(agent.sessions_dir)
-    step("revert-moved")
-    late = _late_writes(moved, sides)
-    if late:
-        _write_legacy(agent, sides.merged)
-        report.notes.append(
-            f"{len(late)} entries written to sessions.d/ during the revert were taken too"
-        )
+    for directory in moved:
+        write_file_atomically(directory, REVERT_DONE, b"")
     _describe(report, sides)
-    report.outcome = Outcome.REVERTED
-    report.backup = moved
+    report.outcome = Outcome.REVERTED if not sides.unreadable else Outcome.REVERTED_PARTLY
+    report.backup = moved[-1]
     return report
 
 
-def _read_sides(agent: AgentStore) -> _Sides:
+def _read_sides(agent: AgentStore, directories: list[Path]) -> _Sides:
     sides = _Sides()
-    with SessionStore(agent.entries, create=False) as entries:
-        for key in sorted(entries.keys()):
-            try:
-                snap = entries.read(key)
-                value = entry_rules.loads(snap.data)
-            except (SessionFSError, OSError, orjson.JSONDecodeError) as exc:
-                sides.unreadable.append((key, str(exc)))
-                continue
-            sides.merged[key] = value
-            sides.versions[key] = Version.of(snap.stat)
-            sides.from_entries += 1
-    if agent.has_legacy():  # written by a gateway that does not read sessions.d/
-        for key, value in read_legacy(agent.legacy).items():
-            if sides.offer(key, value):
-                sides.from_gateway.append(key)
-    backup = migration_backup(agent)
-    if backup is not None:
-        with contextlib.suppress(SessionFSError):
+    for directory in directories:
+        with SessionStore(directory, create=False) as entries:
+            for key in sorted(entries.keys()):
+                try:
+                    value = entry_rules.loads(entries.read(key).data)
+                except (SessionFSError, OSError, orjson.JSONDecodeError) as exc:
+                    sides.unreadable.append((key, str(exc)))
+                    continue
+                if sides.offer(key, value):
+                    sides.from_entries += 1
+    for backup in migration_backups(agent):
+        with contextlib.suppress(SessionFSError, OSError):
             left = read_legacy(backup)
             for key, _why in plan(left).skipped:
                 if sides.offer(key, left[key]):
@@ -156,61 +177,72 @@ def _read_sides(agent: AgentStore) -> _Sides:
     return sides
 
 
-def _late_writes(moved: Path, sides: _Sides) -> list[str]:
-    """Entries that changed in the moved directory since they were read."""
-    late = []
-    with SessionStore(moved, create=False) as entries:
-        for key in sorted(entries.keys()):
-            try:
-                snap = entries.read(key)
-                if sides.versions.get(key) == Version.of(snap.stat):
-                    continue
-                value = entry_rules.loads(snap.data)
-            except (SessionFSError, OSError, orjson.JSONDecodeError):
-                continue
-            if sides.offer(key, value):
-                late.append(key)
-    return late
+def _gateway_side(agent: AgentStore) -> tuple[dict[str, Any], tuple[int, int, int] | None]:
+    """The ``sessions.json`` a gateway wrote beside ``sessions.d/``, and its identity."""
+    try:
+        st = os.stat(agent.legacy, follow_symlinks=False)
+    except FileNotFoundError:
+        return {}, None
+    try:
+        written = read_legacy(agent.legacy)
+    except SessionFSError as exc:
+        raise SessionFSError(
+            f"the sessions.json a gateway wrote beside sessions.d/ is not usable ({exc}); "
+            "nothing was reverted"
+        ) from None
+    return written, (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def migration_backup(agent: AgentStore) -> Path | None:
-    """The ``sessions.json.bak.<epoch-ms>`` the migration of ``sessions.d/`` left, if any.
+def _write_legacy(agent: AgentStore, sides: _Sides) -> None:
+    """``sessions.json`` as OpenClaw writes it, with what the gateway wrote merged in.
 
-    OpenClaw's rotation backups share the name, so migration names its own in
-    ``sessions.d/.migrated-from``; a store migrated without that marker (an older
-    sessionfs, or a crash right after the backup) has the newest backup that is
-    not older than the oldest entry of ``sessions.d/`` (staged just before it).
+    A gateway that takes no lock may write meanwhile: its file is read again until
+    it holds still from the read to just before the rename (a few times at most).
     """
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        name = (agent.entries / MIGRATED_FROM).read_text().strip()
-        named = agent.sessions_dir / name
-        if name.startswith(BACKUP_PREFIX) and "/" not in name and named.is_file():
-            return named
-    oldest_ms = None
-    with contextlib.suppress(OSError), os.scandir(agent.entries) as listing:
-        for dirent in listing:
-            if dirent.is_file(follow_symlinks=False) and not dirent.name.startswith("."):
-                mtime_ms = dirent.stat(follow_symlinks=False).st_mtime_ns // 1_000_000
-                oldest_ms = mtime_ms if oldest_ms is None else min(oldest_ms, mtime_ms)
-    found: tuple[int, Path] | None = None
-    with os.scandir(agent.sessions_dir) as listing:
-        for dirent in listing:
-            stamp = dirent.name.removeprefix(BACKUP_PREFIX)
-            if stamp == dirent.name or not stamp.isdigit():
-                continue
-            if not dirent.is_file(follow_symlinks=False):
-                continue
-            if oldest_ms is not None and int(stamp) < oldest_ms:
-                continue
-            if found is None or int(stamp) > found[0]:
-                found = (int(stamp), Path(dirent.path))
-    return None if found is None else found[1]
-
-
-def _write_legacy(agent: AgentStore, merged: dict[str, Any]) -> None:
-    """``sessions.json`` as OpenClaw writes it: ``JSON.stringify(store, null, 2)``, atomically."""
-    data = orjson.dumps(merged, option=orjson.OPT_INDENT_2)
+    for _ in range(GATEWAY_REREADS):
+        written, identity = _gateway_side(agent)
+        merged = _Sides(dict(sides.merged))
+        gateway_keys = [key for key, value in written.items() if merged.offer(key, value)]
+        data = entry_rules.dumps(merged.merged)
+        try:
+            st = os.stat(agent.legacy, follow_symlinks=False)
+            now: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            now = None
+        if now == identity:
+            break
     write_file_atomically(agent.sessions_dir, agent.legacy.name, data)
+    sides.merged, sides.from_gateway = merged.merged, gateway_keys
+
+
+def migration_backups(agent: AgentStore) -> list[Path]:
+    """The ``sessions.json.bak.<epoch-ms>`` files the migrations of this agent left.
+
+    OpenClaw's rotation backups share the name, so each migration adds the name of
+    its own to ``sessions.d/.migrated-from`` (read from the moved directories too);
+    a store migrated without that marker (an older sessionfs) falls back to the
+    newest backup, whose keys only count where nothing newer holds them.
+    """
+    names: list[str] = []
+    candidates = [agent.entries, *sorted(agent.sessions_dir.glob(f"{REVERTED_PREFIX}*"))]
+    for directory in candidates:
+        data = read_small_file(directory / MIGRATED_FROM)
+        if data is not None:
+            names += data.decode(errors="replace").split()
+    found = []
+    for name in dict.fromkeys(names):
+        stamp = name.removeprefix(BACKUP_PREFIX)
+        path = agent.sessions_dir / name
+        if stamp != name and stamp.isdigit() and path.is_file() and not path.is_symlink():
+            found.append(path)
+    if found or names:
+        return found
+    newest = sorted(
+        (int(p.name.removeprefix(BACKUP_PREFIX)), p)
+        for p in agent.sessions_dir.glob(f"{BACKUP_PREFIX}*")
+        if p.name.removeprefix(BACKUP_PREFIX).isdigit() and p.is_file() and not p.is_symlink()
+    )
+    return [newest[-1][1]] if newest else []
 
 
 def _describe(report: AgentReport, sides: _Sides) -> None:
@@ -226,8 +258,8 @@ def _describe(report: AgentReport, sides: _Sides) -> None:
             f"({', '.join(repr(k) for k in sides.from_backup[:5])}"
             f"{', ...' if len(sides.from_backup) > 5 else ''})"
         )
-    report.skipped += [
-        (key, f"unreadable in sessions.d/ ({why}); it stays in the kept directory")
+    report.notes += [
+        f"not reverted: {key!r} could not be read ({why}); it stays in {REVERTED_PREFIX}*"
         for key, why in sides.unreadable
     ]
 
@@ -236,9 +268,16 @@ def revert_source(
     source: Source, *, dry_run: bool = False, lock_timeout: float = STORE_LOCK_TIMEOUT
 ) -> list[AgentReport]:
     """Revert every agent under *source* that has a ``sessions.d/``, each on its own."""
-    return [
+    reports = [
         revert_store(agent, dry_run=dry_run, lock_timeout=lock_timeout) for agent in source.stores()
     ]
+    return reports + [AgentReport(name, Outcome.SKIPPED, why) for name, why in source.skipped]
+
+
+def revert_command(source: Source) -> str:
+    """The command that undoes the migration of *source* (a sessions dir for a file)."""
+    path = source.path.parent if source.kind is SourceKind.LEGACY_FILE else source.path
+    return f"sessionfs migrate --revert {path}"
 
 
 @dataclass(frozen=True)
@@ -248,15 +287,13 @@ class UnreadMigration:
     agent: AgentStore
     written: float  # when the gateway last wrote it (epoch seconds)
     migrated: float | None  # when the migration made its backup, if known
-    identity: tuple[int, int]  # the file written (warned about once per file)
 
-    def message(self, source: Path) -> str:
+    def message(self, source: Source) -> str:
         since = "" if self.migrated is None else f" since the migration of {_when(self.migrated)}"
         return (
             f"agent {self.agent.label}: a gateway wrote a new sessions.json beside sessions.d/ "
             f"(last at {_when(self.written)}): it does not read sessions.d/ and has not seen its "
-            f"sessions{since}. Undo the migration (after unmounting): "
-            f"sessionfs migrate --revert {source}"
+            f"sessions{since}. Undo the migration (after unmounting): {revert_command(source)}"
         )
 
 
@@ -274,16 +311,10 @@ def unread_migrations(source: Source) -> list[UnreadMigration]:
             continue  # mid-migration, sessions.json is still the input
         try:
             st = os.stat(agent.legacy, follow_symlinks=False)
+            backups = migration_backups(agent)
         except OSError:
             continue
-        backup = migration_backup(agent)
-        stamp = backup.name.removeprefix(BACKUP_PREFIX) if backup is not None else ""
-        found.append(
-            UnreadMigration(
-                agent,
-                st.st_mtime,
-                int(stamp) / 1000 if stamp.isdigit() else None,
-                (st.st_dev, st.st_ino),
-            )
-        )
+        stamp = backups[-1].name.removeprefix(BACKUP_PREFIX) if backups else ""
+        migrated = int(stamp) / 1000 if stamp.isdigit() else None
+        found.append(UnreadMigration(agent, st.st_mtime, migrated))
     return found

@@ -138,7 +138,9 @@ def write_file_atomically(directory: Path, name: str, data: bytes) -> None:
 
     For files beside the entries (``sessions.json``, markers): the temp is named
     ``<name>.<random>.tmp`` as OpenClaw's are, opened 0600 without following
-    symlinks, and the directory is synced after the rename.
+    symlinks, and the directory is synced after the rename.  Run as root (``sudo
+    sessionfs ...``), the file gets the directory's owner, so the gateway that owns
+    the store can still read it.
     """
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     temp = f"{name}.{secrets.token_hex(8)}.tmp"
@@ -150,6 +152,9 @@ def write_file_atomically(directory: Path, name: str, data: bytes) -> None:
             dir_fd=dir_fd,
         )
         try:
+            if os.geteuid() == 0:
+                owner = os.fstat(dir_fd)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
             _write_all(fd, data)
             os.fsync(fd)
         finally:
@@ -162,6 +167,24 @@ def write_file_atomically(directory: Path, name: str, data: bytes) -> None:
         raise
     finally:
         os.close(dir_fd)
+
+
+def read_small_file(path: Path, limit: int = 64 * 1024) -> bytes | None:
+    """*path*'s bytes if it is a regular file of at most *limit* bytes, else None.
+
+    Never follows a symlink and never blocks on a FIFO (a marker file someone replaced).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        return _read_all(fd, st.st_size)
+    finally:
+        os.close(fd)
 
 
 def _check_regular(st: os.stat_result, name: str) -> None:

@@ -92,3 +92,25 @@ def test_an_unknown_agent_is_an_error(
 ) -> None:
     assert cli(["export", str(state), "--agent", "nope"]) == 1
     assert "no agent 'nope'" in capsysbinary.readouterr().err.decode()
+
+
+def test_a_corrupt_database_is_named_and_the_others_exported(
+    state: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    (state / "agents" / "sql" / "agent" / "openclaw-agent.sqlite").write_bytes(b"not sqlite" * 100)
+    code, document, err = export(capsysbinary, str(state))
+    assert code == 1
+    assert document["json"] == JSON_ERA
+    assert document["sql"] == {}
+    assert "sql: not exported" in err
+
+
+def test_a_named_sessions_d_of_an_upgraded_agent_is_what_is_exported(
+    state: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    old = state / "agents" / "sql" / "sessions" / "sessions.d"
+    old.parent.mkdir(exist_ok=True)
+    with SessionStore(old) as store:
+        store.write("cron:old", entry_bytes("s-old", 1))
+    code, document, _ = export(capsysbinary, str(old))
+    assert (code, document) == (0, {"cron:old": entry("s-old", 1)})

@@ -12,9 +12,17 @@ from typing import Any
 import orjson
 import pytest
 
-from sessionfs import sources
+from sessionfs import migrate, sources
+from sessionfs.cli import main as cli
 from sessionfs.migrate import MIGRATED_FROM, Outcome, migrate_source
-from sessionfs.revert import REVERTED_PREFIX, migration_backup, revert_source, unread_migrations
+from sessionfs.revert import (
+    REVERT_DONE,
+    REVERTED_PREFIX,
+    migration_backups,
+    revert_command,
+    revert_source,
+    unread_migrations,
+)
 from sessionfs.store import SessionStore
 from tests.helpers import entry, entry_bytes
 from tests.mounting import mounted, sessionfs, wait_for
@@ -109,12 +117,98 @@ def test_dry_run_changes_nothing(migrated: Path) -> None:
 
 def test_the_migration_backup_is_told_from_rotation_backups(migrated: Path) -> None:
     (ours,) = migrated.glob("sessions.json.bak.*")
-    older = migrated / "sessions.json.bak.1000"  # an OpenClaw rotation long before
-    older.write_bytes(orjson.dumps({"cron:ancient": entry("s-x", 1), "": entry("s-y", 1)}))
+    # a gateway that kept writing sessions.json rotated it after the migration
+    newer = migrated / f"sessions.json.bak.{int(ours.name.rsplit('.', 1)[1]) + 5000}"
+    newer.write_bytes(orjson.dumps({"cron:rotated": entry("s-x", 1), "": entry("s-y", 99)}))
     agent = sources.resolve(migrated).stores()[0]
-    assert migration_backup(agent) == ours  # named by the migration's marker
-    (migrated / "sessions.d" / MIGRATED_FROM).unlink()  # migrated by an older sessionfs
-    assert migration_backup(agent) == ours
+    assert migration_backups(agent) == [ours]  # named by the migration's marker
+    revert_source(sources.resolve(migrated))
+    assert reverted(migrated)[""] == ORIGINAL[""]  # the migration's, not the rotation's
+
+
+def test_a_marker_that_is_a_fifo_or_names_another_file_is_not_followed(migrated: Path) -> None:
+    agent = sources.resolve(migrated).stores()[0]
+    marker = migrated / "sessions.d" / MIGRATED_FROM
+    marker.write_text("../../etc/passwd\nsessions.json.bak.x\n")
+    assert migration_backups(agent) == []
+    marker.unlink()
+    os.mkfifo(marker)  # would block a plain read forever
+    (ours,) = migrated.glob("sessions.json.bak.*")
+    assert migration_backups(agent) == [ours]  # the fallback: the newest backup
+
+
+def test_a_second_migration_keeps_the_first_ones_backup_known(migrated: Path) -> None:
+    legacy_store(migrated, {"cron:later": entry("s-l", 70)})  # a gateway's new store
+    (report,) = migrate_source(sources.resolve(migrated), progress=None)
+    assert report.outcome is Outcome.MIGRATED  # merged into the existing sessions.d/
+    agent = sources.resolve(migrated).stores()[0]
+    assert len(migration_backups(agent)) == 2
+    revert_source(sources.resolve(migrated))
+    result = reverted(migrated)
+    assert result[""] == ORIGINAL[""]  # what the first migration had to leave behind
+    assert result["cron:later"] == entry("s-l", 70)
+
+
+def test_writes_into_the_moved_directory_and_by_the_gateway_meanwhile_are_taken(
+    migrated: Path,
+) -> None:
+    def writers_meanwhile() -> None:
+        (moved,) = [p for p in migrated.iterdir() if p.name.startswith(REVERTED_PREFIX)]
+        with SessionStore(moved, create=False) as store:  # a writer with the old dir open
+            store.write("cron:late", entry_bytes("s-late", 80))
+        legacy_store(migrated, {"cron:gw": entry("s-gw", 90)})  # a gateway without the lock
+
+    migrate.STEP_HOOKS["revert-moved"] = writers_meanwhile
+    try:
+        (report,) = revert_source(sources.resolve(migrated))
+    finally:
+        del migrate.STEP_HOOKS["revert-moved"]
+    assert report.outcome is Outcome.REVERTED
+    result = reverted(migrated)
+    assert result["cron:late"] == entry("s-late", 80)
+    assert result["cron:gw"] == entry("s-gw", 90)
+
+
+def test_an_unreadable_entry_is_named_and_the_revert_is_not_called_clean(
+    migrated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (migrated / "sessions.d" / "cron%3Abroken.json").write_bytes(b"{not json")
+    assert cli(["migrate", "--revert", str(migrated)]) == 1
+    out = capsys.readouterr().out
+    assert "not reverted: 'cron:broken' could not be read" in out
+    assert "cron:a" in reverted(migrated)  # everything else is back
+
+
+def test_an_entry_with_a_lone_surrogate_is_reverted_as_node_writes_it(migrated: Path) -> None:
+    with SessionStore(migrated / "sessions.d") as store:
+        store.write(
+            "cron:s",
+            b'{"sessionId": "s-s", "updatedAt": 5, "text": "\\ud800"}',
+            validate=False,
+        )
+    (report,) = revert_source(sources.resolve(migrated))
+    assert report.outcome is Outcome.REVERTED, report.lines()
+    assert b'"\\ud800"' in (migrated / "sessions.json").read_bytes()
+
+
+def test_a_symlinked_sessions_json_is_not_followed(migrated: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(b"{}")
+    (migrated / "sessions.json").symlink_to(elsewhere)
+    (report,) = revert_source(sources.resolve(migrated))
+    assert report.outcome is Outcome.FAILED
+    assert "symlink" in report.reason
+    assert elsewhere.read_bytes() == b"{}"
+    assert (migrated / "sessions.d").is_dir()
+
+
+def test_the_undo_command_of_a_sessions_json_source_names_its_directory(migrated: Path) -> None:
+    assert revert_command(sources.resolve(migrated / "sessions.d")).endswith(
+        str(migrated) + "/sessions.d"
+    )
+    legacy = migrated / "sessions.json"
+    legacy.write_bytes(b"{}")
+    assert revert_command(sources.resolve(legacy)) == f"sessionfs migrate --revert {migrated}"
 
 
 def test_a_mounted_store_is_refused(migrated: Path, tmp_path: Path) -> None:
@@ -149,7 +243,7 @@ def test_migrate_change_through_the_mount_revert(tmp_path: Path) -> None:
 
 # --- crash safety -------------------------------------------------------------
 
-REVERT_STEPS = ["revert-locked", "revert-written", "revert-moved"]
+REVERT_STEPS = ["revert-locked", "revert-moved", "revert-written"]
 
 
 def _run_revert(sessions_dir: Path, crash_at: str | None = None) -> int:
@@ -170,16 +264,19 @@ def test_sigkill_at_every_step_of_a_revert_then_rerun_completes(migrated: Path, 
         expected = {key: orjson.loads(store.read(key).data) for key in sorted(store.keys())}
     expected |= {"cron:gw": entry("s-gw", 50), "": ORIGINAL[""], "cron:odd": ORIGINAL["cron:odd"]}
     assert _run_revert(migrated, crash_at=step) == -signal.SIGKILL
-    if (migrated / "sessions.d").exists():  # not moved yet: every entry is still there
-        with SessionStore(migrated / "sessions.d") as store:
-            assert len(list(store.keys())) == 2
-    else:
-        assert reverted(migrated) == expected
+    # the gateway goes on writing before anyone runs the revert again
+    gateway = {**orjson.loads((migrated / "sessions.json").read_bytes())}
+    gateway["cron:gw2"] = entry("s-gw2", 60)
+    legacy_store(migrated, gateway)
+    expected["cron:gw2"] = entry("s-gw2", 60)
     assert _run_revert(migrated) == 0
     assert reverted(migrated) == expected
     assert not (migrated / "sessions.d").exists()
-    assert len(kept_dirs(migrated)) == 1
+    (kept,) = kept_dirs(migrated)
+    assert (kept / REVERT_DONE).exists()
     assert not list(migrated.glob("*.tmp"))
+    assert _run_revert(migrated) == 0  # and then there is nothing left to do
+    assert reverted(migrated) == expected
 
 
 # --- a gateway that does not read sessions.d/ ----------------------------------
@@ -192,7 +289,7 @@ def test_a_new_sessions_json_beside_sessions_d_is_an_unread_migration(
     assert unread_migrations(source) == []
     legacy_store(migrated, {"cron:gw": entry("s-gw", 50)})  # the JSON-era gateway's next write
     (unread,) = unread_migrations(source)
-    message = unread.message(migrated)
+    message = unread.message(source)
     assert "does not read sessions.d/" in message
     assert f"sessionfs migrate --revert {migrated}" in message
     assert "since the migration of" in message
