@@ -28,6 +28,10 @@ from .tree import Dir, Entry, File, Node, Owner, Transcript, Tree
 
 log = logging.getLogger("sessionfs")
 
+# A name in a listing, its node (None: an agent, resolved when listed) and the key
+# it stood for then (None: not a session's file).
+Listed = tuple[str, Node | None, str | None]
+
 
 def text(name: bytes) -> str:
     """A name from the kernel as text; ENAMETOOLONG or EINVAL (not UTF-8)."""
@@ -237,32 +241,40 @@ class Names:
             attrs.entry_timeout = attrs.attr_timeout = 0
         return attrs
 
-    async def listing(self, directory: Dir) -> list[tuple[str, Node | None]]:
-        """Every name in *directory* now (None for an agent, resolved when listed)."""
-        names: list[tuple[str, Node | None]] = [
-            (name, self.tree.nodes[ino]) for name, ino in directory.children.items()
+    async def listing(self, directory: Dir) -> list[Listed]:
+        """Every name in *directory* now (node None for an agent, resolved when listed).
+
+        Each session's name is computed once here (a listing of a SQLite-era agent
+        asks for 20,000 of them), and carried with its key, so that a reply can
+        tell a renamed node by its key alone.
+        """
+        names: list[Listed] = [
+            (name, self.tree.nodes[ino], None) for name, ino in directory.children.items()
         ]
         if directory is self.tree.root and self.catalog.per_agent:
             agents = await self.backings.thread(self.catalog.agents)
-            names += [(agent, None) for agent in agents]
+            names += [(agent, None, None) for agent in agents]
         if directory.holds_sessions:
             if not (directory.complete and self.index.trusted(directory)):
                 await self.index.scan(directory)
             away, session = directory.away, self.tree.session
+            shown: dict[str, str] = {}  # key -> its name, for the transcripts
             for key, known in directory.known.items():
                 if known.version is not None and key not in away and self._fits(directory, key):
                     node = session(directory, key)
-                    if not node.pending:
-                        names.append((node.name, node))
+                    name = shown[key] = key_to_display(key)
+                    if not node.pending:  # (a pending one is listed below)
+                        names.append((name, node, key))
             for ino in directory.sessions.values():
                 file = self.tree.nodes[ino]
                 if isinstance(file, File) and file.pending:
-                    names.append((file.name, file))
-            names += [(name, self.tree.nodes[ino]) for name, ino in directory.scratch.items()]
-            present = [key for key, known in directory.known.items() if known.version is not None]
-            present = [
-                key for key in present if key not in away and self._fits(directory, key, "l")
-            ]
+                    names.append((file.name, file, file.key))
+            names += [(name, self.tree.nodes[ino], None) for name, ino in directory.scratch.items()]
+            present = [key for key in shown if self._fits(directory, key, "l")]
             transcripts = await self._transcripts(directory, present, sized=False)
-            names += [(t.name, t) for t in transcripts if t is not None]
+            names += [
+                (shown[key] + "l", t, key)
+                for key, t in zip(present, transcripts, strict=True)
+                if t is not None
+            ]
         return names

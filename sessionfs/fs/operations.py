@@ -20,7 +20,7 @@ import pyfuse3
 from ..keys import NAME_MAX
 from .backings import Backings
 from .editing import Editing
-from .names import Names, text
+from .names import Listed, Names, text
 from .requests import Requests, guarded
 from .tree import Control, Dir, File, Node, Transcript, Tree
 
@@ -30,7 +30,7 @@ class DirHandle:
     """One open directory: the listing taken when it was first read, so offsets hold."""
 
     node: Dir
-    listing: list[tuple[str, Node | None]] | None = None  # (name, node; None for an agent)
+    listing: list[Listed] | None = None
     opened: float = field(default_factory=time.monotonic)
 
 
@@ -167,10 +167,13 @@ class Operations(pyfuse3.Operations):
         # removed meanwhile cannot shift it.
         position = start_id
         while position < len(listing):
-            name, node = listing[position]
+            name, node, key = listing[position]
             position += 1
             if isinstance(node, File) and (
-                not node.linked or node.parent is not handle.node or node.name != name
+                not node.linked
+                or node.parent is not handle.node
+                or node.key != key
+                or (key is None and node.name != name)
             ):
                 continue  # renamed or removed since the listing: never a stale name
             try:
