@@ -600,6 +600,11 @@ def status(path: Path) -> str:
             era = agent.era()
             access = "read-write" if era is Era.DIRECTORY else "read-only"
             lines.append(f"{agent.label}: {era.value}, {access}")
+            if migrate.interrupted_reverts(agent):
+                lines.append(
+                    f"WARNING: agent {agent.label}: a revert was interrupted; finish it "
+                    f"(after unmounting): {revert.revert_command(resolved)}"
+                )
         for unread in revert.unread_migrations(resolved):
             lines.append(f"WARNING: {unread.message(resolved)}")
     if errors:

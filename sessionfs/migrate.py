@@ -17,6 +17,7 @@ by running again; after it, nothing is left to do.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import shutil
@@ -34,7 +35,7 @@ from . import entry as entry_rules
 from .errors import InvalidKey, SessionFSError
 from .keys import key_to_filename, normalize_key
 from .locking import STORE_LOCK_TIMEOUT, is_stale, openclaw_store_lock, remove_stale_lock
-from .sources import AgentStore, Era, Source
+from .sources import REVERTED_PREFIX, AgentStore, Era, Source
 from .store import SessionStore, read_small_file, rename_noreplace, write_file_atomically
 
 STAGING_DIR = "sessions.d.migrating"
@@ -42,6 +43,9 @@ BACKUP_PREFIX = "sessions.json.bak."
 # In sessions.d/: the name of the backup the migration made, which `migrate --revert`
 # reads (OpenClaw's rotation backups share its name pattern).  A dot name: no key.
 MIGRATED_FROM = ".migrated-from"
+# `migrate --revert` marks the sessions.d/ it moved away (to REVERTED_PREFIX<epoch-ms>)
+# done once sessions.json holds all of it.
+REVERT_DONE = ".revert-done"
 PROGRESS_MIN_ENTRIES = 5000
 
 # Fault injection for the crash tests: SIGKILL ourselves when reaching this step.
@@ -234,6 +238,11 @@ def migrate_store(
     """Migrate one agent's ``sessions.json``; never raises for a store-level problem."""
     report = AgentReport(agent.label, Outcome.NOTHING_TO_DO)
     staging = agent.sessions_dir / STAGING_DIR
+    if interrupted_reverts(agent):
+        return _fail(
+            report,
+            "a revert of this agent was interrupted; finish it first: sessionfs migrate --revert",
+        )
     if agent.era() is Era.SQLITE:
         # OpenClaw reads only its database; a sessions.json left there is the input of
         # `openclaw doctor --session-sqlite import`, and must stay where it is
@@ -256,6 +265,17 @@ def migrate_store(
             return _migrate_locked(agent, staging, report, progress)
     except (SessionFSError, OSError) as exc:
         return _fail(report, str(exc))
+
+
+def interrupted_reverts(agent: AgentStore) -> list[Path]:
+    """Directories a revert moved away but did not finish (a crash): oldest first."""
+    found = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(agent.sessions_dir) as listing:
+        for dirent in listing:
+            moved = dirent.name.startswith(REVERTED_PREFIX) and dirent.is_dir(follow_symlinks=False)
+            if moved and not os.path.lexists(Path(dirent.path) / REVERT_DONE):
+                found.append(Path(dirent.path))
+    return sorted(found)
 
 
 def migration_running(agent: AgentStore) -> bool:

@@ -41,20 +41,20 @@ from .locking import STORE_LOCK_TIMEOUT, openclaw_store_lock
 from .migrate import (
     BACKUP_PREFIX,
     MIGRATED_FROM,
+    REVERT_DONE,
     AgentReport,
     Outcome,
     fsync_dir,
+    interrupted_reverts,
     migration_running,
     plan,
     read_legacy,
     recency,
     step,
 )
-from .sources import AgentStore, Era, Source, SourceKind
+from .sources import REVERTED_PREFIX, AgentStore, Era, Source, SourceKind
 from .store import SessionStore, read_small_file, rename_noreplace, write_file_atomically
 
-REVERTED_PREFIX = "sessions.d.reverted."
-REVERT_DONE = ".revert-done"  # in a moved directory: its entries are in sessions.json
 GATEWAY_REREADS = 5  # how often a sessions.json changing under the revert is read again
 
 
@@ -69,11 +69,18 @@ class _Sides:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def offer(self, key: str, value: object) -> bool:
-        """Take *value* for *key* unless the one already taken is as new or newer."""
-        if key in self.merged and recency(self.merged[key]) >= recency(value):
+        """Take *value* for *key* unless the one already taken is newer.
+
+        Sources are offered oldest first (backups, moved directories, ``sessions.d/``,
+        then the gateway's file), so on equal ``updatedAt`` the later one wins.
+        """
+        if key in self.merged and recency(self.merged[key]) > recency(value):
             return False
         self.merged[key] = value
         return True
+
+    def merge_gateway(self, written: dict[str, Any]) -> None:
+        self.from_gateway = [key for key, value in written.items() if self.offer(key, value)]
 
 
 def revert_store(
@@ -82,7 +89,7 @@ def revert_store(
     """Revert one agent's migration; never raises for a store-level problem."""
     report = AgentReport(agent.label, Outcome.NOTHING_TO_DO)
     try:
-        unfinished = _unfinished(agent)
+        unfinished = interrupted_reverts(agent)
         if not agent.has_entries() and not unfinished:
             report.reason = "no sessions.d/ (never migrated, or already reverted)"
             return report
@@ -92,7 +99,8 @@ def revert_store(
         if refusal is not None:
             return _failed(report, refusal)
         if dry_run:
-            sides = _read_sides(agent, [agent.entries] if agent.has_entries() else unfinished)
+            sides = _read_sides(agent, unfinished + [agent.entries] * agent.has_entries())
+            sides.merge_gateway(_gateway_side(agent)[0])
             _describe(report, sides)
             report.outcome = Outcome.PLANNED_REVERT
             report.backup = agent.sessions_dir / f"{REVERTED_PREFIX}<epoch-ms>"
@@ -121,23 +129,12 @@ def _failed(report: AgentReport, reason: str) -> AgentReport:
     return report
 
 
-def _unfinished(agent: AgentStore) -> list[Path]:
-    """Moved directories whose entries may not all be in ``sessions.json`` yet (a crash)."""
-    found = []
-    with contextlib.suppress(FileNotFoundError), os.scandir(agent.sessions_dir) as listing:
-        for dirent in listing:
-            if not dirent.name.startswith(REVERTED_PREFIX):
-                continue
-            if dirent.is_dir(follow_symlinks=False) and not os.path.lexists(
-                Path(dirent.path) / REVERT_DONE
-            ):
-                found.append(Path(dirent.path))
-    return sorted(found)
-
-
 def _revert_locked(agent: AgentStore, report: AgentReport) -> AgentReport:
-    moved = _unfinished(agent)
+    _gateway_side(agent)  # unusable: say so before anything is moved
+    moved = interrupted_reverts(agent)
     if agent.has_entries():
+        with contextlib.suppress(FileNotFoundError):  # restored by hand from an earlier revert
+            os.unlink(agent.entries / REVERT_DONE)
         target = agent.sessions_dir / f"{REVERTED_PREFIX}{int(time.time() * 1000)}"
         while os.path.lexists(target):
             target = target.with_name(f"{REVERTED_PREFIX}{int(target.name.rsplit('.', 1)[1]) + 1}")
@@ -157,7 +154,14 @@ def _revert_locked(agent: AgentStore, report: AgentReport) -> AgentReport:
 
 
 def _read_sides(agent: AgentStore, directories: list[Path]) -> _Sides:
+    """The backups' skipped entries, then every entry of *directories*, oldest first."""
     sides = _Sides()
+    for backup in migration_backups(agent, directories):
+        with contextlib.suppress(SessionFSError, OSError):
+            left = read_legacy(backup)
+            for key, _why in plan(left).skipped:
+                if sides.offer(key, left[key]):
+                    sides.from_backup.append(key)
     for directory in directories:
         with SessionStore(directory, create=False) as entries:
             for key in sorted(entries.keys()):
@@ -168,28 +172,34 @@ def _read_sides(agent: AgentStore, directories: list[Path]) -> _Sides:
                     continue
                 if sides.offer(key, value):
                     sides.from_entries += 1
-    for backup in migration_backups(agent):
-        with contextlib.suppress(SessionFSError, OSError):
-            left = read_legacy(backup)
-            for key, _why in plan(left).skipped:
-                if sides.offer(key, left[key]):
-                    sides.from_backup.append(key)
     return sides
 
 
 def _gateway_side(agent: AgentStore) -> tuple[dict[str, Any], tuple[int, int, int] | None]:
-    """The ``sessions.json`` a gateway wrote beside ``sessions.d/``, and its identity."""
+    """The ``sessions.json`` a gateway wrote beside ``sessions.d/``, and its identity.
+
+    Read without following a symlink or blocking on a FIFO; a file that cannot be
+    merged stops the revert before anything is moved.
+    """
     try:
         st = os.stat(agent.legacy, follow_symlinks=False)
     except FileNotFoundError:
         return {}, None
+    data = read_small_file(agent.legacy, limit=1 << 31)
     try:
-        written = read_legacy(agent.legacy)
-    except SessionFSError as exc:
+        if data is None:
+            raise SessionFSError("it is not a regular file")
+        written = entry_rules.loads(data) if data.strip() else {}  # empty: the gateway's {}
+    except (SessionFSError, orjson.JSONDecodeError) as exc:
         raise SessionFSError(
-            f"the sessions.json a gateway wrote beside sessions.d/ is not usable ({exc}); "
-            "nothing was reverted"
+            f"the sessions.json beside sessions.d/ cannot be merged ({exc}); nothing was "
+            "reverted: move it away or fix it, then run the revert again"
         ) from None
+    if not isinstance(written, dict):
+        raise SessionFSError(
+            f"the sessions.json beside sessions.d/ holds {type(written).__name__}, not an "
+            "object; nothing was reverted: move it away or fix it, then run the revert again"
+        )
     return written, (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
@@ -202,7 +212,7 @@ def _write_legacy(agent: AgentStore, sides: _Sides) -> None:
     for _ in range(GATEWAY_REREADS):
         written, identity = _gateway_side(agent)
         merged = _Sides(dict(sides.merged))
-        gateway_keys = [key for key, value in written.items() if merged.offer(key, value)]
+        merged.merge_gateway(written)
         data = entry_rules.dumps(merged.merged)
         try:
             st = os.stat(agent.legacy, follow_symlinks=False)
@@ -212,20 +222,21 @@ def _write_legacy(agent: AgentStore, sides: _Sides) -> None:
         if now == identity:
             break
     write_file_atomically(agent.sessions_dir, agent.legacy.name, data)
-    sides.merged, sides.from_gateway = merged.merged, gateway_keys
+    sides.merged, sides.from_gateway = merged.merged, merged.from_gateway
 
 
-def migration_backups(agent: AgentStore) -> list[Path]:
-    """The ``sessions.json.bak.<epoch-ms>`` files the migrations of this agent left.
+def migration_backups(agent: AgentStore, directories: list[Path] | None = None) -> list[Path]:
+    """The ``sessions.json.bak.<epoch-ms>`` files the migrations of these entries left.
 
     OpenClaw's rotation backups share the name, so each migration adds the name of
-    its own to ``sessions.d/.migrated-from`` (read from the moved directories too);
-    a store migrated without that marker (an older sessionfs) falls back to the
-    newest backup, whose keys only count where nothing newer holds them.
+    its own to ``.migrated-from`` in ``sessions.d/`` (*directories*: the ones being
+    reverted, ``sessions.d/`` by default; never one a finished revert moved away, whose
+    entries the gateway has had since).  Entries migrated without that marker (an
+    older sessionfs) fall back to the newest backup, whose keys only count where
+    nothing newer holds them.  Oldest first.
     """
     names: list[str] = []
-    candidates = [agent.entries, *sorted(agent.sessions_dir.glob(f"{REVERTED_PREFIX}*"))]
-    for directory in candidates:
+    for directory in directories if directories is not None else [agent.entries]:
         data = read_small_file(directory / MIGRATED_FROM)
         if data is not None:
             names += data.decode(errors="replace").split()
@@ -234,15 +245,15 @@ def migration_backups(agent: AgentStore) -> list[Path]:
         stamp = name.removeprefix(BACKUP_PREFIX)
         path = agent.sessions_dir / name
         if stamp != name and stamp.isdigit() and path.is_file() and not path.is_symlink():
-            found.append(path)
-    if found or names:
-        return found
-    newest = sorted(
-        (int(p.name.removeprefix(BACKUP_PREFIX)), p)
-        for p in agent.sessions_dir.glob(f"{BACKUP_PREFIX}*")
-        if p.name.removeprefix(BACKUP_PREFIX).isdigit() and p.is_file() and not p.is_symlink()
-    )
-    return [newest[-1][1]] if newest else []
+            found.append((int(stamp), path))
+    if not found and not names:
+        found = [
+            (int(p.name.removeprefix(BACKUP_PREFIX)), p)
+            for p in agent.sessions_dir.glob(f"{BACKUP_PREFIX}*")
+            if p.name.removeprefix(BACKUP_PREFIX).isdigit() and p.is_file() and not p.is_symlink()
+        ]
+        found = sorted(found)[-1:]
+    return [path for _, path in sorted(found)]
 
 
 def _describe(report: AgentReport, sides: _Sides) -> None:
@@ -259,7 +270,7 @@ def _describe(report: AgentReport, sides: _Sides) -> None:
             f"{', ...' if len(sides.from_backup) > 5 else ''})"
         )
     report.notes += [
-        f"not reverted: {key!r} could not be read ({why}); it stays in {REVERTED_PREFIX}*"
+        f"not reverted: {key!r} could not be read ({why}); it stays in the moved directory"
         for key, why in sides.unreadable
     ]
 

@@ -19,6 +19,7 @@ from .errors import NoStore
 
 LEGACY_FILE = "sessions.json"
 ENTRIES_DIR = "sessions.d"
+REVERTED_PREFIX = "sessions.d.reverted."  # where `migrate --revert` moves sessions.d/
 AGENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -147,6 +148,8 @@ def resolve(source: str | os.PathLike[str] | None) -> Source:
     if path.name == ENTRIES_DIR:
         return Source(SourceKind.ENTRIES_DIR, path)
     if (path / LEGACY_FILE).exists() or (path / ENTRIES_DIR).exists():
+        return Source(SourceKind.SESSIONS_DIR, path)
+    if any(path.glob(f"{REVERTED_PREFIX}*")):  # (a revert to finish, or a finished one)
         return Source(SourceKind.SESSIONS_DIR, path)
     raise NoStore(
         f"{path} holds no session store: expected agents/<id>/sessions/, "

@@ -248,7 +248,7 @@ async def test_an_updates_calls_skip_the_hop_but_never_hold_up_the_mount(
     caplog.set_level(logging.INFO, "sessionfs")
     gates = _TimedGates()
     # thresholds far above any real fsync, so only the test's sleeps are slow
-    quick = QuickCalls(wait_seconds=0.5, slow_seconds=0.2)
+    quick = QuickCalls(wait_seconds=0.5, slow_seconds=0.2)  # (set lower for the hang below)
     fs = make_filesystem(sessions.path.parent, gates, quick=quick)
     fs.index.watch(None)
     drive = Driver(fs, pytest.MonkeyPatch())
@@ -260,21 +260,35 @@ async def test_an_updates_calls_skip_the_hop_but_never_hold_up_the_mount(
         return gates.write_threads[-1]
 
     assert await commit("fast") == THREAD_NAME  # no trio thread hop while the disk is fast
-    await fs.index.refresh(root, ["cron:1"])  # as after the commit's inotify event
+    await fs.index.refresh(root, ["cron:1"], event=True)  # as after the commit's event
     assert gates.stat_threads[-1] == THREAD_NAME
 
-    # a disk that hangs for a second: the trio thread waits 0.5 s at most, then
-    # serves everyone else while the commit still runs
+    # a disk that hangs: the trio thread waits 0.1 s at most, then serves everyone
+    # else while the commit still runs; a commit of another key meanwhile goes to a
+    # worker thread, never behind the hung one
+    quick.wait_seconds = 0.1
     gates.slow = 1.5
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(commit, "hung-disk")
-        await trio.to_thread.run_sync(lambda: time.sleep(0.05))  # it is in the quick thread
-        started = time.perf_counter()
-        assert await drive.read("agent:a:main.json") == entry_bytes("agent-a-main")
-        assert time.perf_counter() - started < 1.0
+
+    def trio_latency_later() -> float:
+        """From another thread, 0.3 s into the hang: how long trio takes to answer."""
+        time.sleep(0.3)
+        asked = time.perf_counter()
+        trio.from_thread.run_sync(lambda: None)
+        return time.perf_counter() - asked
+
+    async with trio.open_nursery() as writers:
+        writers.start_soon(commit, "hung-disk")
+        assert await trio.to_thread.run_sync(trio_latency_later) < 0.3  # not held 1.5 s
+        hung_in = gates.write_threads[-1]
+        await drive.write("hook:100%25done.json", entry_bytes("after-a-slow-one"))
+        assert gates.write_threads[-1] != THREAD_NAME  # worker threads for a while
+        mock_clock.jump(THREADED_SECONDS)  # that while is over; the quick thread still hangs
+        await drive.write("agent:a:main.json", entry_bytes("meanwhile"))
+        assert gates.write_threads[-1] != THREAD_NAME  # not queued behind the hung call
+        assert sessions.read("agent:a:main").data == entry_bytes("meanwhile")
+    assert hung_in == THREAD_NAME
     assert "the disk is slow" in caplog.text
-    assert await commit("after-a-slow-one") != THREAD_NAME  # worker threads for a while
-    mock_clock.jump(THREADED_SECONDS)
+    quick.wait_seconds = 0.5
     assert await commit("fast-again") == THREAD_NAME
 
     gates.slow = 0.3  # slow, though done within the wait

@@ -14,15 +14,19 @@ import pytest
 
 from sessionfs import migrate, sources
 from sessionfs.cli import main as cli
-from sessionfs.migrate import MIGRATED_FROM, Outcome, migrate_source
-from sessionfs.revert import (
+from sessionfs.migrate import (
+    MIGRATED_FROM,
     REVERT_DONE,
-    REVERTED_PREFIX,
+    Outcome,
+    migrate_source,
+)
+from sessionfs.revert import (
     migration_backups,
     revert_command,
     revert_source,
     unread_migrations,
 )
+from sessionfs.sources import REVERTED_PREFIX
 from sessionfs.store import SessionStore
 from tests.helpers import entry, entry_bytes
 from tests.mounting import mounted, sessionfs, wait_for
@@ -317,3 +321,62 @@ def test_the_mount_and_status_say_so_loudly(migrated: Path, tmp_path: Path) -> N
         assert "a gateway wrote a new sessions.json" in again.stderr  # on the terminal too
     finally:
         sessionfs("umount", str(tmp_path / "mnt"))
+
+
+def test_an_unusable_sessions_json_stops_the_revert_before_anything_moves(migrated: Path) -> None:
+    (migrated / "sessions.json").write_bytes(b"{ torn")
+    (report,) = revert_source(sources.resolve(migrated))
+    assert report.outcome is Outcome.FAILED
+    assert "cannot be merged" in report.reason
+    assert (migrated / "sessions.d").is_dir()
+    assert kept_dirs(migrated) == []
+    (migrated / "sessions.json").unlink()
+    os.mkfifo(migrated / "sessions.json")  # would block a plain read forever
+    (report,) = revert_source(sources.resolve(migrated))
+    assert "not a regular file" in report.reason
+    assert (migrated / "sessions.d").is_dir()
+
+
+def test_a_second_cycle_does_not_bring_back_what_the_gateway_removed(migrated: Path) -> None:
+    revert_source(sources.resolve(migrated))
+    store = reverted(migrated)
+    del store[""], store["cron:odd"]  # the gateway dropped them after the first revert
+    legacy_store(migrated, store)
+    migrate_source(sources.resolve(migrated), progress=None)
+    revert_source(sources.resolve(migrated))
+    result = reverted(migrated)
+    assert "" not in result
+    assert "cron:odd" not in result
+
+
+def test_a_directory_restored_by_hand_is_reverted_again(migrated: Path) -> None:
+    revert_source(sources.resolve(migrated))
+    (kept,) = kept_dirs(migrated)
+    kept.rename(migrated / "sessions.d")  # the user undid the revert by hand
+    (migrated / "sessions.json").unlink()
+    assert _run_revert(migrated, crash_at="revert-moved") == -signal.SIGKILL
+    (report,) = revert_source(sources.resolve(migrated))
+    assert report.outcome is Outcome.REVERTED, report.lines()
+    assert "cron:a" in reverted(migrated)
+
+
+def test_an_interrupted_revert_is_finished_before_anything_migrates_again(
+    migrated: Path,
+) -> None:
+    legacy_store(migrated, {"cron:gw": entry("s-gw", 50)})
+    assert _run_revert(migrated, crash_at="revert-moved") == -signal.SIGKILL
+    (report,) = migrate_source(sources.resolve(migrated), progress=None)
+    assert report.outcome is Outcome.FAILED
+    assert "sessionfs migrate --revert" in report.reason
+    assert not (migrated / "sessions.d").exists()  # the gateway's file was not migrated
+    (report,) = revert_source(sources.resolve(migrated))
+    assert report.outcome is Outcome.REVERTED
+    assert {"cron:a", "cron:gw"} <= set(reverted(migrated))
+
+
+def test_a_dry_run_counts_what_the_gateway_wrote(migrated: Path) -> None:
+    legacy_store(migrated, {"cron:gw": entry("s-gw", 50)})
+    (report,) = revert_source(sources.resolve(migrated), dry_run=True)
+    assert "would revert 5 entries" in report.lines()[0]
+    (report,) = revert_source(sources.resolve(migrated))
+    assert "reverted 5 entries" in report.lines()[0]

@@ -349,18 +349,20 @@ class Index:
         # events lost meanwhile (an overflow, a failed stat, a lost watch) make it partial
         parent.complete = complete
 
-    async def refresh(self, parent: Dir, keys: list[str]) -> None:
-        """The watcher saw *keys* change: stat them and tell the kernel what differs."""
-        with self._looking(parent) as stamp:
-            await self._refresh(parent, keys, stamp)
+    async def refresh(self, parent: Dir, keys: list[str], *, event: bool = False) -> None:
+        """The watcher saw *keys* change: stat them and tell the kernel what differs.
 
-    async def _refresh(self, parent: Dir, keys: list[str], stamp: int) -> None:
+        *event*: an inotify event of a ``sessions.d/`` (a few stats, a quick call).
+        """
+        with self._looking(parent) as stamp:
+            await self._refresh(parent, keys, stamp, quick=event and len(keys) <= QUICK_STATS)
+
+    async def _refresh(
+        self, parent: Dir, keys: list[str], stamp: int, *, quick: bool = False
+    ) -> None:
         try:
             stats = await self.backings.run(
-                parent.agent_id,
-                "stat",
-                lambda b: b.stat_many(keys),
-                quick=len(keys) <= QUICK_STATS,  # the event of one update
+                parent.agent_id, "stat", lambda b: b.stat_many(keys), quick=quick
             )
         except OSError as exc:
             self._unknown(parent, keys, exc)

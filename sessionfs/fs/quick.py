@@ -15,7 +15,8 @@ like any threaded one, and a call slower than :data:`SLOW_SECONDS` sends every
 call to ordinary worker threads for :data:`THREADED_SECONDS`, doubled each time
 the disk is found slow again, up to :data:`MAX_THREADED_SECONDS`.  While the
 dedicated thread is still busy (with a call that outlived its wait), new calls
-never queue behind it.
+never queue behind it; and while other tasks of the mount are ready to run
+(concurrent updates), calls go to worker threads, which serve them in parallel.
 """
 
 from __future__ import annotations
@@ -88,9 +89,16 @@ class QuickCalls:
         self._current: _Call[object] | None = None  # the last call handed over
 
     def available(self) -> bool:
-        """Whether a call handed over now would start at once, on a fast disk."""
+        """Whether a call handed over now would start at once, on a fast disk, with no
+        other task of the mount ready to run (concurrent updates are better served by
+        worker threads in parallel than one after another on the trio thread)."""
         idle = self._current is None or self._current.done.is_set()
-        return self.enabled and idle and trio.current_time() >= self.threaded_until
+        return (
+            self.enabled
+            and idle
+            and trio.current_time() >= self.threaded_until
+            and not trio.lowlevel.current_statistics().tasks_runnable
+        )
 
     async def run(self, fn: Callable[[], _T], what: str) -> _T:
         """Run *fn* in the quick thread; the caller checked :meth:`available`."""
@@ -102,10 +110,12 @@ class QuickCalls:
         self._calls.put(call)  # type: ignore[arg-type]
         if not call.done.wait(self.wait_seconds):
             self._slow(what, None)
-            # the disk hangs or crawls: wait like any threaded call, holding no one up
-            await trio.to_thread.run_sync(call.done.wait, abandon_on_cancel=True)
+            # the disk hangs or crawls: wait like any threaded call (which an unmount
+            # also waits for: a commit is never left running behind it), holding no one up
+            await trio.to_thread.run_sync(call.done.wait)
         elif call.seconds >= self.slow_seconds:
             self._slow(what, call.seconds)
+        await trio.lowlevel.cancel_shielded_checkpoint()  # the others' turn before ours goes on
         return call.outcome()
 
     def _serve(self) -> None:

@@ -222,7 +222,7 @@ class Watcher:
         for agent_id, keys in changed.items():
             parent = self.index.dir_of(agent_id)
             if parent is not None:  # else the kernel knows nothing of it yet
-                await self.index.refresh(parent, sorted(keys))
+                await self.index.refresh(parent, sorted(keys), event=True)
 
     # -- structure ---------------------------------------------------------
 
