@@ -48,6 +48,7 @@ class Backings:
         self.quick = quick or QuickCalls()
         self.calls: collections.Counter[str] = collections.Counter()
         self.lock_waits = 0  # calls that found a key locked by another process
+        self._threaded = 0  # store calls running in worker threads now
         self._queues: dict[tuple[str | None, str], _Queue] = {}
         self._reported: dict[tuple[str | None, str], float] = {}  # key -> when last logged
         # Every wait for a key in progress, so that an unmount ends them all at once
@@ -96,9 +97,14 @@ class Backings:
             except NoStore:  # only opening raises it
                 raise EntryNotFound(f"agent {agent_id!r} has no store any more") from None
 
-        if quick and self.quick.available():
+        if quick and self.quick.available(threads_busy=self._threaded > 0):
+            self.calls[f"{what} (quick)"] += 1
             return await self.quick.run(run, what)
-        return await trio.to_thread.run_sync(run, limiter=self.limiter)
+        self._threaded += 1
+        try:
+            return await trio.to_thread.run_sync(run, limiter=self.limiter)
+        finally:
+            self._threaded -= 1
 
     async def thread(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run a catalog-level call (agents, watch targets, statvfs) in a worker thread."""

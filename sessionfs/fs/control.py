@@ -25,7 +25,8 @@ class MountStatistics:
 
     requests: Mapping[str, int]  # requests answered, per kind
     request_ms: Mapping[str, float]  # time spent answering them, per kind
-    store_calls: Mapping[str, int]  # calls into the stores (disk I/O), per kind
+    store_calls: Mapping[str, int]  # calls into the stores (disk I/O), per kind; "(quick)":
+    # of those, the ones answered by the quick thread (see fs/quick.py)
     inodes: int  # now: nodes the daemon holds
     open_files: int  # now
     scratch_bytes: int  # now: editor and tool temporaries held in memory

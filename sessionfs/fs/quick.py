@@ -15,8 +15,9 @@ like any threaded one, and a call slower than :data:`SLOW_SECONDS` sends every
 call to ordinary worker threads for :data:`THREADED_SECONDS`, doubled each time
 the disk is found slow again, up to :data:`MAX_THREADED_SECONDS`.  While the
 dedicated thread is still busy (with a call that outlived its wait), new calls
-never queue behind it; and while other tasks of the mount are ready to run
-(concurrent updates), calls go to worker threads, which serve them in parallel.
+never queue behind it, and while store calls run in worker threads, new calls
+join them there.  After each call the trio thread lets the other tasks run
+before the caller goes on, so concurrent updates take turns.
 """
 
 from __future__ import annotations
@@ -88,16 +89,18 @@ class QuickCalls:
         self._thread: threading.Thread | None = None
         self._current: _Call[object] | None = None  # the last call handed over
 
-    def available(self) -> bool:
-        """Whether a call handed over now would start at once, on a fast disk, with no
-        other task of the mount ready to run (concurrent updates are better served by
-        worker threads in parallel than one after another on the trio thread)."""
+    def available(self, *, threads_busy: bool = False) -> bool:
+        """Whether a call handed over now would start at once, on a fast disk.
+
+        *threads_busy*: store calls are running in worker threads; the disk is then
+        shared anyway, and a call joins them rather than holding the trio thread.
+        """
         idle = self._current is None or self._current.done.is_set()
         return (
             self.enabled
             and idle
+            and not threads_busy
             and trio.current_time() >= self.threaded_until
-            and not trio.lowlevel.current_statistics().tasks_runnable
         )
 
     async def run(self, fn: Callable[[], _T], what: str) -> _T:
