@@ -540,7 +540,8 @@ def bench_sqlite(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
     event = orjson.dumps({"type": "message", "text": "x" * 1000}).decode()
     db = sqlite3.connect(database)
     db.executemany(
-        "INSERT INTO transcript_events VALUES (?, ?, ?, 1, NULL)",
+        "INSERT INTO transcript_events (session_id, seq, event_json, created_at) "
+        "VALUES (?, ?, ?, 1)",
         ((big_session, 100 + seq, event) for seq in range(100 * 1024 * 1024 // len(event))),
     )
     db.commit()

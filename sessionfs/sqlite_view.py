@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
+import zstandard
+
 from . import entry as entry_rules
 from .errors import EntryNotFound, ReadOnlyStore, SessionFSError
 from .store import Snapshot
@@ -69,7 +71,6 @@ class SqliteView:
         self._opened = 0  # connections opened so far
         self._shapes: dict[str, tuple[int, int]] = {}  # key -> (CRC of its row, shown size)
         self._newest = 0  # the newest updated_at seen by changed_keys()
-        self._warned_compressed: set[str] = set()
         # every transcript's summary, and the data_version it was taken at
         self._transcripts_at: tuple[tuple[int, int], dict[str, Any]] | None = None
         self._seen_keys: set[str] = set()
@@ -308,13 +309,12 @@ class SqliteView:
         """Events of *session_id* after *after_seq*, in order, each as one ``.jsonl`` line."""
         rows = self._query(
             lambda c: c.execute(
-                "SELECT seq, event_json FROM transcript_events "
-                "WHERE session_id = ? AND seq > ? AND event_json IS NOT NULL "
-                "ORDER BY seq LIMIT ?",
+                "SELECT seq, event_json, event_zstd, event_utf8_bytes FROM transcript_events "
+                "WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (session_id, after_seq, limit),
             ).fetchall()
         )
-        return [(seq, event.encode() + b"\n") for seq, event in rows]
+        return [(seq, _event_line(session_id, seq, *event)) for seq, *event in rows]
 
     def why_read_only(self) -> str:
         return (
@@ -404,21 +404,6 @@ class SqliteView:
         )
 
     def open_transcript(self, session_id: str) -> SqliteTranscript:
-        compressed = self._query(
-            lambda c: c.execute(
-                "SELECT COUNT(*) FROM transcript_events "
-                "WHERE session_id = ? AND event_json IS NULL",
-                (session_id,),
-            ).fetchone()[0]
-        )
-        if compressed and session_id not in self._warned_compressed:
-            self._warned_compressed.add(session_id)
-            log.warning(
-                "transcript %s: %d event(s) stored compressed (zstd) are left out; "
-                "sessionfs cannot decompress them (no zstd in Python 3.11's library)",
-                session_id,
-                compressed,
-            )
         return SqliteTranscript(self, session_id)
 
     def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
@@ -448,8 +433,8 @@ class SqliteTranscript:
             # from what is indexed now: a retry after SQLITE_BUSY continues, never repeats
             after = self._seqs[-1] if self._seqs else -(2**63)
             cursor = connection.execute(
-                "SELECT seq, length(CAST(event_json AS BLOB)) + 1 FROM transcript_events "
-                "WHERE session_id = ? AND seq > ? AND event_json IS NOT NULL ORDER BY seq",
+                f"SELECT seq, {_EVENT_BYTES} + 1 FROM transcript_events "
+                "WHERE session_id = ? AND seq > ? ORDER BY seq",
                 (self.session_id, after),
             )
             for seq, size in cursor:  # streamed: never every row at once
@@ -485,12 +470,44 @@ class SqliteTranscript:
         pass
 
 
+# An event's bytes in the .jsonl: its JSON's UTF-8 length, or for one stored
+# compressed the length the gateway recorded (the schema requires it), so sizes and
+# offsets are known without decompressing anything.
+_EVENT_BYTES = "COALESCE(length(CAST(event_json AS BLOB)), event_utf8_bytes, 0)"
 _TRANSCRIPTS = (
     "SELECT n.session_key, n.current_session_id, COUNT(e.seq), "
-    "COALESCE(SUM(length(CAST(e.event_json AS BLOB))), 0), COALESCE(MAX(e.created_at), 0) "
-    "FROM session_nodes n JOIN transcript_events e "
-    "ON e.session_id = n.current_session_id AND e.event_json IS NOT NULL "
+    f"COALESCE(SUM({_EVENT_BYTES.replace('event_', 'e.event_')}), 0), "
+    "COALESCE(MAX(e.created_at), 0) "
+    "FROM session_nodes n JOIN transcript_events e ON e.session_id = n.current_session_id "
 )
+MAX_EVENT_BYTES = 4 * 1024 * 1024  # the schema's bound on one event
+
+
+def _event_line(
+    session_id: str, seq: int, event_json: str | None, zstd: bytes | None, size: int | None
+) -> bytes:
+    """One event as its ``.jsonl`` line; a compressed one decompressed (``event_zstd``).
+
+    A compressed event that does not decompress to the size the gateway recorded
+    would shift every later offset of the file: it is an error, never a guess.
+    """
+    if event_json is not None:
+        return event_json.encode() + b"\n"
+    if zstd is None:
+        return b"\n"  # (the schema allows neither; a blank line keeps offsets whole)
+    try:
+        # (one decompressor per call: they may not be shared between threads)
+        data = zstandard.ZstdDecompressor().decompress(zstd, max_output_size=MAX_EVENT_BYTES)
+    except zstandard.ZstdError as exc:
+        raise SessionFSError(
+            f"transcript {session_id}: event {seq} does not decompress: {exc}"
+        ) from None
+    if size is not None and len(data) != size:
+        raise SessionFSError(
+            f"transcript {session_id}: event {seq} decompresses to {len(data)} bytes, "
+            f"not the {size} recorded"
+        )
+    return data + b"\n"
 
 
 def _pretty(entry_json: str) -> bytes:

@@ -38,6 +38,8 @@ CREATE TABLE transcript_events (
   event_json TEXT,
   created_at INTEGER NOT NULL,
   event_zstd BLOB,
+  event_utf8_bytes INTEGER,
+  navigation_json TEXT,
   PRIMARY KEY (session_id, seq)
 );
 """
@@ -81,7 +83,9 @@ def put_session(db: sqlite3.Connection, key: str, entry: dict[str, object]) -> N
     )
     for seq, event in enumerate(events_of(sid)):
         db.execute(
-            "INSERT OR IGNORE INTO transcript_events VALUES (?, ?, ?, 1, NULL)", (sid, seq, event)
+            "INSERT OR IGNORE INTO transcript_events (session_id, seq, event_json, created_at) "
+            "VALUES (?, ?, ?, 1)",
+            (sid, seq, event),
         )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+import zstandard
 
 from sessionfs import entry as entry_rules
 from sessionfs import sources
@@ -204,7 +205,11 @@ def test_tail_f_of_a_sqlite_transcript(mnt: Mount, sqlite_state: Path) -> None:
         os.set_blocking(tail.stdout.fileno(), False)
         db = sqlite3.connect(database_of(sqlite_state, "main"))
         event = '{"type":"message","id":"late"}'
-        db.execute("INSERT INTO transcript_events VALUES ('s-main', 10, ?, 2, NULL)", (event,))
+        db.execute(
+            "INSERT INTO transcript_events (session_id, seq, event_json, created_at) "
+            "VALUES ('s-main', 10, ?, 2)",
+            (event,),
+        )
         db.commit()
         db.close()
         got = b""
@@ -248,7 +253,10 @@ def test_a_listing_of_many_sessions_shows_every_transcript_and_follows_commits(
         for key, entry in many.items():
             assert sizes[key + ".jsonl"] == len(expected_transcript(str(entry["sessionId"])))
         db = sqlite3.connect(database_of(state, "main"))
-        db.execute("INSERT INTO transcript_events VALUES ('s3', 9, '{}', 2, NULL)")
+        db.execute(
+            "INSERT INTO transcript_events (session_id, seq, event_json, created_at) "
+            "VALUES ('s3', 9, '{}', 2)"
+        )
         db.commit()
         db.close()
         grown = len(expected_transcript("s3")) + 3
@@ -282,20 +290,45 @@ def test_removing_an_entry_says_why_it_is_refused(mnt: Mount) -> None:
     assert "OpenClaw's own database" in errors
 
 
-def test_compressed_events_are_reported_not_silently_dropped(
-    sqlite_state: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def compress_events(db: sqlite3.Connection, session_id: str) -> None:
+    """Store every event of *session_id* compressed, as the gateway does for large ones."""
+    for seq, event in db.execute(
+        "SELECT seq, event_json FROM transcript_events WHERE session_id = ?", (session_id,)
+    ).fetchall():
+        data = event.encode()
+        db.execute(
+            "UPDATE transcript_events SET event_json = NULL, event_zstd = ?, "
+            "event_utf8_bytes = ?, navigation_json = '{}' WHERE session_id = ? AND seq = ?",
+            (zstandard.ZstdCompressor().compress(data), len(data), session_id, seq),
+        )
+
+
+def test_compressed_events_read_as_the_lines_they_were(sqlite_state: Path) -> None:
     db = sqlite3.connect(database_of(sqlite_state, "main"))
-    db.execute(
-        "UPDATE transcript_events SET event_json = NULL, event_zstd = x'28b52ffd' "
-        "WHERE session_id = 's-main' AND seq = 1"
-    )
+    compress_events(db, "s-main")
+    db.commit()
+    db.close()
+    view = SqliteView(database_of(sqlite_state, "main"))
+    expected = expected_transcript("s-main")
+    (found,) = view.transcript_stats(["agent:main:main"])
+    assert found is not None
+    assert found[2] == len(expected)  # sizes known without decompressing
+    stream = view.open_transcript("s-main")
+    assert stream.read(0, 1 << 20) == expected
+    assert stream.read(5, 20) == expected[5:25]  # any offset
+    view.close()
+
+
+def test_a_corrupt_compressed_event_is_an_error_not_a_shifted_file(sqlite_state: Path) -> None:
+    db = sqlite3.connect(database_of(sqlite_state, "main"))
+    compress_events(db, "s-main")
+    db.execute("UPDATE transcript_events SET event_zstd = x'28b52ffd' WHERE seq = 1")
     db.commit()
     db.close()
     view = SqliteView(database_of(sqlite_state, "main"))
     stream = view.open_transcript("s-main")
-    assert stream.read(0, 1 << 20) == expected_transcript("s-main").splitlines(True)[0]
-    assert "1 event(s) stored compressed (zstd) are left out" in caplog.text
+    with pytest.raises(SessionFSError, match="does not decompress"):
+        stream.read(0, 1 << 20)
     view.close()
 
 
