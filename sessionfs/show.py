@@ -21,6 +21,7 @@ import orjson
 from . import entry as entry_rules
 from .errors import EntryNotFound, SessionFSError
 from .legacy import LegacyView
+from .migrate import BACKUP_PREFIX
 from .sources import AgentStore, Era, Source, SourceKind
 from .sqlite_view import SqliteView
 from .store import SessionStore
@@ -28,7 +29,9 @@ from .transcripts import TranscriptFile, parsed, transcript_name
 
 READ_CHUNK = 1 << 20
 COMPACT_LIMIT = 300  # characters of an unknown event shown
-ARCHIVE_RE = re.compile(r"^(?P<name>.+\.jsonl)\.(?P<reason>reset|deleted|bak)\.(?P<when>.+)$")
+ARCHIVE_RE = re.compile(
+    r"^(?P<name>.+\.jsonl)\.(?P<reason>reset|deleted|bak)\.(?P<when>.+?)(?:\.zst)?$"
+)
 
 
 class UsageError(SessionFSError):
@@ -122,21 +125,59 @@ def transcript_lines(agent: AgentStore, key: str) -> Iterator[bytes]:
 
 
 def earlier_transcripts(agent: AgentStore, key: str) -> list[Earlier]:
-    """Resets, rollovers and archives of *key*'s transcripts, oldest first."""
+    """Resets, rollovers and archives of *key*'s transcripts, oldest first.
+
+    JSON and directory eras keep no link from a key to its earlier ``sessionId``s
+    but the older copies of its entry: every ``sessions.json.bak.*`` (OpenClaw's
+    rotations, sessionfs's migrations) and a ``sessions.json`` beside ``sessions.d/``
+    are looked in, and each earlier id's transcript and archives are listed.
+    """
     if agent.era() is Era.SQLITE:
         return _earlier_in_database(agent, key)
-    value = parsed(_entry_of(agent, key))
-    current = transcript_name(value, agent.sessions_dir)
+    current = transcript_name(parsed(_entry_of(agent, key)), agent.sessions_dir)
+    names = {current} if current is not None else set()
+    earlier = _earlier_names(agent, key) - names
     found = []
-    if current is not None and agent.sessions_dir.is_dir():
+    if agent.sessions_dir.is_dir():
         for dirent in os.scandir(agent.sessions_dir):
+            if not dirent.is_file(follow_symlinks=False):
+                continue
             match = ARCHIVE_RE.match(dirent.name)
-            if match and match.group("name") == current and dirent.is_file(follow_symlinks=False):
+            if match and match.group("name") in names | earlier:
                 st = dirent.stat(follow_symlinks=False)
                 found.append(
                     Earlier(match.group("reason"), match.group("when"), st.st_size, dirent.name)
                 )
+            elif dirent.name in earlier:
+                st = dirent.stat(follow_symlinks=False)
+                when = dt.datetime.fromtimestamp(st.st_mtime, dt.UTC)
+                found.append(
+                    Earlier(
+                        "earlier session",
+                        when.isoformat(timespec="seconds"),
+                        st.st_size,
+                        dirent.name,
+                    )
+                )
     return sorted(found, key=lambda e: e.when)
+
+
+def _earlier_names(agent: AgentStore, key: str) -> set[str]:
+    """Transcript names *key*'s entry had in the older copies of the store."""
+    copies = sorted(agent.sessions_dir.glob(f"{BACKUP_PREFIX}*"))
+    if agent.era() is Era.DIRECTORY:
+        copies.append(agent.legacy)  # (a gateway that never read sessions.d/)
+    names = set()
+    for copy in copies:
+        with contextlib.suppress(OSError, ValueError, SessionFSError):
+            if copy.is_symlink() or not copy.is_file():
+                continue
+            store = entry_rules.loads(copy.read_bytes())
+            if isinstance(store, dict):
+                name = transcript_name(store.get(key), agent.sessions_dir)
+                if name is not None:
+                    names.add(name)
+    return names
 
 
 def _earlier_in_database(agent: AgentStore, key: str) -> list[Earlier]:
@@ -145,7 +186,8 @@ def _earlier_in_database(agent: AgentStore, key: str) -> list[Earlier]:
         rows = view._query(
             lambda c: c.execute(
                 "SELECT w.session_id, w.reason, w.created_at, "
-                "(SELECT COALESCE(SUM(length(CAST(e.event_json AS BLOB)) + 1), 0) "
+                "(SELECT COALESCE(SUM(COALESCE(length(CAST(e.event_json AS BLOB)), "
+                "e.event_utf8_bytes, 0) + 1), 0) "
                 " FROM transcript_events e WHERE e.session_id = w.session_id) "
                 "FROM session_windows w WHERE w.session_key = ? ORDER BY w.created_at",
                 (key,),

@@ -90,6 +90,24 @@ def test_history_lists_earlier_transcripts(state_dir: Path) -> None:
     assert "2026-10-01T00-00-00.000Z  reset" in result.stdout
 
 
+def test_history_finds_earlier_session_ids_in_older_copies_of_the_store(
+    state_dir: Path,
+) -> None:
+    """After a reset the entry names a new sessionId; the old one is in the backups."""
+    sessions = state_dir / "agents/main/sessions"
+    store = orjson.loads((sessions / "sessions.json").read_bytes())
+    older = {**store, KEY: {**store[KEY], "sessionId": "s-before-reset"}}
+    (sessions / "sessions.json.bak.1700000000000").write_bytes(orjson.dumps(older))
+    (sessions / "s-before-reset.jsonl.reset.2026-09-01T00-00-00.000Z").write_text("{}\n{}\n")
+    (sessions / "s-before-reset.jsonl.deleted.2026-09-02T00-00-00.000Z.zst").write_bytes(b"z")
+    migrate_source(sources.resolve(state_dir), progress=None)  # (history survives it)
+    result = sessionfs("show", str(state_dir), KEY, "--history")
+    assert result.returncode == 0, result.stderr
+    assert "2026-09-01T00-00-00.000Z  reset" in result.stdout
+    assert "s-before-reset.jsonl.reset.2026-09-01T00-00-00.000Z" in result.stdout
+    assert "2026-09-02T00-00-00.000Z  deleted" in result.stdout
+
+
 def test_keys_without_an_agent_part_and_missing_ones(state_dir: Path) -> None:
     missing = sessionfs("show", str(state_dir), "cron:nope")
     assert missing.returncode == 1
