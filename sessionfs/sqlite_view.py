@@ -74,6 +74,7 @@ class SqliteView:
         # every transcript's summary, and the data_version it was taken at
         self._transcripts_at: tuple[tuple[int, int], dict[str, Any]] | None = None
         self._seen_keys: set[str] = set()
+        self._warned: set[str] = set()
         self._file_stat: os.stat_result | None = None
 
     # -- the connection --------------------------------------------------------
@@ -146,11 +147,18 @@ class SqliteView:
                     return run(self._connect())
                 except sqlite3.OperationalError as exc:
                     if "locked" not in str(exc) and "busy" not in str(exc):
+                        self._warn_once(f"cannot read {self.path}: {exc}")
                         raise SessionFSError(f"{self.path}: {exc}") from None
                     if attempt == BUSY_RETRIES - 1:
                         raise SessionFSError(f"{self.path}: busy for too long ({exc})") from None
             time.sleep(0.01)
         raise AssertionError("unreachable")
+
+    def _warn_once(self, message: str) -> None:
+        """A failing query answers EIO to every reader: say why, once per cause."""
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     def changed(self) -> bool:
         """Whether anything may have been committed since the last call.

@@ -387,3 +387,19 @@ def test_a_view_that_cannot_open_a_live_database_says_so(
             SqliteView(db).keys()
     finally:
         gateway.close()
+
+
+def test_a_failing_query_is_logged_once_not_only_answered_eio(
+    sqlite_state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = sqlite3.connect(database_of(sqlite_state, "main"))
+    db.execute("ALTER TABLE transcript_events DROP COLUMN navigation_json")
+    db.execute("ALTER TABLE transcript_events DROP COLUMN event_utf8_bytes")  # not schema 23
+    db.commit()
+    db.close()
+    view = SqliteView(database_of(sqlite_state, "main"))
+    for _ in range(3):
+        with pytest.raises(SessionFSError, match="event_utf8_bytes"):
+            view.open_transcript("s-main")
+    assert caplog.text.count("cannot read") == 1
+    view.close()
