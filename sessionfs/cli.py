@@ -169,8 +169,11 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .daemon import status
+    from .daemon import list_mounts, status
 
+    if args.mountpoint is None:
+        print(list_mounts())
+        return 0
     print(status(Path(args.mountpoint).expanduser()))
     return 0
 
@@ -434,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show what a sessionfs mount serves and its most recent rejected writes "
         "(a shell redirect exits 0 even when sessionfs refuses the content).",
     )
-    st.add_argument("mountpoint")
+    st.add_argument(
+        "mountpoint", nargs="?", help="a sessionfs mount; without it, every mount is listed"
+    )
     st.set_defaults(func=_cmd_status)
 
     mig = commands.add_parser(

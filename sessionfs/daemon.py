@@ -363,6 +363,9 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
         cache_timeout=CACHE_TIMEOUT,
         conflict=config.conflict,
         limits=limits,
+        log="stderr"
+        if ready_fd is None
+        else str(config.log_file or default_log_file(config.mountpoint)),
     )
     options = {"fsname=sessionfs", "subtype=sessionfs", "default_permissions"}
     if config.auto_unmount:
@@ -578,6 +581,21 @@ def unmount(path: Path, *, lazy: bool = False, timeout: float = UNMOUNT_WAIT) ->
             )
         time.sleep(0.02)
     return f"unmounted {path}"
+
+
+def list_mounts() -> str:
+    """``sessionfs status`` without a mountpoint: every sessionfs mount this user can see."""
+    lines = []
+    for mountpoint in sessionfs_mounts():
+        try:
+            source = _read_control(mountpoint, "source").strip()
+            pid = _read_control(mountpoint, "pid").strip()
+            log_file = _read_control(mountpoint, "log").strip()
+        except OSError as exc:
+            lines.append(f"{mountpoint}: the daemon does not answer ({exc.strerror})")
+            continue
+        lines.append(f"{mountpoint}: source {source}, pid {pid}, log {log_file}")
+    return "\n".join(lines) if lines else "no sessionfs mounts"
 
 
 def status(path: Path) -> str:

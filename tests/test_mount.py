@@ -431,3 +431,21 @@ def test_a_hung_daemon_cannot_hang_status_or_umount(state_dir: Path, tmp_path: P
     finally:
         os.kill(mount.pid, signal.SIGCONT)
         cleanup(mount)
+
+
+def test_status_without_a_mountpoint_lists_every_mount(state_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    mnt = tmp_path / "listed"
+    mnt.mkdir()
+    started = sessionfs("mount", "--no-migrate", "--log", str(log), str(state_dir), str(mnt))
+    assert started.returncode == 0, started.stderr
+    try:
+        result = sessionfs("status")
+        assert result.returncode == 0, result.stderr
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"{mnt}:")]
+        assert f"source {state_dir}" in line
+        assert f"log {log}" in line
+        assert "pid " in line
+    finally:
+        sessionfs("umount", str(mnt))
+    assert f"{mnt}:" not in sessionfs("status").stdout

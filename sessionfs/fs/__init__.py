@@ -72,6 +72,7 @@ def assemble(
     limiter: trio.CapacityLimiter | None = None,
     clock: Callable[[], float] = time.monotonic,
     quick: QuickCalls | None = None,
+    log: str = "stderr",
 ) -> Filesystem:
     """Build every part of a mount of *catalog*'s stores.
 
@@ -120,6 +121,6 @@ def assemble(
         )
 
     control = ControlFiles(
-        tree, source=catalog.source.path, statistics=statistics, rejections=rejections
+        tree, source=catalog.source.path, statistics=statistics, rejections=rejections, log=log
     )
     return Filesystem(operations, editing, graces, index, watcher, kernel, control)

@@ -54,6 +54,7 @@ class ControlFiles:
         source: Path,
         statistics: Callable[[], MountStatistics],
         rejections: Rejections,
+        log: str = "stderr",
     ) -> None:
         self.directory: Dir = tree.subdir(tree.root, CONTROL_DIR)
         # What the daemon's last background fsck found, set by the daemon; reading
@@ -65,6 +66,7 @@ class ControlFiles:
             "stats": lambda: statistics().render(),
             "errors": rejections.render,
             "fsck": lambda: self.last_check,
+            "log": f"{log}\n".encode,  # where the daemon logs (`sessionfs status`)
         }
         for name, render in self.files.items():
             tree.control(self.directory, name, render)
