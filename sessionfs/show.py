@@ -24,11 +24,13 @@ from .legacy import LegacyView
 from .migrate import BACKUP_PREFIX
 from .sources import AgentStore, Era, Source, SourceKind
 from .sqlite_view import SqliteView
-from .store import SessionStore
+from .store import SessionStore, read_small_file
 from .transcripts import TranscriptFile, parsed, transcript_name
 
 READ_CHUNK = 1 << 20
 COMPACT_LIMIT = 300  # characters of an unknown event shown
+MAX_BACKUP_BYTES = 512 * 1024 * 1024  # a backup larger than this is not looked in
+ARCHIVE_STAMP_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d)-(\d\d)-(\d\d)(\.\d+)?Z$")
 ARCHIVE_RE = re.compile(
     r"^(?P<name>.+\.jsonl)\.(?P<reason>reset|deleted|bak)\.(?P<when>.+?)(?:\.zst)?$"
 )
@@ -104,7 +106,7 @@ def transcript_lines(agent: AgentStore, key: str) -> Iterator[bytes]:
             if session_id is None:
                 raise EntryNotFound(f"no session {key!r} in {agent.label}")
             after = -(2**63)
-            while chunk := view.transcript_chunk(session_id, after, 500):
+            while chunk := view.transcript_chunk(session_id, after, 16):  # (16 x 4 MiB at most)
                 for _, line in chunk:
                     yield line
                 after = chunk[-1][0]
@@ -146,7 +148,9 @@ def earlier_transcripts(agent: AgentStore, key: str) -> list[Earlier]:
             if match and match.group("name") in names | earlier:
                 st = dirent.stat(follow_symlinks=False)
                 found.append(
-                    Earlier(match.group("reason"), match.group("when"), st.st_size, dirent.name)
+                    Earlier(
+                        match.group("reason"), _stamp(match.group("when")), st.st_size, dirent.name
+                    )
                 )
             elif dirent.name in earlier:
                 st = dirent.stat(follow_symlinks=False)
@@ -170,9 +174,10 @@ def _earlier_names(agent: AgentStore, key: str) -> set[str]:
     names = set()
     for copy in copies:
         with contextlib.suppress(OSError, ValueError, SessionFSError):
-            if copy.is_symlink() or not copy.is_file():
+            data = read_small_file(copy, limit=MAX_BACKUP_BYTES)  # no FIFO, no symlink
+            if data is None:
                 continue
-            store = entry_rules.loads(copy.read_bytes())
+            store = entry_rules.loads(data)
             if isinstance(store, dict):
                 name = transcript_name(store.get(key), agent.sessions_dir)
                 if name is not None:
@@ -217,10 +222,21 @@ def _earlier_in_database(agent: AgentStore, key: str) -> list[Earlier]:
     return sorted(found, key=lambda e: e.when)
 
 
-def _iso(epoch_ms: int | None) -> str:
+def _iso(epoch_ms: float | None) -> str:
+    """One format for every time in the history, so that they sort as times."""
     if not epoch_ms:
         return "?"
-    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _stamp(when: str) -> str:
+    """An archive name's time (``2026-09-01T00-00-00.000Z``, or epoch ms) as :func:`_iso`."""
+    match = ARCHIVE_STAMP_RE.match(when)
+    if match:
+        return f"{match.group(1)}:{match.group(2)}:{match.group(3)}Z"
+    if when.isdigit():
+        return _iso(int(when))
+    return when
 
 
 # -- rendering ----------------------------------------------------------------------

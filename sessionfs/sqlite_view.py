@@ -145,8 +145,11 @@ class SqliteView:
             with self._lock:
                 try:
                     return run(self._connect())
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
+                except sqlite3.DatabaseError as exc:  # corrupt, not a database, schema drift
+                    busy = isinstance(exc, sqlite3.OperationalError) and (
+                        "locked" in str(exc) or "busy" in str(exc)
+                    )
+                    if not busy:
                         self._warn_once(f"cannot read {self.path}: {exc}")
                         raise SessionFSError(f"{self.path}: {exc}") from None
                     if attempt == BUSY_RETRIES - 1:
@@ -322,7 +325,11 @@ class SqliteView:
                 (session_id, after_seq, limit),
             ).fetchall()
         )
-        return [(seq, _event_line(session_id, seq, *event)) for seq, *event in rows]
+        try:
+            return [(seq, _event_line(session_id, seq, *event)) for seq, *event in rows]
+        except SessionFSError as exc:  # answered EIO: say why in the log too
+            self._warn_once(str(exc))
+            raise
 
     def why_read_only(self) -> str:
         return (
@@ -462,15 +469,20 @@ class SqliteTranscript:
         if offset >= self._end or size <= 0:
             return b""
         first = bisect.bisect_right(self._starts, offset) - 1
+        # only the events the asked bytes lie in: a compressed one is decompressed
+        # only when read, and a corrupt one fails only the reads that reach it
+        last = bisect.bisect_left(self._starts, offset + size) - 1
+        wanted = last - first + 1
         out = bytearray()
         seq_from = self._seqs[first]
         skip = offset - self._starts[first]
-        while len(out) < skip + size:
-            chunk = self.view.transcript_chunk(self.session_id, seq_from - 1, 256)
+        while wanted > 0 and len(out) < skip + size:
+            chunk = self.view.transcript_chunk(self.session_id, seq_from - 1, min(wanted, 256))
             if not chunk:
                 break
             for _, line in chunk:
                 out += line
+            wanted -= len(chunk)
             seq_from = chunk[-1][0] + 1
         return bytes(out[skip : skip + size])
 
@@ -503,14 +515,23 @@ def _event_line(
         return event_json.encode() + b"\n"
     if zstd is None:
         return b"\n"  # (the schema allows neither; a blank line keeps offsets whole)
+    if size is None or not 1 <= size <= MAX_EVENT_BYTES:
+        raise SessionFSError(f"transcript {session_id}: event {seq} has no valid recorded size")
+    # A frame may claim any size: never allocate more than the recorded one.
     try:
+        claimed = zstandard.frame_content_size(zstd)  # -1: not in the frame header
+        if claimed not in (-1, size):
+            raise SessionFSError(
+                f"transcript {session_id}: event {seq} claims {claimed} bytes, "
+                f"not the {size} recorded"
+            )
         # (one decompressor per call: they may not be shared between threads)
-        data = zstandard.ZstdDecompressor().decompress(zstd, max_output_size=MAX_EVENT_BYTES)
-    except zstandard.ZstdError as exc:
+        data = zstandard.ZstdDecompressor().decompress(zstd, max_output_size=size)
+    except (zstandard.ZstdError, MemoryError) as exc:
         raise SessionFSError(
             f"transcript {session_id}: event {seq} does not decompress: {exc}"
         ) from None
-    if size is not None and len(data) != size:
+    if len(data) != size:
         raise SessionFSError(
             f"transcript {session_id}: event {seq} decompresses to {len(data)} bytes, "
             f"not the {size} recorded"

@@ -32,6 +32,19 @@ CREATE TABLE session_windows (
   created_at INTEGER NOT NULL,
   updated_at INTEGER NOT NULL
 );
+CREATE TABLE session_transcript_archives (
+  session_id TEXT NOT NULL,
+  generation TEXT NOT NULL,
+  session_key TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  encoding TEXT NOT NULL,
+  archive_blob BLOB NOT NULL,
+  archive_sha256 TEXT NOT NULL,
+  archive_name TEXT NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL,
+  published_at INTEGER,
+  PRIMARY KEY (session_id, generation)
+);
 CREATE TABLE transcript_events (
   session_id TEXT NOT NULL,
   seq INTEGER NOT NULL,

@@ -297,3 +297,26 @@ async def test_an_updates_calls_skip_the_hop_but_never_hold_up_the_mount(
     assert await commit("still-threaded") != THREAD_NAME
     mock_clock.jump(THREADED_SECONDS)
     assert await commit("fast-at-last") == THREAD_NAME
+
+
+async def test_readdir_never_replies_a_transcript_whose_session_was_renamed(
+    ops: Operations, sessions: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, sid in (("cron:a", "s-a"), ("cron:b", "s-b")):
+        sessions.write(key, entry_bytes(sid))
+        (sessions.path.parent / f"{sid}.jsonl").write_bytes(b'{"type":"session"}\n')
+    fh = await ops.opendir(pyfuse3.ROOT_INODE, CTX)
+    first = Replies(room=1)
+    monkeypatch.setattr(pyfuse3, "readdir_reply", first)
+    await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+    assert "cron:b.jsonl" not in first.names
+    # renamed between two readdir calls of one listing: its transcript goes with it
+    await ops.lookup(pyfuse3.ROOT_INODE, b"cron:b.json", CTX)  # as the kernel does first
+    await ops.rename(pyfuse3.ROOT_INODE, b"cron:b.json", pyfuse3.ROOT_INODE, b"cron:z.json", 0, CTX)
+    rest = Replies()
+    monkeypatch.setattr(pyfuse3, "readdir_reply", rest)
+    await ops.readdir(fh, first.next_ids[-1], None)  # type: ignore[arg-type]
+    await ops.releasedir(fh)
+    assert "cron:a.jsonl" in rest.names
+    assert "cron:b.jsonl" not in rest.names
+    assert "cron:b.json" not in rest.names

@@ -319,7 +319,9 @@ def test_compressed_events_read_as_the_lines_they_were(sqlite_state: Path) -> No
     view.close()
 
 
-def test_a_corrupt_compressed_event_is_an_error_not_a_shifted_file(sqlite_state: Path) -> None:
+def test_a_corrupt_compressed_event_is_an_error_not_a_shifted_file(
+    sqlite_state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     db = sqlite3.connect(database_of(sqlite_state, "main"))
     compress_events(db, "s-main")
     db.execute("UPDATE transcript_events SET event_zstd = x'28b52ffd' WHERE seq = 1")
@@ -327,8 +329,26 @@ def test_a_corrupt_compressed_event_is_an_error_not_a_shifted_file(sqlite_state:
     db.close()
     view = SqliteView(database_of(sqlite_state, "main"))
     stream = view.open_transcript("s-main")
+    first = expected_transcript("s-main").splitlines(True)[0]
+    assert stream.read(0, len(first)) == first  # reads that never reach it are whole
     with pytest.raises(SessionFSError, match="does not decompress"):
         stream.read(0, 1 << 20)
+    assert "does not decompress" in caplog.text  # said in the log, not only EIO
+    view.close()
+
+
+def test_a_frame_claiming_more_than_its_recorded_size_is_never_inflated(
+    sqlite_state: Path,
+) -> None:
+    db = sqlite3.connect(database_of(sqlite_state, "main"))
+    compress_events(db, "s-main")
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))  # 64 MiB of zeros
+    db.execute("UPDATE transcript_events SET event_zstd = ? WHERE seq = 0", (bomb,))
+    db.commit()
+    db.close()
+    view = SqliteView(database_of(sqlite_state, "main"))
+    with pytest.raises(SessionFSError, match="claims 67108864 bytes"):
+        view.open_transcript("s-main").read(0, 100)
     view.close()
 
 

@@ -193,7 +193,13 @@ def test_a_reset_makes_a_new_file_and_the_number_stays_otherwise(
     (sessions_of(state_dir) / "reset-1.jsonl").write_bytes(HEADER)
     with SessionStore(sessions_of(state_dir) / "sessions.d") as store:
         store.write(KEY, entry_bytes("reset-1"))
-    wait_for(lambda: shown.read_bytes() == HEADER, timeout=2, what="the new transcript")
+    def shows_the_new_one() -> bool:
+        try:
+            return shown.read_bytes() == HEADER
+        except FileNotFoundError:  # the old file went just as it was opened: look again
+            return False
+
+    wait_for(shows_the_new_one, timeout=2, what="the new transcript")
     assert shown.stat().st_ino != ino
 
 

@@ -169,13 +169,14 @@ class Operations(pyfuse3.Operations):
         while position < len(listing):
             name, node, key = listing[position]
             position += 1
-            if isinstance(node, File) and (
+            if isinstance(node, File | Transcript) and (
                 not node.linked
                 or node.parent is not handle.node
                 or node.key != key
                 or (key is None and node.name != name)
+                or (isinstance(node, Transcript) and handle.node.present(node.key) is None)
             ):
-                continue  # renamed or removed since the listing: never a stale name
+                continue  # renamed, removed or reset since the listing: never a stale name
             try:
                 if node is None:  # an agent: it may have gone since the listing
                     node = await self.names.find(handle.node, name)
