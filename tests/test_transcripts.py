@@ -193,6 +193,7 @@ def test_a_reset_makes_a_new_file_and_the_number_stays_otherwise(
     (sessions_of(state_dir) / "reset-1.jsonl").write_bytes(HEADER)
     with SessionStore(sessions_of(state_dir) / "sessions.d") as store:
         store.write(KEY, entry_bytes("reset-1"))
+
     def shows_the_new_one() -> bool:
         try:
             return shown.read_bytes() == HEADER
