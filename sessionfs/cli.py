@@ -297,6 +297,51 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_and_key(args: argparse.Namespace) -> tuple[sources.Source, str]:
+    if len(args.paths) > 2:
+        args.parser.error("expected [SOURCE] KEY")
+    source, key = (None, *args.paths) if len(args.paths) == 1 else args.paths
+    return sources.resolve(source), key
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from . import undo
+    from .show import UsageError
+
+    source, key = _source_and_key(args)
+    try:
+        if args.purge:
+            print(f"{key}: removed {undo.purge(source, key, agent_id=args.agent)} kept versions")
+            return 0
+        kept = undo.versions(source, key, agent_id=args.agent)
+    except UsageError as exc:
+        print(f"sessionfs: {exc}", file=sys.stderr)
+        return 2
+    if not kept:
+        print(f"{key}: no kept versions")
+    for version in kept:
+        print(f"{version.when}  {version.size:>8} bytes  (current until then)")
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from . import undo
+    from .show import UsageError
+
+    source, key = _source_and_key(args)
+    try:
+        at = undo.parse_time(args.at) if args.at is not None else None
+        restored = undo.restore(source, key, at=at, agent_id=args.agent)
+    except UsageError as exc:
+        print(f"sessionfs: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{key}: restored the version current until {restored.version.when} "
+        "(the one it replaced is kept: this restore can be undone too)"
+    )
+    return 0
+
+
 def _answers(mountpoint: Path) -> bool:
     """Whether a mount is alive (a dead one says "Transport endpoint is not connected")."""
     try:
@@ -464,6 +509,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for a gateway's sessions.json.lock (default 10)",
     )
     mig.set_defaults(func=_cmd_migrate)
+
+    hst = commands.add_parser(
+        "history",
+        help="list the kept versions of a session (every change keeps the one it replaces)",
+        description="List the versions of KEY that stopped being current, oldest first: "
+        "sessions.d/.history/<file>/<time>.json. --purge removes them all at once.",
+    )
+    hst.add_argument("paths", nargs="+", metavar="[SOURCE] KEY", help=SOURCE_HELP)
+    hst.add_argument("--agent", metavar="ID", help="the agent, for keys without agent:<id>:")
+    hst.add_argument("--purge", action="store_true", help="remove every kept version of KEY")
+    hst.set_defaults(func=_cmd_history, parser=hst)
+
+    rst = commands.add_parser(
+        "restore",
+        help="bring back the newest kept version of a session (also of a removed one)",
+        description="Write back the newest kept version of KEY, or with --at the one that was "
+        "current at that time, as a normal commit (the version it replaces is kept in turn).",
+        epilog="exit status: 0 restored, 1 nothing to restore, 2 usage error",
+    )
+    rst.add_argument("paths", nargs="+", metavar="[SOURCE] KEY", help=SOURCE_HELP)
+    rst.add_argument("--at", metavar="TIME", help="ISO time (UTC) or epoch seconds")
+    rst.add_argument("--agent", metavar="ID", help="the agent, for keys without agent:<id>:")
+    rst.set_defaults(func=_cmd_restore, parser=rst)
 
     exp = commands.add_parser(
         "export",

@@ -29,6 +29,7 @@ import trio
 
 from . import entry as entry_rules
 from .errors import EntryExists, EntryNotFound, InvalidEntry, UnsafeEntry
+from .history import History
 from .keys import filename_to_key, key_to_filename
 from .locking import KeyLocks
 
@@ -215,6 +216,7 @@ class SessionStore:
         *,
         create: bool = True,
         max_entry_bytes: int = entry_rules.DEFAULT_MAX_ENTRY_BYTES,
+        keep_history: bool = True,
     ) -> None:
         self.path = Path(path)
         self.max_entry_bytes = max_entry_bytes
@@ -230,6 +232,8 @@ class SessionStore:
                 raise UnsafeEntry(f"{self.path} is not a directory (or is a symlink)") from None
             raise
         self.locks = KeyLocks(self._dir_fd)
+        # every version that stops being current is kept (see .history)
+        self.history = History(self._dir_fd) if keep_history else None
         self._reported: set[str] = set()
         self.remove_stray_temps()
 
@@ -408,6 +412,8 @@ class SessionStore:
                 raise EntryChanged(key, expected, replaced)
             if refusal is not None:
                 raise refusal
+            if previous is not None:
+                self._keep(name)
             return Commit(self._commit(name, data, durable=durable, mtime_ns=mtime_ns), replaced)
 
     def update(
@@ -428,7 +434,8 @@ class SessionStore:
             new = change(current)
             data = entry_rules.dumps(new)
             entry_rules.validate(data, self.max_entry_bytes)
-            self._target(name)
+            if self._target(name) is not None:
+                self._keep(name)
             self._commit(name, data, durable=True)
             return new
 
@@ -479,6 +486,7 @@ class SessionStore:
                     return None
             else:
                 current = Snapshot(b"", self.stat(key))
+            self._keep(name)
             os.unlink(name, dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
             return current
@@ -502,6 +510,8 @@ class SessionStore:
             else:
                 if not replace:
                     raise EntryExists(f"session {new!r} exists")
+                self._keep(new_name)  # the version renamed over
+            self._keep(old_name)  # its key's last version, kept under the key it leaves
             try:
                 _renameat2(
                     self._dir_fd,
@@ -586,6 +596,11 @@ class SessionStore:
             return os.fstat(fd).st_ino == current.st_ino and _read_all(fd, len(data)) == data
         finally:
             os.close(fd)
+
+    def _keep(self, name: str) -> None:
+        """Keep the current version of *name* before it is replaced or removed (lock held)."""
+        if self.history is not None:
+            self.history.keep(name)
 
     def _commit(
         self, name: str, data: bytes, *, durable: bool, mtime_ns: int | None = None

@@ -163,12 +163,17 @@ def test_refused_replacement_keeps_the_session(
     assert (agent / NAME).read_bytes() == before
 
 
+def entries_of(store_dir: Path) -> dict[str, bytes]:
+    """Every file directly in a sessions.d/ (its kept versions live in a directory)."""
+    return {p.name: p.read_bytes() for p in store_dir.iterdir() if p.is_file()}
+
+
 def test_tar_round_trip_of_the_whole_mount(mnt: Mount, state_dir: Path, tmp_path: Path) -> None:
     store_dir = state_dir / "agents/main/sessions/sessions.d"
     # an entry migrated without updatedAt: the store keeps it as it is
     with SessionStore(store_dir) as store:
         store.write("cron:legacy", b'{"sessionId": "legacy"}', validate=False)
-    before = {name: (store_dir / name).read_bytes() for name in os.listdir(store_dir)}
+    before = entries_of(store_dir)
     archive = tmp_path / "mount.tar"
     names = sorted(os.listdir(mnt.path / "main"))
     assert run("tar", "-cf", str(archive), *names, cwd=mnt.path / "main").returncode == 0
@@ -179,8 +184,7 @@ def test_tar_round_trip_of_the_whole_mount(mnt: Mount, state_dir: Path, tmp_path
     refused = result.stderr.splitlines()[:-1]
     assert refused
     assert all(".jsonl: Cannot open:" in line for line in refused)
-    after = {name: (store_dir / name).read_bytes() for name in os.listdir(store_dir)}
-    assert after == before
+    assert entries_of(store_dir) == before
     rejected = [line for line in mnt.log_text().splitlines() if "rejected" in line]
     assert rejected
     assert all(".jsonl: transcripts are read-only" in line for line in rejected)

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from sessionfs.fsck import OWN_DOT_NAMES
 from sessionfs.keys import filename_to_key, key_to_display
 from sessionfs.store import SessionStore, Version
 from tests.driving import Clock, Driver, make_filesystem
@@ -190,7 +191,7 @@ class EditingModel(RuleBasedStateMachine):
     def store_matches_the_model(self) -> None:
         held = {}
         for name in os.listdir(self.gateway.path):
-            if name == ".lock":
+            if name in OWN_DOT_NAMES:  # the key locks, the kept versions
                 continue
             key = filename_to_key(name)
             assert key is not None, f"stray {name!r} in sessions.d"

@@ -15,12 +15,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import trio
 
 from sessionfs.errors import EntryExists, EntryNotFound, InvalidEntry, InvalidKey, UnsafeEntry
+from sessionfs.history import HISTORY_DIR
 from sessionfs.store import AsyncSessionStore, EntryChanged, SessionStore, Version
 from tests.helpers import entry, entry_bytes
 
@@ -61,7 +63,7 @@ def test_replace_changes_backing_inode_and_keeps_one_file(store: SessionStore) -
     first = store.stat("k")
     store.write("k", entry_bytes(updated_at=2))
     assert store.stat("k").st_ino != first.st_ino
-    assert sorted(os.listdir(store.path)) == [".lock", "k.json"]
+    assert sorted(os.listdir(store.path)) == [HISTORY_DIR, ".lock", "k.json"]  # + the old one
 
 
 @pytest.mark.parametrize(
@@ -89,7 +91,7 @@ def test_invalid_writes_are_refused_and_old_entry_stays(
     assert info.value.errno == code
     assert reason in str(info.value)
     assert store.read("k").data == entry_bytes()
-    assert sorted(os.listdir(store.path)) == [".lock", "k.json"]
+    assert sorted(os.listdir(store.path)) == [".lock", "k.json"]  # nothing kept: no change
 
 
 def test_size_cap_is_efbig(tmp_path: Path) -> None:
@@ -234,11 +236,20 @@ def test_single_entry_operations_never_list_the_store(
     for i in range(50):
         store.write(f"k{i}", entry_bytes())
 
+    real_scandir = os.scandir
+    store_dir = os.stat(store.path)
+
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a single-entry operation listed the store")
 
+    def scandir(path: Any) -> Any:
+        st = os.fstat(path) if isinstance(path, int) else os.stat(path)
+        if (st.st_dev, st.st_ino) == (store_dir.st_dev, store_dir.st_ino):
+            forbidden()
+        return real_scandir(path)  # (one key's kept versions: a handful)
+
     monkeypatch.setattr(os, "listdir", forbidden)
-    monkeypatch.setattr(os, "scandir", forbidden)
+    monkeypatch.setattr(os, "scandir", scandir)
     store.read("k1")
     store.stat("k1")
     store.write("k1", entry_bytes(updated_at=2))
