@@ -14,7 +14,7 @@ subdirectories), and fsck counts ``.history`` as sessionfs's own.
 
 Retention: a version is kept while it is among the :data:`KEEP_NEWEST` newest of
 its key or younger than :data:`KEEP_SECONDS` (either suffices); older ones go when
-the key gets a new version, a few at a time.
+the key gets a new version, looked at once a minute per key at most.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import errno
+import math
 import os
 import stat
 import time
@@ -32,6 +33,7 @@ HISTORY_DIR = ".history"
 KEEP_NEWEST = 20
 KEEP_SECONDS = 30 * 86400
 PRUNE_SLACK = 10  # versions over KEEP_NEWEST before a keep looks at their ages
+PRUNE_EVERY_SECONDS = 60.0  # a key's versions are looked at for pruning this rarely
 SUFFIX = ".json"
 
 
@@ -78,6 +80,9 @@ class History:
         self.clock = clock
         self.keep_newest = keep_newest
         self.keep_seconds = keep_seconds
+        # when each key was last pruned: a busy key keeps many versions within 30 days,
+        # and listing them on every write would make each write cost more than the last
+        self._pruned: dict[str, float] = {}
 
     def keep(self, name: str) -> str | None:
         """Keep the current file *name* (about to be replaced or removed); its kept name.
@@ -87,28 +92,29 @@ class History:
         is a help, never a reason to refuse a write.
         """
         directory = f"{HISTORY_DIR}/{name}"
+        now = self.clock()
+        base = stamp_of(now)
         try:
-            self._mkdir(HISTORY_DIR)
-            self._mkdir(directory)
-            now = self.clock()
-            base = stamp_of(now)
             for attempt in range(1, 100):
                 kept = f"{base}{SUFFIX}" if attempt == 1 else f"{base}~{attempt}{SUFFIX}"
                 try:
-                    os.link(
-                        name,
-                        f"{directory}/{kept}",
-                        src_dir_fd=self._dir_fd,
-                        dst_dir_fd=self._dir_fd,
-                        follow_symlinks=False,
-                    )
+                    self._link(name, f"{directory}/{kept}")
                 except FileExistsError:
                     continue
-                self._prune(name, now)
+                except FileNotFoundError:  # the key's first kept version: make its directory
+                    self._mkdir(HISTORY_DIR)
+                    self._mkdir(directory)
+                    self._link(name, f"{directory}/{kept}")
+                if now - self._pruned.get(name, -math.inf) >= PRUNE_EVERY_SECONDS:
+                    self._pruned[name] = now
+                    self._prune(name, now)
                 return kept
         except OSError:
             return None
         return None
+
+    def _link(self, name: str, kept: str) -> None:
+        os.link(name, kept, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd, follow_symlinks=False)
 
     def _mkdir(self, path: str) -> None:
         try:
