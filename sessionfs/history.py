@@ -22,12 +22,15 @@ from __future__ import annotations
 import calendar
 import contextlib
 import errno
+import logging
 import math
 import os
 import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger("sessionfs")
 
 HISTORY_DIR = ".history"
 KEEP_NEWEST = 20
@@ -44,6 +47,7 @@ class Kept:
     name: str
     stopped: float  # epoch seconds
     size: int
+    began: float  # its mtime: when it was written, so when it became current
 
     @property
     def when(self) -> str:
@@ -66,7 +70,12 @@ def _parse_stamp(name: str) -> float | None:
 
 
 class History:
-    """The kept versions of one ``sessions.d/`` (a directory descriptor the store owns)."""
+    """The kept versions of one ``sessions.d/`` (a directory descriptor the store owns).
+
+    Every path below ``.history`` is walked one directory at a time with
+    ``O_NOFOLLOW``: a symlink planted as ``.history`` or as a key's directory is
+    never followed, so nothing is linked, listed or removed outside the store.
+    """
 
     def __init__(
         self,
@@ -83,114 +92,169 @@ class History:
         # when each key was last pruned: a busy key keeps many versions within 30 days,
         # and listing them on every write would make each write cost more than the last
         self._pruned: dict[str, float] = {}
+        self._warned: set[str] = set()
+
+    # -- keeping -------------------------------------------------------------
 
     def keep(self, name: str) -> str | None:
         """Keep the current file *name* (about to be replaced or removed); its kept name.
 
-        The caller holds the key's lock.  A file that cannot be linked (another
-        filesystem's rules, a full disk) is not kept, and the change goes on: history
-        is a help, never a reason to refuse a write.
+        The caller holds the key's lock, and calls :meth:`discard` if the change
+        then fails (so a refused write leaves no version that was never replaced).
+        A file that cannot be kept (another filesystem's rules, a full disk, a
+        hostile ``.history``) is not, with one warning per cause: history is a help,
+        never a reason to refuse a write.
         """
-        directory = f"{HISTORY_DIR}/{name}"
         now = self.clock()
         base = stamp_of(now)
         try:
-            for attempt in range(1, 100):
-                kept = f"{base}{SUFFIX}" if attempt == 1 else f"{base}~{attempt}{SUFFIX}"
-                try:
-                    self._link(name, f"{directory}/{kept}")
-                except FileExistsError:
-                    continue
-                except FileNotFoundError:  # the key's first kept version: make its directory
-                    self._mkdir(HISTORY_DIR)
-                    self._mkdir(directory)
-                    self._link(name, f"{directory}/{kept}")
+            key_fd = self._key_dir(name, create=True)
+            assert key_fd is not None
+            try:
+                kept = self._link_new(name, key_fd, base)
                 if now - self._pruned.get(name, -math.inf) >= PRUNE_EVERY_SECONDS:
                     self._pruned[name] = now
-                    self._prune(name, now)
+                    self._prune(key_fd, now)
                 return kept
-        except OSError:
+            finally:
+                os.close(key_fd)
+        except OSError as exc:
+            why = f"cannot keep old versions in {HISTORY_DIR}: {exc.strerror or exc}"
+            if why not in self._warned:
+                self._warned.add(why)
+                log.warning("%s (the change goes on without it)", why)
             return None
+
+    def _link_new(self, name: str, key_fd: int, base: str) -> str | None:
+        for attempt in range(1, 100):
+            kept = f"{base}{SUFFIX}" if attempt == 1 else f"{base}~{attempt:02d}{SUFFIX}"
+            try:
+                os.link(
+                    name, kept, src_dir_fd=self._dir_fd, dst_dir_fd=key_fd, follow_symlinks=False
+                )
+            except FileExistsError:
+                continue
+            return kept
         return None
 
-    def _link(self, name: str, kept: str) -> None:
-        os.link(name, kept, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd, follow_symlinks=False)
+    def discard(self, name: str, kept: str | None) -> None:
+        """Undo :meth:`keep` of a change that did not happen after all."""
+        if kept is None:
+            return
+        with contextlib.suppress(OSError):
+            key_fd = self._key_dir(name, create=False)
+            if key_fd is not None:
+                try:
+                    os.unlink(kept, dir_fd=key_fd)
+                finally:
+                    os.close(key_fd)
 
-    def _mkdir(self, path: str) -> None:
+    def _key_dir(self, name: str, *, create: bool) -> int | None:
+        """An fd of ``.history/<name>`` (None if absent and not *create*), never via a symlink."""
+        history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=create)
+        if history_fd is None:
+            return None
         try:
-            os.mkdir(path, 0o700, dir_fd=self._dir_fd)
-        except FileExistsError:
-            st = os.stat(path, dir_fd=self._dir_fd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
-                raise OSError(errno.ENOTDIR, f"{path} is not a directory") from None
+            return self._open_dir(history_fd, name, create=create)
+        finally:
+            os.close(history_fd)
+
+    @staticmethod
+    def _open_dir(parent_fd: int, name: str, *, create: bool) -> int | None:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(name, flags, dir_fd=parent_fd)
+        except FileNotFoundError:
+            if not create:
+                return None
+        except OSError as exc:  # a planted file or symlink: not sessionfs's history
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and not create:
+                return None
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+        return os.open(name, flags, dir_fd=parent_fd)
+
+    # -- reading and pruning ---------------------------------------------------
 
     def versions(self, name: str) -> list[Kept]:
         """The kept versions of the entry *name*, oldest first."""
-        found = []
-        try:
-            fd = os.open(
-                f"{HISTORY_DIR}/{name}",
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=self._dir_fd,
-            )
-        except (FileNotFoundError, NotADirectoryError):
+        key_fd = self._key_dir(name, create=False)
+        if key_fd is None:
             return []
         try:
-            with os.scandir(fd) as listing:
-                for dirent in listing:
-                    stopped = _parse_stamp(dirent.name)
-                    if stopped is None or not dirent.is_file(follow_symlinks=False):
-                        continue
-                    size = dirent.stat(follow_symlinks=False).st_size
-                    found.append(Kept(dirent.name, stopped, size))
+            return self._versions(key_fd)
         finally:
-            os.close(fd)
+            os.close(key_fd)
+
+    @staticmethod
+    def _versions(key_fd: int) -> list[Kept]:
+        found = []
+        with os.scandir(key_fd) as listing:
+            for dirent in listing:
+                stopped = _parse_stamp(dirent.name)
+                if stopped is None or not dirent.is_file(follow_symlinks=False):
+                    continue
+                st = dirent.stat(follow_symlinks=False)
+                found.append(Kept(dirent.name, stopped, st.st_size, st.st_mtime))
         return sorted(found, key=lambda k: (k.stopped, k.name))
 
     def names(self) -> list[str]:
         """The entry file names that have kept versions (removed keys included)."""
         try:
-            fd = os.open(
-                HISTORY_DIR,
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=self._dir_fd,
-            )
-        except (FileNotFoundError, NotADirectoryError):
+            history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=False)
+        except OSError:
+            return []
+        if history_fd is None:
             return []
         try:
-            with os.scandir(fd) as listing:
+            with os.scandir(history_fd) as listing:
                 return sorted(d.name for d in listing if d.is_dir(follow_symlinks=False))
         finally:
-            os.close(fd)
+            os.close(history_fd)
 
-    def read(self, name: str, kept: Kept) -> bytes:
-        fd = os.open(
-            f"{HISTORY_DIR}/{name}/{kept.name}",
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-            dir_fd=self._dir_fd,
-        )
+    def read(self, name: str, kept: Kept, limit: int) -> bytes:
+        key_fd = self._key_dir(name, create=False)
+        if key_fd is None:
+            raise FileNotFoundError(errno.ENOENT, f"no kept versions of {name}")
+        try:
+            fd = os.open(
+                kept.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=key_fd
+            )
+        finally:
+            os.close(key_fd)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise OSError(errno.EINVAL, f"{kept.name} is not a regular file")
-            return f.read()
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+                raise OSError(errno.EINVAL, f"{kept.name} is not a kept entry")
+            return f.read(limit + 1)
 
-    def _prune(self, name: str, now: float) -> None:
-        versions = self.versions(name)
+    def _prune(self, key_fd: int, now: float) -> None:
+        versions = self._versions(key_fd)
         if len(versions) <= self.keep_newest + PRUNE_SLACK:
             return
         for kept in versions[: -self.keep_newest]:
             if now - kept.stopped > self.keep_seconds:
-                self._unlink(name, kept.name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(kept.name, dir_fd=key_fd)
 
     def purge(self, name: str) -> int:
         """Remove every kept version of *name* at once (a secret edited out); how many."""
-        versions = self.versions(name)
-        for kept in versions:
-            self._unlink(name, kept.name)
+        key_fd = self._key_dir(name, create=False)
+        if key_fd is None:
+            return 0
+        try:
+            versions = self._versions(key_fd)
+            for kept in versions:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(kept.name, dir_fd=key_fd)
+        finally:
+            os.close(key_fd)
         with contextlib.suppress(OSError):
-            os.rmdir(f"{HISTORY_DIR}/{name}", dir_fd=self._dir_fd)
+            history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=False)
+            if history_fd is not None:
+                try:
+                    os.rmdir(name, dir_fd=history_fd)
+                finally:
+                    os.close(history_fd)
         return len(versions)
-
-    def _unlink(self, name: str, kept: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{HISTORY_DIR}/{name}/{kept}", dir_fd=self._dir_fd)

@@ -22,6 +22,7 @@ import orjson
 
 from . import entry as entry_rules
 from .errors import EntryNotFound, LockBusy, SessionFSError
+from .history import HISTORY_DIR
 from .migrate import BACKUP_PREFIX
 from .sources import AgentStore, Era, Source
 from .store import SessionStore, Snapshot
@@ -240,10 +241,18 @@ def _files(sessions_dir: Path) -> list[os.DirEntry[str]]:
 
 
 def _usage(path: Path) -> int:
-    """Bytes of everything under *path*, sessions.d/ included; symlinks are not followed."""
+    """Bytes of everything under *path*, sessions.d/ included; symlinks are not followed.
+
+    Kept versions (``.history``) are not counted: removing an entry keeps its version
+    for 30 days, so counting them would make every removal free nothing, and the
+    budget would remove entry after entry.  (Pruning history within the budget is to
+    come; until then it is bounded by its own retention.)
+    """
     total = 0
     with os.scandir(path) as it:
         for dirent in it:
+            if dirent.name == HISTORY_DIR and path.name == "sessions.d":
+                continue
             st = dirent.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 total += _usage(Path(dirent.path))

@@ -412,9 +412,9 @@ class SessionStore:
                 raise EntryChanged(key, expected, replaced)
             if refusal is not None:
                 raise refusal
-            if previous is not None:
-                self._keep(name)
-            return Commit(self._commit(name, data, durable=durable, mtime_ns=mtime_ns), replaced)
+            with self._keeping(name if previous is not None else None):
+                st = self._commit(name, data, durable=durable, mtime_ns=mtime_ns)
+            return Commit(st, replaced)
 
     def update(
         self, key: str, change: Callable[[entry_rules.Entry | None], entry_rules.Entry]
@@ -434,9 +434,8 @@ class SessionStore:
             new = change(current)
             data = entry_rules.dumps(new)
             entry_rules.validate(data, self.max_entry_bytes)
-            if self._target(name) is not None:
-                self._keep(name)
-            self._commit(name, data, durable=True)
+            with self._keeping(name if self._target(name) is not None else None):
+                self._commit(name, data, durable=True)
             return new
 
     def delete(
@@ -486,8 +485,8 @@ class SessionStore:
                     return None
             else:
                 current = Snapshot(b"", self.stat(key))
-            self._keep(name)
-            os.unlink(name, dir_fd=self._dir_fd)
+            with self._keeping(name):
+                os.unlink(name, dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
             return current
 
@@ -503,6 +502,7 @@ class SessionStore:
             moved = self.stat(old)
             if old_name == new_name:
                 return moved
+            over: str | None = None  # the version renamed over is kept
             try:
                 self.stat(new)
             except EntryNotFound:
@@ -510,16 +510,17 @@ class SessionStore:
             else:
                 if not replace:
                     raise EntryExists(f"session {new!r} exists")
-                self._keep(new_name)  # the version renamed over
-            self._keep(old_name)  # its key's last version, kept under the key it leaves
+                over = new_name
+            # (the moved version lives on under *new*; it is kept when that changes)
             try:
-                _renameat2(
-                    self._dir_fd,
-                    old_name,
-                    self._dir_fd,
-                    new_name,
-                    0 if replace else _RENAME_NOREPLACE,
-                )
+                with self._keeping(over):
+                    _renameat2(
+                        self._dir_fd,
+                        old_name,
+                        self._dir_fd,
+                        new_name,
+                        0 if replace else _RENAME_NOREPLACE,
+                    )
             except FileExistsError:
                 raise EntryExists(f"session {new!r} exists") from None
             os.fsync(self._dir_fd)
@@ -597,10 +598,19 @@ class SessionStore:
         finally:
             os.close(fd)
 
-    def _keep(self, name: str) -> None:
-        """Keep the current version of *name* before it is replaced or removed (lock held)."""
-        if self.history is not None:
-            self.history.keep(name)
+    @contextlib.contextmanager
+    def _keeping(self, name: str | None) -> Iterator[None]:
+        """Keep the current version of *name* (None: nothing to keep) for the change made
+        inside; a change that fails takes its kept version back (lock held)."""
+        if name is None or self.history is None:
+            yield
+            return
+        kept = self.history.keep(name)
+        try:
+            yield
+        except BaseException:
+            self.history.discard(name, kept)
+            raise
 
     def _commit(
         self, name: str, data: bytes, *, durable: bool, mtime_ns: int | None = None

@@ -8,16 +8,20 @@ itself can be undone.
 
 from __future__ import annotations
 
-import calendar
-import time
+import contextlib
+import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .errors import EntryNotFound, SessionFSError
-from .history import Kept
+from .history import History, Kept
 from .keys import key_to_filename
 from .show import UsageError, find_agent
-from .sources import Era, Source
+from .sources import AgentStore, Era, Source
 from .store import SessionStore
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -27,53 +31,95 @@ class Restored:
 
 
 def _store(source: Source, key: str, agent_id: str | None) -> SessionStore:
-    agent = find_agent(source, key, agent_id)
+    try:
+        agent = find_agent(source, key, agent_id)
+    except EntryNotFound:
+        agent = _agent_with_history(source, key)  # a removed key lives on there
     if agent.era() is not Era.DIRECTORY:
         raise UsageError(f"{agent.label} has no sessions.d/ ({agent.era().value}): no history")
     return SessionStore(agent.entries, create=False)
 
 
+def _agent_with_history(source: Source, key: str) -> AgentStore:
+    name = key_to_filename(key)
+    holders = []
+    for agent in source.stores():
+        if agent.era() is Era.DIRECTORY:
+            with SessionStore(agent.entries, create=False) as store:
+                if store.history is not None and store.history.versions(name):
+                    holders.append(agent)
+    if len(holders) == 1:
+        return holders[0]
+    if not holders:
+        raise EntryNotFound(f"no session {key!r} and no kept versions of it under {source.path}")
+    where = ", ".join(a.label for a in holders)
+    raise UsageError(f"kept versions of {key!r} are in {where}; pick one with --agent ID")
+
+
+def _history(store: SessionStore) -> History:
+    if store.history is None:
+        raise UsageError("this store keeps no history")
+    return store.history
+
+
 def versions(source: Source, key: str, *, agent_id: str | None = None) -> list[Kept]:
     with _store(source, key, agent_id) as store:
-        assert store.history is not None
-        return store.history.versions(key_to_filename(key))
+        return _readable(lambda: _history(store).versions(key_to_filename(key)))
 
 
 def purge(source: Source, key: str, *, agent_id: str | None = None) -> int:
     with _store(source, key, agent_id) as store:
-        assert store.history is not None
-        return store.history.purge(key_to_filename(key))
+        return _readable(lambda: _history(store).purge(key_to_filename(key)))
+
+
+def _readable(call: Callable[[], _T]) -> _T:
+    try:
+        return call()
+    except OSError as exc:
+        if isinstance(exc, SessionFSError):
+            raise
+        raise SessionFSError(f"cannot read the kept versions: {exc.strerror or exc}") from None
 
 
 def parse_time(text: str) -> float:
-    """``--at``: an ISO time (UTC unless it says otherwise) or epoch seconds."""
-    if text.replace(".", "", 1).isdigit():
+    """``--at``: an ISO time (UTC unless it says otherwise; as ``history`` prints it) or
+    epoch seconds."""
+    with contextlib.suppress(ValueError):
         return float(text)
-    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
-        try:
-            return calendar.timegm(time.strptime(text.removesuffix("Z"), fmt))
-        except ValueError:
-            continue
-    raise UsageError(f"--at {text!r}: expected an ISO time such as 2026-11-30T06:00:00")
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--at {text!r}: expected an ISO time such as 2026-11-30T06:00:00Z"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
 
 
 def restore(
     source: Source, key: str, *, at: float | None = None, agent_id: str | None = None
 ) -> Restored:
-    """Bring back the newest kept version of *key*, or the one that was current at *at*."""
+    """Bring back the newest kept version of *key*, or the one that was current at *at*.
+
+    The version current at a time is the one written before it and replaced after it.
+    """
     with _store(source, key, agent_id) as store:
-        assert store.history is not None
+        history = _history(store)
         name = key_to_filename(key)
-        kept = store.history.versions(name)
-        if at is not None:
-            # the version current at *at* is the first to stop being current after it
-            kept = [k for k in kept if k.stopped > at][:1]
-            if not kept:
-                raise EntryNotFound(f"{key!r}: the version current at that time is the current one")
+        kept = _readable(lambda: history.versions(name))
         if not kept:
             raise EntryNotFound(f"{key!r} has no kept versions")
-        chosen = kept[-1] if at is None else kept[0]
-        data = store.history.read(name, chosen)
+        chosen = kept[-1]
+        if at is not None:
+            current_then = [k for k in kept if k.began <= at < k.stopped]
+            if not current_then:
+                later = [k for k in kept if k.stopped > at]
+                if later and later[0].began > at:
+                    raise EntryNotFound(f"{key!r} had no kept version current at that time")
+                raise EntryNotFound(f"{key!r}: the version current at that time is the current one")
+            chosen = current_then[0]
+        data = _readable(lambda: history.read(name, chosen, store.max_entry_bytes))
         try:
             store.write(key, data, validate=False)
         except OSError as exc:

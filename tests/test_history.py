@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ def store(tmp_path: Path) -> SessionStore:
 def kept(store: SessionStore, key: str) -> list[bytes]:
     assert store.history is not None
     name = key_to_filename(key)
-    return [store.history.read(name, k) for k in store.history.versions(name)]
+    return [store.history.read(name, k, 1 << 20) for k in store.history.versions(name)]
 
 
 def test_each_write_keeps_the_version_it_replaces(store: SessionStore) -> None:
@@ -73,12 +74,14 @@ def test_restore_at_a_time_and_restore_is_undoable(
     capsys.readouterr()
 
 
-def test_a_rename_over_a_session_keeps_both_old_versions(store: SessionStore) -> None:
+def test_a_rename_over_a_session_keeps_the_version_renamed_over(store: SessionStore) -> None:
     store.write("cron:a", entry_bytes("a", 1))
     store.write("cron:b", entry_bytes("b", 1))
     store.rename("cron:a", "cron:b")
     assert kept(store, "cron:b") == [entry_bytes("b", 1)]
-    assert kept(store, "cron:a") == [entry_bytes("a", 1)]
+    # the moved version lives on as cron:b (one file: a kept link to it would change
+    # with every in-place write of cron:b); it is kept when cron:b changes
+    assert kept(store, "cron:a") == []
     assert store.read("cron:b").data == entry_bytes("a", 1)
 
 
@@ -146,3 +149,84 @@ def test_edits_through_the_mount_are_kept(store: SessionStore, tmp_path: Path) -
         assert not (mount.path / HISTORY_DIR).exists()  # not a session, not shown
     assert kept(store, "cron:a") == [entry_bytes(f"v{i}", i) for i in range(3)]
     assert not os.path.exists(store.path / "cron%3Aa.json")
+
+
+def test_a_planted_symlink_is_never_followed_out_of_the_store(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    (outside / key_to_filename("cron:a")).mkdir(parents=True)
+    (store.path / HISTORY_DIR).symlink_to(outside)
+    store.write("cron:a", entry_bytes("v0", 0))
+    store.write("cron:a", entry_bytes("v1", 1))  # the write goes on, nothing kept
+    assert store.read("cron:a").data == entry_bytes("v1", 1)
+    assert os.listdir(outside / key_to_filename("cron:a")) == []
+    (store.path / HISTORY_DIR).unlink()
+    (store.path / HISTORY_DIR).mkdir()
+    (store.path / HISTORY_DIR / key_to_filename("cron:a")).symlink_to(outside)
+    store.write("cron:a", entry_bytes("v2", 2))
+    assert os.listdir(outside / key_to_filename("cron:a")) == []
+    assert cli(["history", str(store.path.parent), "cron:a", "--purge"]) == 0
+    assert (outside / key_to_filename("cron:a")).is_dir()  # nothing removed out there
+
+
+def test_a_refused_change_leaves_no_kept_version(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.write("cron:a", entry_bytes("v0", 0))
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        store.write("cron:a", entry_bytes("v1", 1))
+    monkeypatch.undo()
+    assert store.read("cron:a").data == entry_bytes("v0", 0)
+    assert kept(store, "cron:a") == []  # the version was never replaced
+
+
+def test_at_takes_the_times_history_prints(
+    store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.write("cron:a", entry_bytes("v0", 0))
+    time.sleep(0.02)
+    store.write("cron:a", entry_bytes("v1", 1))
+    assert cli(["history", str(store.path.parent), "cron:a"]) == 0
+    printed = capsys.readouterr().out.split()[0]  # when v0 stopped being current
+    just_before = printed.replace("Z", "+00:00")
+    assert cli(["restore", str(store.path.parent), "cron:a", "--at", just_before]) == 1
+    assert cli(["restore", str(store.path.parent), "cron:a", "--at", "2000-01-01"]) == 1
+    assert "no kept version current at that time" in capsys.readouterr().err
+    assert cli(["restore", str(store.path.parent), "cron:a", "--at", "not a time"]) == 2
+
+
+def test_a_removed_key_is_found_in_a_state_dir_without_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for agent in ("main", "work"):
+        (tmp_path / "state" / "agents" / agent / "sessions").mkdir(parents=True)
+    with SessionStore(tmp_path / "state/agents/work/sessions/sessions.d") as store:
+        store.write("cron:gone", entry_bytes("g", 1))
+        store.remove("cron:gone")
+    assert cli(["restore", str(tmp_path / "state"), "cron:gone"]) == 0
+    with SessionStore(tmp_path / "state/agents/work/sessions/sessions.d") as store:
+        assert store.read("cron:gone").data == entry_bytes("g", 1)
+    capsys.readouterr()
+
+
+def test_kept_versions_do_not_count_in_the_disk_budget(store: SessionStore) -> None:
+    """Removals keep their versions: counting them, the budget would never be met."""
+    now_ms = int(time.time() * 1000)
+    for i in range(10):
+        store.write(f"cron:{i}", entry_bytes(f"s{i}", now_ms - i))
+    for i in range(20):  # 20 kept versions of 2 KB: far over the margin below
+        store.write("cron:0", entry_bytes(f"v{i}", now_ms + i, pad="x" * 2000))
+    entries = sum(p.stat().st_size for p in store.path.iterdir() if p.is_file())
+    budget = int(entries / 0.8) + 4096  # the high water (80 %) above the entries alone
+    policy = maintain.Policy(max_disk_bytes=budget)
+    (result,) = maintain.maintain_source(
+        sources.resolve(store.path.parent), policy, maintain.Mode.ENFORCE
+    )
+    assert result.removed == []
+    assert len(list(store.keys())) == 10
