@@ -15,7 +15,6 @@ from pathlib import Path
 from . import __version__, fsck, maintain, migrate, sources
 from .errors import NoStore, SessionFSError
 from .fs.editing import LOCK_TIMEOUT
-from .keys import key_to_display
 
 log = logging.getLogger("sessionfs")
 
@@ -46,32 +45,23 @@ DEMO_MOUNTPOINT = Path("~/sessionfs-demo")
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from .export import era_entries
-    from .sqlite_view import SqliteView
+    from . import listing
 
-    source = sources.resolve(args.source)
-    for store_ref in source.stores():
-        era = store_ref.era()
-        with era_entries(store_ref) as entries:
-            keys = sorted(entries.keys()) if entries is not None else []
-            problem = entries.problem if isinstance(entries, SqliteView) else None
-        how = _ERA_ACCESS[era]
-        print(f"{store_ref.label}: {len(keys)} sessions ({era.value}, {how})")
-        if problem is not None:
-            print(f"  {problem}")
-        for key in keys:
-            print(f"  {key_to_display(key)}")
-    for name, reason in source.skipped:
-        print(f"{name}: skipped: {reason}", file=sys.stderr)
+    result = listing.list_source(sources.resolve(args.source), agent_id=args.agent)
+    rows = listing.sorted_rows(result.rows, args.sort)
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    for problem in result.problems:
+        print(f"sessionfs: {problem}", file=sys.stderr)
+    if args.json:
+        for line in listing.json_lines(rows):
+            sys.stdout.buffer.write(line + b"\n")
+        sys.stdout.flush()
+        return 0
+    print("\n".join(result.summaries))
+    if rows:
+        print("\n".join(listing.table(rows)))
     return 0
-
-
-_ERA_ACCESS = {
-    sources.Era.SQLITE: "read-only: OpenClaw's database",
-    sources.Era.DIRECTORY: "sessions.d/, read-write through a mount",
-    sources.Era.JSON: "sessions.json, not migrated",
-    sources.Era.NONE: "nothing here yet",
-}
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -618,8 +608,19 @@ def build_parser() -> argparse.ArgumentParser:
     shw.add_argument("--agent", metavar="ID", help="the agent, for keys without agent:<id>:")
     shw.set_defaults(func=_cmd_show_paths, parser=shw)
 
-    ls = commands.add_parser("ls", help="list the sessions of every store under SOURCE")
+    ls = commands.add_parser(
+        "ls",
+        help="list the sessions of every store under SOURCE, newest first",
+        description="A table of every session (any era): key, agent, updated, channel, "
+        "model, tokens; --json prints one object per session instead.",
+    )
     ls.add_argument("source", nargs="?", help=SOURCE_HELP)
+    ls.add_argument("--json", action="store_true", help="one JSON object per session")
+    ls.add_argument("--agent", metavar="ID", help="only this agent")
+    ls.add_argument(
+        "--sort", choices=["updated", "key", "tokens"], default="updated", help="(default updated)"
+    )
+    ls.add_argument("--limit", type=int, metavar="N", help="at most N sessions")
     ls.set_defaults(func=_cmd_ls)
     return parser
 

@@ -97,7 +97,35 @@ def test_ls_lists_every_era_from_its_own_store(
     assert cli(["ls", str(mixed)]) == 0
     out = capsys.readouterr().out
     assert "upgraded: 1 sessions (SQLite era, read-only" in out
-    assert "agent:upgraded:main.json" in out  # the database, not the old sessions.d/
+    assert "agent:upgraded:main " in out  # the database, not the old sessions.d/
     assert "jsonera: 1 sessions (JSON era, sessions.json, not migrated)" in out
     assert "direra: 1 sessions (directory era, sessions.d/, read-write" in out
     assert "empty: 0 sessions (no store" in out
+
+
+def test_ls_as_json_sorted_and_limited(mixed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["ls", str(mixed), "--json", "--sort", "key"]) == 0
+    rows = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["agent"], r["key"]) for r in rows] == sorted((r["agent"], r["key"]) for r in rows)
+    assert {r["agent"] for r in rows} == {"direra", "jsonera", "leftover", "sqlera", "upgraded"}
+    assert all({"key", "agent", "sessionId", "updatedAt"} <= set(r) for r in rows)
+    assert cli(["ls", str(mixed), "--json", "--agent", "direra", "--limit", "1"]) == 0
+    (only,) = capsys.readouterr().out.splitlines()
+    assert orjson.loads(only)["key"] == "agent:direra:main"
+
+
+def test_ls_table_is_newest_first_with_relative_times() -> None:
+    from sessionfs.listing import Row, relative, sorted_rows, table
+
+    now = 1_800_000_000.0
+    rows = [
+        Row("cron:old", "main", {"updatedAt": (now - 7200) * 1000, "model": "m"}),
+        Row("cron:new", "main", {"updatedAt": (now - 180) * 1000, "inputTokens": 5}),
+    ]
+    lines = table(sorted_rows(rows, "updated"), now=now)
+    assert lines[0].split() == ["KEY", "AGENT", "UPDATED", "CHANNEL", "MODEL", "TOKENS"]
+    assert lines[1].startswith("cron:new")
+    assert "3 min ago" in lines[1]
+    assert lines[1].endswith("5")
+    assert "2 h ago" in lines[2]
+    assert relative(None, now) == "-"

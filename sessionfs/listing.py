@@ -1,0 +1,143 @@
+"""``sessionfs ls``: the sessions of every era as a table, or as JSON lines.
+
+Each agent is read from the store its era says (:func:`~.export.era_entries`), so a
+SQLite-era agent lists its database and a JSON-era one its ``sessions.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from . import entry as entry_rules
+from .errors import SessionFSError
+from .export import era_entries
+from .sources import Era, Source
+from .sqlite_view import SqliteView
+
+ERA_ACCESS = {
+    Era.SQLITE: "read-only: OpenClaw's database",
+    Era.DIRECTORY: "sessions.d/, read-write through a mount",
+    Era.JSON: "sessions.json, not migrated",
+    Era.NONE: "nothing here yet",
+}
+SORTS = ("updated", "key", "tokens")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One session as ``ls`` shows it; *entry* is the whole entry (``--json``)."""
+
+    key: str
+    agent: str
+    entry: dict[str, Any]
+
+    @property
+    def updated_at(self) -> float | None:
+        return entry_rules.updated_at(self.entry)
+
+    @property
+    def tokens(self) -> int | None:
+        total = self.entry.get("totalTokens")
+        if isinstance(total, int):
+            return total
+        parts = [self.entry.get(k) for k in ("inputTokens", "outputTokens")]
+        numbers = [p for p in parts if isinstance(p, int) and not isinstance(p, bool)]
+        return sum(numbers) if numbers else None
+
+    def field(self, name: str) -> str:
+        value = self.entry.get(name)
+        return value if isinstance(value, str) else "-"
+
+
+@dataclass
+class Listing:
+    rows: list[Row]
+    summaries: list[str]  # one line per agent: its era and how many sessions
+    problems: list[str]
+
+
+def list_source(source: Source, *, agent_id: str | None = None) -> Listing:
+    out = Listing([], [], [])
+    for agent in source.stores():
+        label = agent.owner or agent.label
+        if agent_id is not None and label != agent_id:
+            continue
+        era = agent.era()
+        count = 0
+        with era_entries(agent) as entries:
+            if entries is not None:
+                if isinstance(entries, SqliteView) and entries.problem is not None:
+                    out.problems.append(f"{agent.label}: {entries.problem}")
+                for key in sorted(entries.keys()):
+                    try:
+                        value = entry_rules.loads(entries.read(key).data)
+                    except (SessionFSError, OSError, ValueError) as exc:
+                        out.problems.append(f"{agent.label}: {key!r} not read: {exc}")
+                        continue
+                    count += 1
+                    out.rows.append(Row(key, label, value if isinstance(value, dict) else {}))
+        out.summaries.append(f"{agent.label}: {count} sessions ({era.value}, {ERA_ACCESS[era]})")
+    out.problems += [f"{name}: skipped: {why}" for name, why in source.skipped]
+    return out
+
+
+def sorted_rows(rows: list[Row], by: str) -> list[Row]:
+    if by == "key":
+        return sorted(rows, key=lambda r: (r.agent, r.key))
+    if by == "tokens":
+        return sorted(rows, key=lambda r: (r.tokens is None, -(r.tokens or 0), r.key))
+    return sorted(rows, key=lambda r: (r.updated_at is None, -(r.updated_at or 0), r.key))
+
+
+def relative(epoch_ms: float | None, now: float) -> str:
+    """``3 min ago``: how long ago, in the largest unit that fits."""
+    if epoch_ms is None:
+        return "-"
+    seconds = now - epoch_ms / 1000
+    if seconds < 0:
+        return "in the future"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
+
+
+def table(rows: list[Row], now: float | None = None) -> list[str]:
+    now = time.time() if now is None else now
+    header = ("KEY", "AGENT", "UPDATED", "CHANNEL", "MODEL", "TOKENS")
+    cells = [
+        (
+            r.key,
+            r.agent,
+            relative(r.updated_at, now),
+            r.field("lastChannel"),
+            r.field("model"),
+            "-" if r.tokens is None else f"{r.tokens:,}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
+    return [
+        "  ".join(
+            cell.rjust(width) if i == len(header) - 1 else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [header, *cells]
+    ]
+
+
+def json_lines(rows: list[Row]) -> list[bytes]:
+    """One object per session: ``key``, ``agent``, then the entry's top-level fields."""
+    out = []
+    for r in rows:
+        value = {"key": r.key, "agent": r.agent, **r.entry}
+        try:
+            out.append(orjson.dumps(value))
+        except orjson.JSONEncodeError:  # lone surrogates: escaped, as Node writes them
+            out.append(json.dumps(value).encode())
+    return out
