@@ -23,6 +23,8 @@ SOURCE_HELP = (
     "(default: $OPENCLAW_STATE_DIR, else ~/.openclaw)"
 )
 MOUNT_OPTIONS = {
+    "ro": "read-only: every write answers EROFS; nothing is migrated or maintained",
+    "rw": "read-write (the default)",
     "allow_other": "let other users see the mount (needs user_allow_other in /etc/fuse.conf)",
     "conflict=lww|fail": "when an entry open for editing changed behind the mount, the later "
     "commit wins and the log says so (lww, the default), or the commit fails with ESTALE (fail)",
@@ -34,6 +36,8 @@ MOUNT_OPTIONS = {
 }
 _SECONDS = "SECONDS"
 _OPTION_VALUES: dict[str, set[str] | str | None] = {
+    "ro": None,
+    "rw": None,
     "allow_other": None,
     "no_auto_unmount": None,
     "conflict": {"lww", "fail"},
@@ -132,11 +136,16 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         args.parser.error("give at most SOURCE and MOUNTPOINT")
     source_arg, mountpoint = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
     options = _parse_mount_options(args.parser, args.options)
+    if "ro" in options and "rw" in options:
+        args.parser.error("mount options ro and rw contradict each other")
+    if "ro" in options and args.maintain_every:
+        args.parser.error("a read-only mount (-o ro) is never maintained: drop --maintain-every")
     config = MountConfig(
         source=sources.resolve(source_arg),
         mountpoint=Path(mountpoint).expanduser(),
         foreground=args.foreground,
-        migrate=not args.no_migrate,
+        migrate=not args.no_migrate and "ro" not in options,
+        read_only="ro" in options,
         allow_other="allow_other" in options,
         auto_unmount="no_auto_unmount" not in options,
         debug=args.debug,

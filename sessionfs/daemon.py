@@ -62,6 +62,7 @@ class MountConfig:
     mountpoint: Path
     foreground: bool = False
     migrate: bool = True
+    read_only: bool = False  # -o ro: the kernel answers every write EROFS
     allow_other: bool = False
     auto_unmount: bool = True
     debug: bool = False
@@ -372,6 +373,8 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
         options.add("auto_unmount")
     if config.allow_other:
         options.add("allow_other")
+    if config.read_only:
+        options.add("ro")
     shutdown = _Shutdown()
     # A signal between the mount going live and trio's receiver taking over must
     # not kill us with the mount still there: remember it and act on it in trio.
@@ -442,7 +445,7 @@ async def _serve_until_unmounted(
         await nursery.start(fs.watcher.run)
         nursery.start_soon(fs.watcher.poll_databases)
         nursery.start_soon(fs.graces.run)
-        if config.maintain_every:
+        if config.maintain_every and not config.read_only:
             nursery.start_soon(_maintain_periodically, config, fs)
         nursery.start_soon(_check_periodically, config, fs)
         nursery.start_soon(_watch_for_unread_migrations, config)

@@ -449,3 +449,33 @@ def test_status_without_a_mountpoint_lists_every_mount(state_dir: Path, tmp_path
     finally:
         sessionfs("umount", str(mnt))
     assert f"{mnt}:" not in sessionfs("status").stdout
+
+
+def test_a_read_only_mount_refuses_every_write_and_migrates_nothing(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    legacy_path = state_dir / "agents/main/sessions/sessions.json"
+    before = legacy_path.read_bytes()
+    with mounted(state_dir, tmp_path / "mnt", "-o", "ro") as mount:
+        assert (mount.path / "main" / "agent:main:main.json").read_bytes()
+    assert legacy_path.read_bytes() == before  # -o ro implies no migration
+    assert not (state_dir / "agents/main/sessions/sessions.d").exists()
+    assert sessionfs("migrate", str(state_dir)).returncode == 0
+    entries = state_dir / "agents/main/sessions/sessions.d"
+    kept = sorted(p.name for p in entries.iterdir())
+    with mounted(state_dir, tmp_path / "mnt", "-o", "ro") as mount:
+        shown = mount.path / "main" / "agent:main:main.json"  # a read-write store, mounted ro
+        data = shown.read_bytes()
+        with raises_errno(errno.EROFS):
+            shown.write_bytes(entry_bytes())
+        with raises_errno(errno.EROFS):
+            shown.unlink()
+        with raises_errno(errno.EROFS):
+            (mount.path / "main" / "cron:new.json").write_bytes(entry_bytes())
+        assert shown.read_bytes() == data
+    assert sorted(p.name for p in entries.iterdir()) == kept
+    refused = sessionfs(
+        "mount", "-o", "ro", "--maintain-every", "1h", str(state_dir), str(tmp_path / "mnt")
+    )
+    assert refused.returncode == 2
+    assert "never maintained" in refused.stderr
