@@ -70,6 +70,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     source = sources.resolve(args.source)
+    if not args.dry_run and not args.revert:  # (a revert refuses a mounted agent itself)
+        _refuse_if_mounted(source, "a migration")
     if args.revert:
         from .revert import revert_source
 
@@ -135,6 +137,10 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if len(args.paths) > 2:
         args.parser.error("give at most SOURCE and MOUNTPOINT")
     source_arg, mountpoint = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    from .mounts import mount_holding
+
+    if source_arg is not None and mount_holding(Path(source_arg).expanduser()) is not None:
+        raise SessionFSError(f"{source_arg} is (in) a sessionfs mount: mount its source instead")
     options = _parse_mount_options(args.parser, args.options)
     if "ro" in options and "rw" in options:
         args.parser.error("mount options ro and rw contradict each other")
@@ -236,8 +242,22 @@ def _policy(args: argparse.Namespace) -> maintain.Policy:
     )
 
 
+def _refuse_if_mounted(source: sources.Source, what: str) -> None:
+    """A command that would change a mounted store behind its daemon says so and stops."""
+    from .daemon import mount_serving
+
+    mountpoint = mount_serving(source.path)
+    if mountpoint is not None:
+        raise SessionFSError(
+            f"{source.path} is mounted at {mountpoint}; {what} must not change it behind the "
+            f"daemon: run it after `sessionfs umount {mountpoint}`"
+        )
+
+
 def _cmd_maintain(args: argparse.Namespace) -> int:
     source = sources.resolve(args.source)
+    if args.mode == "enforce" and not args.dry_run:
+        _refuse_if_mounted(source, "maintain --mode enforce")
     results = maintain.maintain_source(
         source, _policy(args), maintain.Mode(args.mode), dry_run=args.dry_run
     )

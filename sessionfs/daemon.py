@@ -32,18 +32,23 @@ from . import fsck, maintain, migrate, revert
 from .catalog import Catalog
 from .errors import SessionFSError, describe_error
 from .fs import CONFLICT_LAST_WINS, Filesystem, Limits, assemble
-from .fs.control import CONTROL_DIR
 from .fs.editing import LOCK_TIMEOUT
 from .locking import pid_alive
+from .mounts import (
+    CONTROL_TIMEOUT,
+    FS_TYPE,
+    absolute,
+    find_mount,
+    read_control,
+    sessionfs_mounts,
+)
 from .sources import Era, Source, resolve
 
 log = logging.getLogger("sessionfs")
 
-FS_TYPE = "fuse.sessionfs"
 UNREAD_MIGRATION_CHECK_SECONDS = 2.0  # how often the mount looks for a new sessions.json
 CACHE_TIMEOUT = 300.0  # seconds; the watcher invalidates changes long before
 UNMOUNT_WAIT = 10.0
-CONTROL_TIMEOUT = 3.0
 # Requests served at once.  Each waiting request holds one pyfuse3 task (cheap: a
 # trio task, no thread); pyfuse3's default of 99 would let 99 writers waiting for
 # one locked session stop the mount from reading any other request.
@@ -75,51 +80,6 @@ class MountConfig:
     maintain_policy: maintain.Policy = field(default_factory=maintain.Policy)
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo writes space, tab, newline and backslash as octal escapes.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def find_mount(path: Path) -> MountEntry | None:
-    """The mount whose mount point is exactly *path* (the newest one), if any."""
-    target = str(_absolute(path))
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
-        for line in info:
-            before, _, after = line.partition(" - ")
-            fields, tail = before.split(), after.split()
-            if len(fields) >= 5 and len(tail) >= 2 and _unescape(fields[4]) == target:
-                found = MountEntry(target, tail[0], _unescape(tail[1]))
-    return found
-
-
-def sessionfs_mounts() -> list[Path]:
-    """The mountpoints of every sessionfs mount this process can see."""
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
-        for line in info:
-            before, _, after = line.partition(" - ")
-            fields, tail = before.split(), after.split()
-            if len(fields) >= 5 and tail and tail[0] == FS_TYPE:
-                found.append(Path(_unescape(fields[4])))
-    return found
-
-
 def mount_serving(path: Path) -> Path | None:
     """The mountpoint of a sessionfs mount whose source contains or lies inside *path*.
 
@@ -129,7 +89,7 @@ def mount_serving(path: Path) -> Path | None:
     target = Path(os.path.realpath(path))  # a symlink to a mounted store is that store
     for mountpoint in sessionfs_mounts():
         try:
-            source = Path(os.path.realpath(_read_control(mountpoint, "source").strip()))
+            source = Path(os.path.realpath(read_control(mountpoint, "source").strip()))
         except OSError:
             return mountpoint
         if source == target or source in target.parents or target in source.parents:
@@ -141,12 +101,6 @@ def is_mounted(path: Path, fstype: str = FS_TYPE) -> bool:
     """Whether a filesystem of *fstype* is mounted exactly at *path*."""
     entry = find_mount(path)
     return entry is not None and entry.fstype == fstype
-
-
-def _absolute(path: Path) -> Path:
-    # realpath of the parent only: the mount point itself may be a dead mount.
-    absolute = Path(os.path.abspath(path))
-    return Path(os.path.realpath(absolute.parent)) / absolute.name
 
 
 def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
@@ -192,7 +146,7 @@ def probe(path: Path, timeout: float = CONTROL_TIMEOUT) -> str:
     while a cached ``stat`` of the mountpoint still succeeds.
     """
     try:
-        _read_control(path, "pid", timeout)
+        read_control(path, "pid", timeout)
     except OSError as exc:
         if exc.errno == errno.ETIMEDOUT:
             return "hung"
@@ -241,7 +195,7 @@ def prepare_mountpoint(path: Path) -> list[str]:
 
 def default_log_file(mountpoint: Path) -> Path:
     state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    name = str(_absolute(mountpoint)).strip("/").replace("%", "%25").replace("/", "%2F") or "root"
+    name = str(absolute(mountpoint)).strip("/").replace("%", "%25").replace("/", "%2F") or "root"
     return state / "sessionfs" / f"{name}.log"
 
 
@@ -591,9 +545,9 @@ def list_mounts() -> str:
     lines = []
     for mountpoint in sessionfs_mounts():
         try:
-            source = _read_control(mountpoint, "source").strip()
-            pid = _read_control(mountpoint, "pid").strip()
-            log_file = _read_control(mountpoint, "log").strip()
+            source = read_control(mountpoint, "source").strip()
+            pid = read_control(mountpoint, "pid").strip()
+            log_file = read_control(mountpoint, "log").strip()
         except OSError as exc:
             lines.append(f"{mountpoint}: the daemon does not answer ({exc.strerror})")
             continue
@@ -607,10 +561,10 @@ def status(path: Path) -> str:
     if entry is None or entry.fstype != FS_TYPE:
         raise MountError(f"{path} is not a sessionfs mount")
     try:
-        source = _read_control(path, "source").strip()
-        pid = _read_control(path, "pid").strip()
-        errors = _read_control(path, "errors")
-        last_check = _read_control(path, "fsck").strip()
+        source = read_control(path, "source").strip()
+        pid = read_control(path, "pid").strip()
+        errors = read_control(path, "errors")
+        last_check = read_control(path, "fsck").strip()
     except OSError as exc:
         raise MountError(f"{path}: the daemon does not answer ({exc.strerror})") from None
     lines = [f"{path}: sessionfs mount of {source} (daemon pid {pid})", last_check]
@@ -636,31 +590,8 @@ def status(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _read_control(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str:
-    """A file of MOUNTPOINT/.sessionfs/, or ETIMEDOUT if the daemon does not answer.
-
-    Read in a thread so a hung daemon cannot hang the command that asks it.
-    """
-    result: list[str | OSError] = []
-    done = threading.Event()
-
-    def read() -> None:
-        try:
-            result.append((path / CONTROL_DIR / name).read_text())
-        except OSError as exc:
-            result.append(exc)
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not done.wait(timeout):
-        raise OSError(errno.ETIMEDOUT, "the daemon did not answer in time")
-    if isinstance(result[0], OSError):
-        raise result[0]
-    return result[0]
-
-
 def _daemon_pid(path: Path) -> int | None:
     try:
-        return int(_read_control(path, "pid"))
+        return int(read_control(path, "pid"))
     except (OSError, ValueError):
         return None  # dead or hung: unmounting does not need it

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NoStore
+from .mounts import mount_holding, read_control
 
 LEGACY_FILE = "sessions.json"
 ENTRIES_DIR = "sessions.d"
@@ -133,7 +134,7 @@ def default_source() -> Path:
 def resolve(source: str | os.PathLike[str] | None) -> Source:
     """Classify *source*; raises :class:`NoStore` with advice when it holds no store."""
     path = Path(source).expanduser() if source is not None else default_source()
-    path = path.absolute()
+    path = _through_mount(path.absolute())
     if path.is_file():
         if path.name == LEGACY_FILE:
             return Source(SourceKind.LEGACY_FILE, path)
@@ -155,6 +156,27 @@ def resolve(source: str | os.PathLike[str] | None) -> Source:
         f"{path} holds no session store: expected agents/<id>/sessions/, "
         f"{LEGACY_FILE} or {ENTRIES_DIR}/"
     )
+
+
+def _through_mount(path: Path) -> Path:
+    """A mountpoint (or a directory in a mount) as SOURCE stands for the mount's source.
+
+    A sessionfs mount shows a state dir's agents as its top directories, so
+    ``MOUNTPOINT/<agent>`` is that agent's sessions dir; deeper paths name no store.
+    """
+    held = mount_holding(path)
+    if held is None:
+        return path
+    mountpoint, inside = held
+    try:
+        origin = Path(read_control(mountpoint, "source").strip())
+    except OSError as exc:
+        raise NoStore(f"{mountpoint} is a sessionfs mount that does not answer ({exc})") from None
+    if not inside.parts:
+        return origin
+    if len(inside.parts) == 1 and (origin / "agents").is_dir():
+        return origin / "agents" / inside.parts[0] / "sessions"
+    raise NoStore(f"{path} is inside the sessionfs mount {mountpoint} but is no store of it")
 
 
 def scan_agents(agents_dir: Path) -> tuple[list[AgentStore], list[tuple[str, str]]]:

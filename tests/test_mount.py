@@ -16,8 +16,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sessionfs.daemon import find_mount
 from sessionfs.keys import key_to_display
+from sessionfs.mounts import find_mount
 from sessionfs.store import SessionStore
 from tests.helpers import entry, entry_bytes, raises_errno
 from tests.mounting import Mount, cleanup, mounted, sessionfs, start_mount, wait_for
@@ -479,3 +479,24 @@ def test_a_read_only_mount_refuses_every_write_and_migrates_nothing(
     )
     assert refused.returncode == 2
     assert "never maintained" in refused.stderr
+
+
+def test_a_mountpoint_is_a_source_for_reading_and_refused_for_changing(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        listed = sessionfs("ls", str(mount.path), "--json", "--agent", "main")
+        assert listed.returncode == 0, listed.stderr
+        assert '"key":"agent:main:main"' in listed.stdout
+        exported = sessionfs("export", str(mount.path / "work"))  # a directory in the mount
+        assert exported.returncode == 0, exported.stderr
+        assert "agent:work:main" in exported.stdout
+        shown = sessionfs("show", str(mount.path), "agent:main:main", "--format", "jsonl")
+        assert shown.returncode == 0, shown.stderr
+        for command in (["migrate"], ["maintain", "--mode", "enforce"]):
+            refused = sessionfs(*command, str(mount.path))
+            assert refused.returncode == 1
+            assert f"is mounted at {mount.path}" in refused.stderr
+        again = sessionfs("mount", str(mount.path), str(tmp_path / "other"))
+        assert again.returncode == 1
+        assert "mount its source instead" in again.stderr

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import orjson
 
+from ..mounts import CONTROL_DIR
 from .requests import Rejections
 from .tree import Dir, Tree
-
-CONTROL_DIR = ".sessionfs"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,107 @@
+"""The kernel's mount table as sessionfs needs it, without the daemon's dependencies.
+
+Commands that only read a store (``ls``, ``show``, ``export``...) accept a mountpoint
+as SOURCE and use the mount's own source; they must not pull in pyfuse3 or trio for
+that, and must never hang on a daemon that does not answer.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+FS_TYPE = "fuse.sessionfs"
+CONTROL_DIR = ".sessionfs"
+CONTROL_TIMEOUT = 3.0  # seconds a command waits for a daemon to answer
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo writes space, tab, newline and backslash as octal escapes.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def absolute(path: Path) -> Path:
+    # realpath of the parent only: the mount point itself may be a dead mount.
+    absolute = Path(os.path.abspath(path))
+    return Path(os.path.realpath(absolute.parent)) / absolute.name
+
+
+def find_mount(path: Path) -> MountEntry | None:
+    """The mount whose mount point is exactly *path* (the newest one), if any."""
+    target = str(absolute(path))
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+        for line in info:
+            before, _, after = line.partition(" - ")
+            fields, tail = before.split(), after.split()
+            if len(fields) >= 5 and len(tail) >= 2 and _unescape(fields[4]) == target:
+                found = MountEntry(target, tail[0], _unescape(tail[1]))
+    return found
+
+
+def sessionfs_mounts() -> list[Path]:
+    """The mountpoints of every sessionfs mount this process can see."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+        for line in info:
+            before, _, after = line.partition(" - ")
+            fields, tail = before.split(), after.split()
+            if len(fields) >= 5 and tail and tail[0] == FS_TYPE:
+                found.append(Path(_unescape(fields[4])))
+    return found
+
+
+def read_control(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str:
+    """A file of MOUNTPOINT/.sessionfs/, or ETIMEDOUT if the daemon does not answer.
+
+    Read in a thread so a hung daemon cannot hang the command that asks it.
+    """
+    result: list[str | OSError] = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            result.append((path / CONTROL_DIR / name).read_text())
+        except OSError as exc:
+            result.append(exc)
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not done.wait(timeout):
+        raise OSError(errno.ETIMEDOUT, "the daemon did not answer in time")
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
+def mount_holding(path: Path) -> tuple[Path, Path] | None:
+    """``(mountpoint, path inside it)`` if *path* is a sessionfs mount or lies in one.
+
+    Decided from the mount table alone: nothing is asked of the mount itself.
+    """
+    target = absolute(path)
+    best: Path | None = None
+    for mountpoint in sessionfs_mounts():
+        if (target == mountpoint or mountpoint in target.parents) and (
+            best is None or len(mountpoint.parts) > len(best.parts)
+        ):
+            best = mountpoint
+    return None if best is None else (best, target.relative_to(best))
