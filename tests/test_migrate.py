@@ -455,7 +455,14 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(0.15, 0.45))
+        # from the moment staging begins (however long the start-up took on a loaded
+        # machine), a random moment within the migration
+        deadline = time.monotonic() + 20
+        while not (sessions_dir / "sessions.d.migrating").exists() and proc.poll() is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.15))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if (sessions_dir / "sessions.json").exists() and (
