@@ -113,6 +113,21 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
 FUSE_DEVICE = "/dev/fuse"
 
 
+def check_allow_other(config: MountConfig, fuse_conf: Path = Path("/etc/fuse.conf")) -> None:
+    """``-o allow_other`` by a user other than root needs ``user_allow_other`` (fuse.conf)."""
+    if not config.allow_other or os.geteuid() == 0:
+        return
+    try:
+        lines = fuse_conf.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    if not any(line.strip() == "user_allow_other" for line in lines):
+        raise MountError(
+            f"-o allow_other needs user_allow_other in {fuse_conf}: "
+            f"echo user_allow_other | sudo tee -a {fuse_conf}"
+        )
+
+
 def check_fuse() -> None:
     """Fail now, in the user's words, if this process cannot mount a FUSE filesystem.
 
@@ -190,6 +205,16 @@ def prepare_mountpoint(path: Path) -> list[str]:
         raise MountError(f"mountpoint {path} is not a directory")
     if is_mounted(path):
         raise MountError(f"{path} is still a sessionfs mount; run `sessionfs umount {path}`")
+    try:
+        with os.scandir(path) as listing:
+            occupied = next(iter(listing), None) is not None
+    except OSError as exc:
+        raise MountError(f"mountpoint {path}: {exc.strerror}") from None
+    if occupied:
+        raise MountError(
+            f"mountpoint {path} is not empty; its files would be hidden while mounted: "
+            "mount on an empty directory"
+        )
     return notices
 
 
@@ -222,6 +247,7 @@ def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
     for notice in prepare_mountpoint(config.mountpoint):
         print(notice, file=out)
     check_fuse()
+    check_allow_other(config)
     migrated = False
     if config.migrate:
         reports = migrate.migrate_source(config.source)

@@ -9,7 +9,7 @@ import orjson
 import pyfuse3
 import pytest
 
-from sessionfs import daemon
+from sessionfs import daemon, sources
 from sessionfs.cli import main as cli
 from tests.helpers import entry
 
@@ -90,3 +90,27 @@ def test_a_mount_failing_after_migrating_tells_how_to_undo_it(
     err = capsys.readouterr().err
     assert f"sessionfs migrate --revert {legacy}" in err
     assert (legacy / "sessions.d").is_dir()  # migrated, and the way back was printed
+
+
+def test_a_mountpoint_that_is_not_empty_is_refused_before_migrating(
+    legacy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mnt" / "notes.txt").write_text("mine\n")
+    assert cli(["mount", str(legacy), str(tmp_path / "mnt")]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert untouched(legacy)
+
+
+def test_allow_other_without_user_allow_other_says_how_to_fix_it(
+    legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "fuse.conf"
+    conf.write_text("# user_allow_other\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as a user, not root
+    config = daemon.MountConfig(
+        source=sources.resolve(legacy), mountpoint=tmp_path / "mnt", allow_other=True
+    )
+    with pytest.raises(daemon.MountError, match="needs user_allow_other"):
+        daemon.check_allow_other(config, conf)
+    conf.write_text("user_allow_other\n")
+    daemon.check_allow_other(config, conf)  # and with it, nothing to say
