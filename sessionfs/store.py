@@ -134,38 +134,59 @@ ABSENT = Version(-1, -1, -1)
 """The "version" of an entry that does not exist, for ``write(expected=...)``."""
 
 
-def write_file_atomically(directory: Path, name: str, data: bytes) -> None:
-    """Replace *directory*/*name* with *data* the way OpenClaw does: temp, fsync, rename.
-
-    For files beside the entries (``sessions.json``, markers): the temp is named
-    ``<name>.<random>.tmp`` as OpenClaw's are, opened 0600 without following
-    symlinks, and the directory is synced after the rename.  Run as root (``sudo
-    sessionfs ...``), the file gets the directory's owner, so the gateway that owns
-    the store can still read it.
-    """
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    temp = f"{name}.{secrets.token_hex(8)}.tmp"
+def _replace(
+    dir_fd: int,
+    name: str,
+    temp: str,
+    data: bytes,
+    *,
+    durable: bool = True,
+    mtime_ns: int | None = None,
+    owner: os.stat_result | None = None,
+) -> os.stat_result:
+    """The atomic write: *data* into a new *temp* (0600, no symlink followed), fsync,
+    rename over *name*, fsync the directory; the new file's stat.  A failure at any
+    step leaves *name* as it was and no temp behind (a crash leaves at most a temp)."""
+    fd = os.open(
+        temp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        FILE_MODE,
+        dir_fd=dir_fd,
+    )
     try:
-        fd = os.open(
-            temp,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            FILE_MODE,
-            dir_fd=dir_fd,
-        )
         try:
-            if os.geteuid() == 0:
-                owner = os.fstat(dir_fd)
+            if owner is not None:
                 os.fchown(fd, owner.st_uid, owner.st_gid)
             _write_all(fd, data)
-            os.fsync(fd)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            if durable:
+                os.fsync(fd)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
         os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=dir_fd)
         raise
+    if durable:
+        os.fsync(dir_fd)
+    return st
+
+
+def write_file_atomically(directory: Path, name: str, data: bytes) -> None:
+    """Replace *directory*/*name* with *data* the way OpenClaw does (:func:`_replace`).
+
+    For files beside the entries (``sessions.json``, markers): the temp is named
+    ``<name>.<random>.tmp`` as OpenClaw's are.  Run as root (``sudo sessionfs ...``),
+    the file gets the directory's owner, so the gateway that owns the store can
+    still read it.
+    """
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        owner = os.fstat(dir_fd) if os.geteuid() == 0 else None
+        _replace(dir_fd, name, f"{name}.{secrets.token_hex(8)}.tmp", data, owner=owner)
     finally:
         os.close(dir_fd)
 
@@ -620,30 +641,7 @@ class SessionStore:
         The caller holds the key's lock and has checked the target with :meth:`_target`.
         """
         temp = f".sfs-{secrets.token_hex(8)}.tmp"
-        fd = os.open(
-            temp,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            FILE_MODE,
-            dir_fd=self._dir_fd,
-        )
-        try:
-            try:
-                _write_all(fd, data)
-                if mtime_ns is not None:
-                    os.utime(fd, ns=(mtime_ns, mtime_ns))
-                if durable:
-                    os.fsync(fd)
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
-            os.rename(temp, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=self._dir_fd)
-            raise
-        if durable:
-            os.fsync(self._dir_fd)
-        return st
+        return _replace(self._dir_fd, name, temp, data, durable=durable, mtime_ns=mtime_ns)
 
     def _check_regular(self, st: os.stat_result, name: str) -> None:
         try:
