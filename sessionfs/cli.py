@@ -242,16 +242,16 @@ def _policy(args: argparse.Namespace) -> maintain.Policy:
     )
 
 
-def _refuse_if_mounted(source: sources.Source, what: str) -> None:
-    """A command that would change a mounted store behind its daemon says so and stops."""
-    from .daemon import mount_serving
+def _mounted_refusal(source: sources.Source, what: str) -> str | None:
+    from .daemon import mounted_refusal
 
-    mountpoint = mount_serving(source.path)
-    if mountpoint is not None:
-        raise SessionFSError(
-            f"{source.path} is mounted at {mountpoint}; {what} must not change it behind the "
-            f"daemon: run it after `sessionfs umount {mountpoint}`"
-        )
+    return mounted_refusal(source.path, what)
+
+
+def _refuse_if_mounted(source: sources.Source, what: str) -> None:
+    refusal = _mounted_refusal(source, what)
+    if refusal is not None:
+        raise SessionFSError(refusal)
 
 
 def _cmd_maintain(args: argparse.Namespace) -> int:
@@ -269,18 +269,11 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
 
 
 def _cmd_fsck(args: argparse.Namespace) -> int:
-    from .daemon import mount_serving
-
     source = sources.resolve(args.source)
-    if args.repair:
-        mountpoint = mount_serving(source.path)
-        if mountpoint is not None:
-            print(
-                f"sessionfs: {source.path} is mounted at {mountpoint}; a repair must not change "
-                f"it behind the daemon: run `sessionfs umount {mountpoint}` first",
-                file=sys.stderr,
-            )
-            return 3
+    refusal = _mounted_refusal(source, "a repair") if args.repair else None
+    if refusal is not None:
+        print(f"sessionfs: {refusal}", file=sys.stderr)
+        return 3  # (fsck's own status for "could not check")
     checks = fsck.check_source(source, repair=args.repair)
     if not checks:
         print(f"{source.path}: no agents with a sessions dir")

@@ -170,6 +170,18 @@ def probe(path: Path, timeout: float = CONTROL_TIMEOUT) -> str:
     return "alive"
 
 
+def mounted_refusal(path: Path, what: str) -> str | None:
+    """Why *what* must not run now: it would change the store at *path* behind the
+    daemon of the mount serving it (None: no mount serves it)."""
+    mountpoint = mount_serving(path)
+    if mountpoint is None:
+        return None
+    return (
+        f"{path} is mounted at {mountpoint}; {what} must not change it behind the "
+        f"daemon: run it after `sessionfs umount {mountpoint}`"
+    )
+
+
 def prepare_mountpoint(path: Path) -> list[str]:
     """Check *path* can be mounted on; clean a dead sessionfs mount.  Returns notices."""
     notices = []

@@ -116,12 +116,9 @@ def revert_store(
 
 
 def _mounted(agent: AgentStore) -> str | None:
-    from .daemon import mount_serving  # the daemon module is heavy; only needed here
+    from .daemon import mounted_refusal  # the daemon module is heavy; only needed here
 
-    mountpoint = mount_serving(agent.sessions_dir)
-    if mountpoint is None:
-        return None
-    return f"mounted at {mountpoint}; unmount it first (sessionfs umount {mountpoint})"
+    return mounted_refusal(agent.sessions_dir, "a revert")
 
 
 def _failed(report: AgentReport, reason: str) -> AgentReport:
