@@ -63,7 +63,6 @@ class _Sides:
     """Everything that goes into the rebuilt ``sessions.json``, and where it came from."""
 
     merged: dict[str, Any] = field(default_factory=dict)
-    from_entries: int = 0
     from_gateway: list[str] = field(default_factory=list)
     from_backup: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
@@ -167,8 +166,7 @@ def _read_sides(agent: AgentStore, directories: list[Path]) -> _Sides:
                 except (SessionFSError, OSError, orjson.JSONDecodeError) as exc:
                     sides.unreadable.append((key, str(exc)))
                     continue
-                if sides.offer(key, value):
-                    sides.from_entries += 1
+                sides.offer(key, value)
     return sides
 
 
