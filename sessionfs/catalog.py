@@ -121,6 +121,7 @@ class Catalog:
         self._lock = threading.Lock()
         self._open: dict[str | None, _Opened] = {}
         self._retired: set[_Opened] = set()  # replaced, closed when their last user leaves
+        self._paths: dict[str | None, tuple[str, str]] = {}  # database, sessions.d/ of each
         if not self.per_agent and not self._ref(None).has_store():
             raise NoStore(f"{source.path} holds neither sessions.d/ nor sessions.json")
 
@@ -169,17 +170,33 @@ class Catalog:
         finally:
             self._release(opened)
 
+    def _identity(self, agent_id: str | None) -> tuple[bool, tuple[int, int]]:
+        """Whether *agent_id*'s store is in the SQLite era, and (st_dev, st_ino) of its
+        database or ``sessions.d/`` ((0, 0): neither).  Every store call asks (a store
+        replaced meanwhile is reopened), so it costs one or two ``lstat`` s, no more."""
+        paths = self._paths.get(agent_id)
+        if paths is None:
+            ref = self._ref(agent_id)
+            paths = str(ref.database), str(ref.entries)
+            if agent_id is not None or not self.per_agent:  # (fixed for every other)
+                self._paths[agent_id] = paths
+        database, entries = paths
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            st = os.lstat(database)
+            if stat.S_ISREG(st.st_mode):  # the SQLite era wins: the gateway reads only that
+                return True, (st.st_dev, st.st_ino)
+        try:
+            st = os.lstat(entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return False, (0, 0)
+        return False, (st.st_dev, st.st_ino)
+
     def _acquire(self, agent_id: str | None) -> _Opened:
-        ref = self._ref(agent_id)
         with self._lock:
-            sqlite = ref.has_database()  # the SQLite era wins: the gateway reads only that
-            try:
-                st = os.stat(ref.database if sqlite else ref.entries, follow_symlinks=False)
-                identity = (st.st_dev, st.st_ino)
-            except FileNotFoundError:
-                identity = (0, 0)
+            sqlite, identity = self._identity(agent_id)
             current = self._open.get(agent_id)
             if current is None or current.identity != identity:
+                ref = self._ref(agent_id)
                 if current is not None:
                     self._retire(current)
                     del self._open[agent_id]

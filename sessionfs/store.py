@@ -41,6 +41,11 @@ _TEMP_RE = re.compile(r"^\.sfs-[0-9a-f]{16}\.tmp$")
 STRAY_TEMP_AGE = 60.0
 
 
+def _temp_name() -> str:
+    """A temp file name no one else uses: the watcher tells the daemon's own renames by it."""
+    return f".sfs-{secrets.token_hex(8)}.tmp"
+
+
 def is_temp_name(name: str) -> bool:
     """Whether *name* is one of the store's own temp files (``.sfs-<hex>.tmp``)."""
     return _TEMP_RE.match(name) is not None
@@ -107,6 +112,7 @@ class Commit:
 
     stat: os.stat_result
     replaced: Version | None  # None: the key was new
+    temp: str | None = None  # the temp file renamed into place (None: nothing was written)
 
     @property
     def version(self) -> Version:
@@ -433,9 +439,10 @@ class SessionStore:
                 raise EntryChanged(key, expected, replaced)
             if refusal is not None:
                 raise refusal
+            temp = _temp_name()
             with self._keeping(name if previous is not None else None):
-                st = self._commit(name, data, durable=durable, mtime_ns=mtime_ns)
-            return Commit(st, replaced)
+                st = self._commit(name, data, durable=durable, mtime_ns=mtime_ns, temp=temp)
+            return Commit(st, replaced, temp)
 
     def update(
         self, key: str, change: Callable[[entry_rules.Entry | None], entry_rules.Entry]
@@ -634,13 +641,20 @@ class SessionStore:
             raise
 
     def _commit(
-        self, name: str, data: bytes, *, durable: bool, mtime_ns: int | None = None
+        self,
+        name: str,
+        data: bytes,
+        *,
+        durable: bool,
+        mtime_ns: int | None = None,
+        temp: str | None = None,
     ) -> os.stat_result:
-        """Temp file, write, fsync, rename over *name*, fsync the directory.
+        """Temp file (*temp*, or a new name), write, fsync, rename over *name*, fsync the
+        directory.
 
         The caller holds the key's lock and has checked the target with :meth:`_target`.
         """
-        temp = f".sfs-{secrets.token_hex(8)}.tmp"
+        temp = temp or _temp_name()
         return _replace(self._dir_fd, name, temp, data, durable=durable, mtime_ns=mtime_ns)
 
     def _check_regular(self, st: os.stat_result, name: str) -> None:

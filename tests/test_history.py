@@ -14,7 +14,7 @@ import pytest
 
 from sessionfs import maintain, sources
 from sessionfs.cli import main as cli
-from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK
+from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, stamp_of
 from sessionfs.keys import key_to_filename
 from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes
@@ -97,6 +97,23 @@ def test_old_versions_go_by_count_and_age(store: SessionStore) -> None:
     assert len(versions) < total - 1
     assert len(versions) >= KEEP_NEWEST  # never fewer than the newest 20
     assert versions[-1] == entry_bytes(f"v{total - 2}", total - 2)
+
+
+def test_pruning_keeps_exactly_the_young_beyond_the_newest_20(store: SessionStore) -> None:
+    """Two versions a day for 40 days, then one an hour: every version that stopped
+    being current within 30 days stays (more than 20 of them), every older one goes."""
+    assert store.history is not None
+    start = 1_800_000_000.0
+    times = [start + i * 43200 for i in range(80)] + [
+        start + 40 * 86400 + h * 3600 for h in range(30)
+    ]
+    for i, when in enumerate(times):
+        store.history.clock = lambda when=when: when  # type: ignore[misc]
+        store.write("cron:a", entry_bytes(f"v{i}", i))
+    now = times[-1]
+    young = {stamp_of(t) + ".json" for t in times[1:] if now - t < 30 * 86400}
+    assert len(young) > KEEP_NEWEST
+    assert set(os.listdir(store.path / HISTORY_DIR / key_to_filename("cron:a"))) == young
 
 
 def test_purge_removes_every_kept_version(

@@ -118,6 +118,7 @@ def assemble(
             rejected_writes=rejections.total,
             invalidations=kernel.invalidations,
             rescans=watcher.rescans,
+            own_renames=watcher.own_renames,
         )
 
     control = ControlFiles(

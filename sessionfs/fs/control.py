@@ -33,12 +33,14 @@ class MountStatistics:
     rejected_writes: int
     invalidations: int  # changes behind the mount the kernel was told of
     rescans: int  # after inotify overflows
+    own_renames: int  # events of the mount's own commits that needed no stat
 
     def render(self) -> bytes:
         fields = asdict(self)
         fields["watcher"] = {
             "invalidations": fields.pop("invalidations"),
             "rescans": fields.pop("rescans"),
+            "own_renames": fields.pop("own_renames"),
         }
         return orjson.dumps(fields, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
 

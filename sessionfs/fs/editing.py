@@ -560,7 +560,7 @@ class Editing:
                     lambda b: b.rename(old_key, key, replace=replace, lock_wait=0),
                     deadline=deadline,
                 )
-                gone.made(None)
+                gone.made(None, replaced=Version.of(st))
                 arrived.made(Seen.of(st))
         except EntryExists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None

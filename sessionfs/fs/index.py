@@ -60,7 +60,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 from ..catalog import Backing
 from ..errors import EntryNotFound
@@ -71,8 +70,8 @@ from .kernel import Kernel
 from .tree import Dir, Entry, File, Known, Seen, Tree
 
 SCAN_CHUNK = 1024
+OWN_RENAMES = 1024  # own commits whose events the watcher has not read yet, at most
 QUICK_STATS = 16  # a refresh of at most this many keys is a quick call (see .quick)
-_T = TypeVar("_T")
 log = logging.getLogger("sessionfs")
 
 
@@ -84,11 +83,13 @@ class OwnChange:
     key: str
     stamp: int
     result: Seen | None = None
+    replaced: Version | None = None
     done: bool = False
 
-    def made(self, seen: Seen | None) -> None:
-        """The operation succeeded and left *seen* (None: the key is gone) as current."""
-        self.result, self.done = seen, True
+    def made(self, seen: Seen | None, *, replaced: Version | None = None) -> None:
+        """The operation succeeded and left *seen* (None: the key is gone) as current,
+        in place of *replaced* (when known: the version it displaced)."""
+        self.result, self.replaced, self.done = seen, replaced, True
 
 
 class Index:
@@ -105,6 +106,11 @@ class Index:
         # Stamps of every look at the disk in flight, per directory: a key that went
         # is forgotten only once nothing that began before it went can still report.
         self._inflight: dict[int, set[int]] = {}
+        # (agent, temp name) -> key of own commits that left the index exact: the
+        # watcher needs no stat for the events of their renames (see own_rename)
+        self._own_renames: collections.OrderedDict[tuple[str | None, str], str] = (
+            collections.OrderedDict()
+        )
         self.outside_changes = 0
         self.forgotten = 0  # gone keys whose records and nodes were dropped
 
@@ -202,7 +208,7 @@ class Index:
                 yield change
             finally:
                 if change.done:
-                    self.learn(parent, key, change.result, change.stamp)
+                    self._learn_own(change)
                 self._busy[ident] -= 1
                 if not self._busy[ident]:
                     del self._busy[ident]
@@ -212,6 +218,31 @@ class Index:
                         ours = change.done and _version(now) == _version(change.result)
                         if not ours:
                             self._tell_kernel(parent, key)
+
+    def _learn_own(self, change: OwnChange) -> None:
+        """Record what an operation of the mount made current, by the ordering rule,
+        with one exception that only the operation can recognise.
+
+        A look that began during the operation has a newer stamp, yet its I/O may
+        have run before the operation's rename: a watcher stat of the previous
+        update's event does, in any loop of updates.  If it saw exactly the version
+        the operation displaced, it is older than the result, which then takes its
+        stamp (not a newer one: a look that began later still wins, as the rule
+        says).  Anything else learnt meanwhile stands: a newer outside version, or
+        a stale look that the watcher's stat of this operation's own event, stamped
+        after everything here, corrects.
+        """
+        parent, key = change.parent, change.key
+        known = parent.known.get(key)
+        stamp = change.stamp
+        if (
+            known is not None
+            and known.stamp > stamp
+            and change.replaced is not None
+            and known.version == change.replaced
+        ):
+            stamp = known.stamp
+        self.learn(parent, key, change.result, stamp)
 
     async def write(
         self,
@@ -229,19 +260,45 @@ class Index:
             commit = await self.backings.run_locked(
                 parent.agent_id, (key,), "write", write, deadline=deadline, quick=quick
             )
-            change.made(Seen.of(commit.stat))
+            change.made(Seen.of(commit.stat), replaced=commit.replaced)
+        if commit.temp is not None:
+            self._renamed_into_place(change, commit.temp)
         return commit
 
+    def _renamed_into_place(self, change: OwnChange, temp: str) -> None:
+        """An own commit renamed *temp* onto its key.  If the index now holds exactly
+        what it made, with no look in flight that began during it (such a look may
+        still report the version it replaced), the watcher's stat of that rename's
+        event would learn nothing: it may skip it (:meth:`own_rename`).  Any later
+        change of the key raises events of its own, which are looked at as ever."""
+        parent = change.parent
+        if (
+            not self.trusted(parent)
+            or any(stamp > change.stamp for stamp in self._inflight.get(parent.ino, ()))
+            or _version(parent.present(change.key)) != _version(change.result)
+        ):
+            return
+        self._own_renames[(parent.agent_id, temp)] = change.key
+        while len(self._own_renames) > OWN_RENAMES:
+            self._own_renames.popitem(last=False)  # its events were read before it was known
+
+    def own_rename(self, agent_id: str | None, temp: str) -> str | None:
+        """The key an own commit renamed *temp* onto, if its events need no stat; once.
+
+        A temp name is random and used once, so only that rename's event can match.
+        """
+        return self._own_renames.pop((agent_id, temp), None)
+
     async def remove(
-        self, parent: Dir, key: str, remove: Callable[[Backing], _T], *, deadline: float
-    ) -> _T:
+        self, parent: Dir, key: str, remove: Callable[[Backing], Snapshot], *, deadline: float
+    ) -> Snapshot:
         """Remove *key* with *remove* (as :meth:`write`), and learn that it is gone."""
         with self.own(parent, key) as change:
-            result = await self.backings.run_locked(
+            removed = await self.backings.run_locked(
                 parent.agent_id, (key,), "remove", remove, deadline=deadline
             )
-            change.made(None)
-        return result
+            change.made(None, replaced=removed.version)
+        return removed
 
     def _learned_outside(self, parent: Dir, key: str, seen: Seen | None, stamp: int) -> None:
         if not self.learn(parent, key, seen, stamp):

@@ -11,9 +11,14 @@ plain :class:`threading.Event`, which costs ~50 us instead, but at most
 :data:`WAIT_SECONDS`: the trio thread serves every request of the mount, so it is
 never held longer than that, even by an fsync that never returns (a frozen or
 dead disk) or a store being reopened.  A call that outlives the wait is awaited
-like any threaded one, and a call slower than :data:`SLOW_SECONDS` sends every
-call to ordinary worker threads for :data:`THREADED_SECONDS`, doubled each time
-the disk is found slow again, up to :data:`MAX_THREADED_SECONDS`.  While the
+like any threaded one (and no call is handed over while it runs), and when
+:data:`SLOW_CALLS` of the last :data:`RECENT_CALLS` calls were slower than
+:data:`SLOW_SECONDS` (or outlived the wait), every call goes to ordinary worker
+threads for :data:`THREADED_SECONDS`, doubled each time the disk is found slow
+again, up to :data:`MAX_THREADED_SECONDS`.  One slow call is not enough: the
+first commit after a mount, or after the gateway wrote much, often flushes the
+journal or reads cold metadata, and takes 5-60 ms on a healthy disk; switching
+then would cost every update of the next minute a thread hop.  While the
 dedicated thread is still busy (with a call that outlived its wait), new calls
 never queue behind it, and while store calls run in worker threads, new calls
 join them there.  Concurrent updates through the mount thus commit one after
@@ -23,6 +28,7 @@ did in worker threads, which share the same journal and GIL.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -36,7 +42,9 @@ import trio
 log = logging.getLogger("sessionfs")
 
 WAIT_SECONDS = 0.02  # the longest the trio thread waits for a quick call
-SLOW_SECONDS = 0.005  # a call this slow means a slow disk: threads for a while
+SLOW_SECONDS = 0.005  # calls this slow, SLOW_CALLS of the last RECENT_CALLS, mean a slow disk
+SLOW_CALLS = 3
+RECENT_CALLS = 8
 THREADED_SECONDS = 60.0  # for this long at first, doubling while the disk stays slow
 MAX_THREADED_SECONDS = 3600.0
 THREAD_NAME = "sessionfs-quick"
@@ -86,6 +94,7 @@ class QuickCalls:
         self.threaded_until = -math.inf  # trio time
         self.threaded_for = THREADED_SECONDS
         self.slow_calls = 0
+        self._recent_slow: collections.deque[bool] = collections.deque(maxlen=RECENT_CALLS)
         self._calls: queue.SimpleQueue[_Call[object]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._current: _Call[object] | None = None  # the last call handed over
@@ -113,20 +122,29 @@ class QuickCalls:
             self._thread.start()
         self._calls.put(call)  # type: ignore[arg-type]
         if not call.done.wait(self.wait_seconds):
-            self._slow(what, None)
+            self._took(what, None)
             # the disk hangs or crawls: wait like any threaded call (which an unmount
             # also waits for: a commit is never left running behind it), holding no one up
             await trio.to_thread.run_sync(call.done.wait)
-        elif call.seconds >= self.slow_seconds:
-            self._slow(what, call.seconds)
+        else:
+            self._took(what, call.seconds)
         return call.outcome()
 
     def _serve(self) -> None:
         while True:
             self._calls.get().run()
 
+    def _took(self, what: str, seconds: float | None) -> None:
+        """A call ended (or outlived the wait: *seconds* None); the disk is slow when
+        :data:`SLOW_CALLS` of the last :data:`RECENT_CALLS` were."""
+        slow = seconds is None or seconds >= self.slow_seconds
+        self._recent_slow.append(slow)
+        if slow and sum(self._recent_slow) >= SLOW_CALLS:
+            self._slow(what, seconds)
+
     def _slow(self, what: str, seconds: float | None) -> None:
         self.slow_calls += 1
+        self._recent_slow.clear()
         now = trio.current_time()
         if now >= self.threaded_until + self.threaded_for:
             self.threaded_for = THREADED_SECONDS  # fast for as long again: start afresh

@@ -41,6 +41,7 @@ log = logging.getLogger("sessionfs")
 RETRY_SECONDS = 2.0  # how soon a watcher that could not follow everything tries again
 POLL_SECONDS = 0.2  # how often SQLite-era stores are asked whether anything was committed
 FULL_LOOK_SECONDS = 30.0  # how often every known key of a SQLite-era store is compared
+OWN_MOVES = 64  # own renames whose first half was read and the second not yet, at most
 
 # Entries change by rename (OpenClaw and sessionfs both write temp + rename) or,
 # for in-place writers, end in CLOSE_WRITE; ATTRIB is a touch or chmod (the mtime
@@ -83,6 +84,8 @@ class Watcher:
         self.agents: set[str] = set()
         self.rescans = 0
         self.failures = 0
+        self.own_renames = 0  # events of own commits that needed no stat
+        self._own_moves: dict[int, str] = {}  # inotify cookie -> key, of own renames
         # What could not be followed at the last try (None: everything is followed).
         self.trouble: str | None = None
         self._unwatchable: dict[Path, str] = {}  # path -> why add_watch failed (warned once)
@@ -196,7 +199,7 @@ class Watcher:
         changed: dict[str | None, set[str]] = {}  # keys to look at again, per store
         structural = overflow = False
         for event in events:
-            wd, mask, name = event.wd, event.mask, event.name  # type: ignore[attr-defined]
+            wd, mask, name, cookie = event.wd, event.mask, event.name, event.cookie  # type: ignore[attr-defined]
             if mask & flags.Q_OVERFLOW:
                 overflow = True
                 continue
@@ -210,18 +213,33 @@ class Watcher:
             if watch.target.kind != "entries" or mask & (flags.DELETE_SELF | flags.MOVE_SELF):
                 structural = True
                 continue
+            agent_id = watch.target.agent_id
+            if mask & flags.MOVED_FROM and (own := self.index.own_rename(agent_id, name)):
+                self._own_moves[cookie] = own
+                continue
             key = filename_to_key(name)
-            if key is not None:  # temps, dotfiles, other names are never sessions
-                changed.setdefault(watch.target.agent_id, set()).add(key)
+            if key is None:  # temps, dotfiles, other names are never sessions
+                continue
+            keys = changed.setdefault(agent_id, set())
+            if mask & flags.MOVED_TO and self._own_moves.pop(cookie, None) == key:
+                # an own commit's rename: the index holds what it made current, and
+                # the key's earlier events (the old version's link into the history,
+                # a write it replaced) are moot; later ones are looked at
+                keys.discard(key)
+                self.own_renames += 1
+                continue
+            keys.add(key)
         if overflow:
             log.warning("inotify queue overflowed; rescanning every store for changes")
         if structural or overflow:
             await self.reconcile()
         if overflow:
             await self.rescan_all()
+        if len(self._own_moves) > OWN_MOVES:  # halves of renames out of the store
+            self._own_moves.clear()
         for agent_id, keys in changed.items():
             parent = self.index.dir_of(agent_id)
-            if parent is not None:  # else the kernel knows nothing of it yet
+            if keys and parent is not None:  # else the kernel knows nothing of it yet
                 await self.index.refresh(parent, sorted(keys), event=True)
 
     # -- structure ---------------------------------------------------------
