@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from sessionfs.errors import InvalidKey
 from sessionfs.keys import (
+    _DISPLAY_ESCAPES,
+    _encode,
     display_to_key,
     filename_to_key,
     key_to_display,
@@ -191,6 +193,23 @@ def test_display_round_trip(key: str) -> None:
     assert not name.startswith(".")
     assert "/" not in name
     assert "\0" not in name
+
+
+@settings(max_examples=300)
+@given(st.text(st.sampled_from("a:.%/\0é"), min_size=0, max_size=8), st.integers(0, 260))
+def test_plain_ascii_keys_take_the_same_name_as_escaped_ones(tail: str, length: int) -> None:
+    """The fast path for keys that need no escape names them as the escaping rules do,
+    up to the length limit (``.json`` makes 250 characters the longest)."""
+    key = ("k" * length)[: max(length - len(tail), 0)] + tail
+    try:
+        expected: str | None = _encode(key, _DISPLAY_ESCAPES)
+    except InvalidKey:
+        expected = None
+    try:
+        name: str | None = key_to_display(key)
+    except InvalidKey:
+        name = None
+    assert name == expected
 
 
 @settings(max_examples=400)

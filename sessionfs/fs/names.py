@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -231,6 +232,22 @@ class Names:
     def entry_attributes(self, node: File, seen: Entry) -> pyfuse3.EntryAttributes:
         """What ``stat`` shows for session *node* whose committed entry is *seen*."""
         return self._cacheable(node, node.entry_attributes(self.owner, seen))
+
+    def session_attributes(
+        self, directory: Dir
+    ) -> Callable[[File, Entry], pyfuse3.EntryAttributes]:
+        """:meth:`entry_attributes` for the sessions of *directory*, with what holds for
+        all of them decided once: a listing asks it for 10,000 names per ``ls``."""
+        owner = self.owner
+        untrusted = directory.holds_sessions and not self.index.trusted(directory)
+
+        def attributes(node: File, seen: Entry) -> pyfuse3.EntryAttributes:
+            attrs = node.entry_attributes(owner, seen)
+            if untrusted:
+                attrs.entry_timeout = attrs.attr_timeout = 0
+            return attrs
+
+        return attributes
 
     def _cacheable(self, node: Node, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         # Where the watcher cannot follow changes, nothing tells the kernel when

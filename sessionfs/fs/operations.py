@@ -162,29 +162,30 @@ class Operations(pyfuse3.Operations):
         handle = self.dir_handles[fh]
         if handle.listing is None or start_id == 0:
             handle.listing = await self.names.listing(handle.node)
-        listing = handle.listing
+        listing, directory = handle.listing, handle.node
+        session_attributes = self.names.session_attributes(directory)
         # next_id is a position in this handle's own listing, so entries added or
         # removed meanwhile cannot shift it.
         position = start_id
         while position < len(listing):
             name, node, key = listing[position]
             position += 1
-            if isinstance(node, File | Transcript) and (
+            if isinstance(node, (File, Transcript)) and (
                 not node.linked
-                or node.parent is not handle.node
+                or node.parent is not directory
                 or node.key != key
                 or (key is None and node.name != name)
-                or (isinstance(node, Transcript) and handle.node.present(node.key) is None)
+                or (isinstance(node, Transcript) and directory.present(node.key) is None)
             ):
                 continue  # renamed, removed or reset since the listing: never a stale name
             try:
                 if node is None:  # an agent: it may have gone since the listing
-                    node = await self.names.find(handle.node, name)
-                if isinstance(node, File) and node.is_session and not node.pending:
+                    node = await self.names.find(directory, name)
+                if isinstance(node, File) and key is not None and not node.pending:
                     seen = node.entry()
                     if seen is None:
                         continue  # removed since the listing was taken
-                    attrs = self.names.entry_attributes(node, seen)
+                    attrs = session_attributes(node, seen)
                 elif isinstance(node, Transcript):
                     attrs = self.names.listed_attributes(node)
                 else:
