@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from sessionfs import maintain, sources
@@ -17,7 +18,7 @@ from sessionfs.cli import main as cli
 from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, stamp_of
 from sessionfs.keys import key_to_filename
 from sessionfs.store import SessionStore
-from tests.helpers import entry_bytes
+from tests.helpers import entry_bytes, raises_errno
 from tests.mounting import mounted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +167,52 @@ def test_edits_through_the_mount_are_kept(store: SessionStore, tmp_path: Path) -
         assert not (mount.path / HISTORY_DIR).exists()  # not a session, not shown
     assert kept(store, "cron:a") == [entry_bytes(f"v{i}", i) for i in range(3)]
     assert not os.path.exists(store.path / "cron%3Aa.json")
+
+
+def test_the_mount_shows_kept_versions_and_cp_of_one_undoes_an_edit(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    """Edit three times, see three old versions, ``cp`` one back; ``rm``, and the removed
+    key's versions stay listed."""
+    store.write("cron:a", entry_bytes("v0", 0))
+    with mounted(store.path.parent, tmp_path / "mnt") as mount:
+        session = mount.path / "cron:a.json"
+        for i in (1, 2, 3):
+            session.write_bytes(entry_bytes(f"v{i}", i))
+        versions = mount.path / ".sessionfs" / "history" / "cron:a"
+        names = sorted(os.listdir(versions))
+        assert len(names) == 3
+        assert all(name.endswith(".json") for name in names)
+        assert [(versions / n).read_bytes() for n in names] == [
+            entry_bytes(f"v{i}", i) for i in range(3)
+        ]
+        first = versions / names[0]
+        assert first.stat().st_size == len(entry_bytes("v0", 0))
+        assert first.stat().st_mode & 0o777 == 0o400
+        with raises_errno(errno.EROFS):
+            os.open(first, os.O_WRONLY)
+        subprocess.run(["cp", str(first), str(session)], check=True)  # the undo
+        assert session.read_bytes() == entry_bytes("v0", 0)
+        assert len(os.listdir(versions)) == 4  # the undo is a change like any other
+        session.unlink()
+        assert not session.exists()
+        assert "cron:a" in os.listdir(mount.path / ".sessionfs" / "history")
+        assert (versions / sorted(os.listdir(versions))[-1]).read_bytes() == entry_bytes("v0", 0)
+        assert not (versions / "2000-01-01T00:00:00.000Z.json").exists()
+
+
+def test_each_agent_has_its_history_in_a_state_dir_mount(state_dir: Path, tmp_path: Path) -> None:
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        (session,) = [p for p in (mount.path / "main").iterdir() if p.suffix == ".json"][:1]
+        old = session.read_bytes()
+        data = orjson.loads(old)
+        session.write_bytes(orjson.dumps({**data, "label": "edited"}))
+        top = mount.path / ".sessionfs" / "history"
+        assert "main" in os.listdir(top)
+        (key_dir,) = os.listdir(top / "main")
+        assert key_dir == session.name.removesuffix(".json")
+        (version,) = os.listdir(top / "main" / key_dir)
+        assert (top / "main" / key_dir / version).read_bytes() == old
 
 
 def test_a_planted_symlink_is_never_followed_out_of_the_store(

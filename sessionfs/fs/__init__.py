@@ -24,6 +24,7 @@ from .cache import ContentCache
 from .control import ControlFiles, MountStatistics
 from .editing import CONFLICT_FAIL, CONFLICT_LAST_WINS, Editing, Limits
 from .grace import GracePeriods
+from .history_view import HistoryView
 from .index import Index
 from .kernel import Kernel
 from .names import Names
@@ -86,25 +87,7 @@ def assemble(
     backings = Backings(catalog, limiter, quick)
     index = Index(tree, backings, kernel)
     owner = Owner.current(cache_timeout)
-    names = Names(tree, index, backings, catalog, owner)
     rejections = Rejections()
-    limits = limits or Limits(max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES)
-    graces = GracePeriods(tree, index, backings, kernel, seconds=limits.grace_seconds, clock=clock)
-    editing = Editing(
-        tree,
-        index,
-        names,
-        backings,
-        kernel,
-        ContentCache(),
-        rejections,
-        graces,
-        limits,
-        conflict=conflict,
-    )
-    requests = Requests(debug=debug)
-    watcher = Watcher(catalog, index, backings)
-    operations = Operations(tree, names, editing, backings, requests)
 
     def statistics() -> MountStatistics:
         return MountStatistics(
@@ -124,4 +107,23 @@ def assemble(
     control = ControlFiles(
         tree, source=catalog.source.path, statistics=statistics, rejections=rejections, log=log
     )
+    history = HistoryView(tree, backings, catalog, control.directory)
+    names = Names(tree, index, backings, catalog, owner, history)
+    limits = limits or Limits(max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES)
+    graces = GracePeriods(tree, index, backings, kernel, seconds=limits.grace_seconds, clock=clock)
+    editing = Editing(
+        tree,
+        index,
+        names,
+        backings,
+        kernel,
+        ContentCache(),
+        rejections,
+        graces,
+        limits,
+        conflict=conflict,
+    )
+    requests = Requests(debug=debug)
+    watcher = Watcher(catalog, index, backings)
+    operations = Operations(tree, names, editing, backings, requests)
     return Filesystem(operations, editing, graces, index, watcher, kernel, control)

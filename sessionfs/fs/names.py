@@ -24,8 +24,9 @@ from ..store import ABSENT, Version
 from ..transcripts import parsed, transcript_files, transcript_name, transcript_stat
 from .backings import Backings
 from .handles import is_scratch_name, is_transcript_name
+from .history_view import HistoryView
 from .index import Index
-from .tree import Dir, Entry, File, Node, Owner, Transcript, Tree
+from .tree import Dir, Entry, File, KeptVersion, Node, Owner, Transcript, Tree
 
 log = logging.getLogger("sessionfs")
 
@@ -57,17 +58,26 @@ class Names:
     """Resolves names to nodes and lists directories, asking the index (and the disk)."""
 
     def __init__(
-        self, tree: Tree, index: Index, backings: Backings, catalog: Catalog, owner: Owner
+        self,
+        tree: Tree,
+        index: Index,
+        backings: Backings,
+        catalog: Catalog,
+        owner: Owner,
+        history: HistoryView,
     ) -> None:
         self.tree = tree
         self.index = index
         self.backings = backings
         self.catalog = catalog
         self.owner = owner
+        self.history = history
         self._too_long: set[tuple[int, str]] = set()  # keys whose .jsonl name was too long
 
     async def find(self, parent: Dir, name: str) -> Node:
         """The node *name* stands for in *parent*, or ENOENT."""
+        if parent.history is not None:
+            return await self.history.find(parent, name)
         child = parent.children.get(name)
         if child is not None:
             return self.tree.nodes[child]
@@ -254,7 +264,7 @@ class Names:
         # its cached names and sizes go stale: it must ask every time.
         parent = node.parent if isinstance(node, File) else None
         untrusted = parent is not None and parent.holds_sessions and not self.index.trusted(parent)
-        if untrusted or isinstance(node, Transcript):
+        if untrusted or isinstance(node, Transcript | KeptVersion) or _history_dir(node):
             attrs.entry_timeout = attrs.attr_timeout = 0
         return attrs
 
@@ -265,6 +275,8 @@ class Names:
         asks for 20,000 of them), and carried with its key, so that a reply can
         tell a renamed node by its key alone.
         """
+        if directory.history is not None:
+            return await self.history.listing(directory)
         names: list[Listed] = [
             (name, self.tree.nodes[ino], None) for name, ino in directory.children.items()
         ]
@@ -295,3 +307,8 @@ class Names:
                 if t is not None
             ]
         return names
+
+
+def _history_dir(node: Node) -> bool:
+    """A directory under ``.sessionfs/history/``: its content changes with every commit."""
+    return isinstance(node, Dir) and node.history is not None

@@ -22,7 +22,7 @@ from .backings import Backings
 from .editing import Editing
 from .names import Listed, Names, text
 from .requests import Requests, guarded
-from .tree import Control, Dir, File, Node, Transcript, Tree
+from .tree import Control, Dir, File, KeptVersion, Node, Transcript, Tree
 
 
 @dataclass(eq=False, slots=True)
@@ -240,6 +240,11 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
         if isinstance(node, Transcript):
             handle = await self.editing.open_transcript(node, flags)
+            return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
+        if isinstance(node, KeptVersion):
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                raise pyfuse3.FUSEError(errno.EROFS)  # kept versions never change
+            handle = self.editing.new_handle(node, flags, await self.names.history.read(node))
             return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)

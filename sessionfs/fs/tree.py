@@ -121,13 +121,23 @@ class Node:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryPlace:
+    """What a directory under ``.sessionfs/history/`` lists (see :mod:`.history_view`)."""
+
+    agent_id: str | None  # whose store (None: the mount's single store, or the top)
+    file_name: str | None = None  # set: one key's kept versions (its entry file name)
+    agents: bool = False  # the top of a state-dir mount: one directory per agent
+
+
 @dataclass(eq=False, slots=True)
 class Dir(Node):
-    """The root, an agent's directory, or the control directory."""
+    """The root, an agent's directory, the control directory, or one of the history's."""
 
     name: str = ""
     parent: Dir | None = None
     holds_sessions: bool = False
+    history: HistoryPlace | None = None
     agent_id: str | None = None  # None with holds_sessions: the mount's single store
     mode: int = 0o700
     sessions: dict[str, int] = field(default_factory=dict)  # key -> inode of its file
@@ -246,6 +256,21 @@ class Control(Node):
         started = owner.started_ns
         return _attributes(
             owner, self.ino, stat.S_IFREG | 0o400, len(self.render()), 1, started, started
+        )
+
+
+@dataclass(eq=False, slots=True)
+class KeptVersion(Node):
+    """A version of an entry kept in ``.history/``, shown read-only; its bytes never change."""
+
+    parent: Dir | None = None
+    name: str = ""  # "<time it stopped being current>.json"
+    size: int = 0
+    mtime_ns: int = 0  # when it was written
+
+    def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
+        return _attributes(
+            owner, self.ino, stat.S_IFREG | 0o400, self.size, 1, self.mtime_ns, self.mtime_ns
         )
 
 
@@ -503,6 +528,14 @@ class Tree:
     def _maybe_drop(self, node: Node) -> None:
         # An unlinked file goes once the kernel and every handle let go; a linked
         # session stays, so its key keeps its number while the kernel forgets it.
+        # History views are made again when looked up: forgotten, they go.
+        if isinstance(node, KeptVersion | Dir) and _made_on_demand(node):
+            self.nodes.pop(node.ino, None)
+            parent = node.parent
+            if parent is not None and parent.children.get(node.name) == node.ino:
+                del parent.children[node.name]
+                self._maybe_drop(parent)
+            return
         if isinstance(node, Transcript) and not node.linked:
             if not node.open_handles and not node.nlookup:
                 self.nodes.pop(node.ino, None)
@@ -513,6 +546,18 @@ class Tree:
             self.scratch_files.discard(node)
             if not node.nlookup:
                 self.nodes.pop(node.ino, None)
+
+    def history_child(self, parent: Dir, name: str, make: Callable[[int], Node]) -> Node:
+        """*parent*'s child *name* under ``.sessionfs/history/``, made by *make* (given
+        its new inode number) unless it exists; one node per name while the kernel
+        knows it."""
+        ino = parent.children.get(name)
+        if ino is not None:
+            return self.nodes[ino]
+        node = make(next(self._next_ino))
+        parent.children[name] = node.ino
+        self._add(node)
+        return node
 
     def scratch_bytes(self) -> int:
         return sum(len(f.data) for f in self.scratch_files)
@@ -538,3 +583,18 @@ class Tree:
                 assert known.stamp <= parent.generation, key
         for file in self.scratch_files:
             assert file.key is None
+
+
+def _made_on_demand(node: Node) -> bool:
+    """Whether *node* is made when looked up under ``.sessionfs/history/`` (not its top),
+    and can go once nothing refers to it."""
+    if isinstance(node, KeptVersion):
+        return not node.open_handles and not node.nlookup
+    place = node.history if isinstance(node, Dir) else None
+    return (
+        isinstance(node, Dir)
+        and place is not None
+        and (place.file_name is not None or place.agent_id is not None)
+        and not node.nlookup
+        and not node.children
+    )
