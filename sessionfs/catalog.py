@@ -8,6 +8,7 @@ whose ``sessions.d/`` does not exist yet is shown read-only from its
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import stat
@@ -19,6 +20,7 @@ from typing import Protocol
 
 from .entry import DEFAULT_MAX_ENTRY_BYTES
 from .errors import NoStore
+from .history import Actor
 from .legacy import LegacyView
 from .sources import (
     AGENT_ID_RE,
@@ -60,6 +62,8 @@ class Backing(Protocol):
         expected: Version | None = None,
         mtime_ns: int | None = None,
         lock_wait: float | None = None,
+        actor: Actor | None = None,
+        op: str = "written",
     ) -> Commit: ...
 
     def remove(
@@ -68,12 +72,22 @@ class Backing(Protocol):
         *,
         only_if: Callable[[Snapshot], bool] | None = None,
         lock_wait: float | None = None,
+        actor: Actor | None = None,
+        op: str = "removed",
     ) -> Snapshot: ...
 
     def rename(
-        self, old: str, new: str, *, replace: bool = True, lock_wait: float | None = None
+        self,
+        old: str,
+        new: str,
+        *,
+        replace: bool = True,
+        lock_wait: float | None = None,
+        actor: Actor | None = None,
     ) -> os.stat_result: ...
 
+
+RECENT_AUDIT_LINES = 1000
 
 StoreFactory = Callable[[Path, int], SessionStore]
 """Opens the ``sessions.d/`` at a path with an entry size cap (tests pass a wrapper)."""
@@ -122,6 +136,11 @@ class Catalog:
         self._open: dict[str | None, _Opened] = {}
         self._retired: set[_Opened] = set()  # replaced, closed when their last user leaves
         self._paths: dict[str | None, tuple[str, str]] = {}  # database, sessions.d/ of each
+        # the audit lines written through this catalog's stores, newest last, with
+        # their agent (``.sessionfs/audit``)
+        self.recent_audit: collections.deque[dict[str, object]] = collections.deque(
+            maxlen=RECENT_AUDIT_LINES
+        )
         if not self.per_agent and not self._ref(None).has_store():
             raise NoStore(f"{source.path} holds neither sessions.d/ nor sessions.json")
 
@@ -191,6 +210,12 @@ class Catalog:
             return False, (0, 0)
         return False, (st.st_dev, st.st_ino)
 
+    def _recorder(self, agent_id: str | None) -> Callable[[dict[str, object]], None]:
+        def recorded(line: dict[str, object]) -> None:
+            self.recent_audit.append({"agent": agent_id, **line} if self.per_agent else line)
+
+        return recorded
+
     def _acquire(self, agent_id: str | None) -> _Opened:
         with self._lock:
             sqlite, identity = self._identity(agent_id)
@@ -205,6 +230,8 @@ class Catalog:
                     backing = SqliteView(ref.database)
                 elif identity != (0, 0):
                     backing = self._store_factory(ref.entries, self.max_entry_bytes)
+                    if backing.history is not None:
+                        backing.history.on_record = self._recorder(agent_id)
                 elif ref.has_legacy():
                     backing = LegacyView(ref.legacy)
                 else:
@@ -279,6 +306,17 @@ class Catalog:
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root_path)
+
+    def flush_audit(self) -> None:
+        """Append the audit lines the open stores hold back (see history.AUDIT_FLUSH_SECONDS)."""
+        with self._lock:
+            agents = list(self._open)
+        for agent_id in agents:
+            # as a user of the store: a replaced one is closed (and flushed) only after
+            with contextlib.suppress(OSError), self.backing(agent_id) as store:
+                history = store.history if isinstance(store, SessionStore) else None
+                if history is not None and history.audit_pending:
+                    history.flush_audit()
 
     def close(self) -> None:
         """At unmount: every store is retired (and closed once its last user leaves)."""

@@ -354,6 +354,24 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_log(args: argparse.Namespace) -> int:
+    from . import changelog
+    from .show import UsageError
+
+    try:
+        found = changelog.changes(sources.resolve(args.source), args.key, agent_id=args.agent)
+    except UsageError as exc:
+        print(f"sessionfs: {exc}", file=sys.stderr)
+        return 2
+    for change in found[: args.limit] if args.limit else found:
+        if args.json:
+            sys.stdout.buffer.write(change.json() + b"\n")
+        else:
+            print(change.line())
+    sys.stdout.flush()
+    return 0
+
+
 def _answers(mountpoint: Path) -> bool:
     """Whether a mount is alive (a dead one says "Transport endpoint is not connected")."""
     try:
@@ -544,6 +562,23 @@ def build_parser() -> argparse.ArgumentParser:
     rst.add_argument("--at", metavar="TIME", help="ISO time (UTC) or epoch seconds")
     rst.add_argument("--agent", metavar="ID", help="the agent, for keys without agent:<id>:")
     rst.set_defaults(func=_cmd_restore, parser=rst)
+
+    lg = commands.add_parser(
+        "log",
+        help="the changes of one session or of all, newest first: when, who, what, which fields",
+        description="The changes of every session of SOURCE (or of --key KEY), newest first: "
+        "time, who (program[pid] and uid, from the audit of changes made through the mount, "
+        "by maintain and by restore; 'outside' for a kept version no audit line names), what "
+        "(written, renamed, removed, restored, removed by maintenance) and which top-level "
+        "fields changed.",
+        epilog="exit status: 0 listed, 1 no recorded change of KEY, 2 usage error",
+    )
+    lg.add_argument("source", nargs="?", help=SOURCE_HELP)
+    lg.add_argument("--key", metavar="KEY", help="only this session's changes")
+    lg.add_argument("--agent", metavar="ID", help="only this agent's sessions")
+    lg.add_argument("--limit", type=int, default=0, metavar="N", help="at most N changes")
+    lg.add_argument("--json", action="store_true", help="one JSON object per change")
+    lg.set_defaults(func=_cmd_log, parser=lg)
 
     exp = commands.add_parser(
         "export",

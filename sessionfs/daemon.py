@@ -55,6 +55,7 @@ UNMOUNT_WAIT = 10.0
 MAX_REQUESTS = 10_000
 CHECK_EVERY = 3600.0
 CHECK_DELAY = 30.0
+AUDIT_FLUSH_EVERY = 2.0  # seconds: held-back audit lines reach the disk this soon
 
 
 class MountError(SessionFSError):
@@ -440,6 +441,7 @@ async def _serve_until_unmounted(
         if config.maintain_every and not config.read_only:
             nursery.start_soon(_maintain_periodically, config, fs)
         nursery.start_soon(_check_periodically, config, fs)
+        nursery.start_soon(_flush_audit_periodically, fs)
         nursery.start_soon(_watch_for_unread_migrations, config)
         nursery.start_soon(fuse_loop)
         _report(ready_fd, "ready")
@@ -468,6 +470,17 @@ async def _maintain_periodically(config: MountConfig, fs: Filesystem) -> None:
             continue
         summary = "; ".join(r.summary() for r in results) or "no stores"
         log.info("maintenance (%s): %s", config.maintain_mode, summary)
+
+
+async def _flush_audit_periodically(fs: Filesystem) -> None:
+    """Audit lines are appended in batches (history.AUDIT_FLUSH_SECONDS); the last of a
+    burst must not wait in memory for the next change or the unmount."""
+    while True:
+        await trio.sleep(AUDIT_FLUSH_EVERY)
+        try:
+            await fs.editing.backings.thread(fs.editing.backings.catalog.flush_audit)
+        except Exception as exc:  # never ends the mount; flush_audit says why once itself
+            log.error("internal error appending audit lines", exc_info=exc)
 
 
 async def _check_periodically(config: MountConfig, fs: Filesystem) -> None:

@@ -27,9 +27,12 @@ import math
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import orjson
 
 log = logging.getLogger("sessionfs")
 
@@ -73,6 +76,69 @@ def _parse_stamp(name: str) -> float | None:
         return None
 
 
+AUDIT_FILE = "audit.jsonl"
+AUDIT_OLDER = "audit.1.jsonl"  # the previous audit file, once the current one grew too big
+AUDIT_MAX_BYTES = 4 << 20  # so the audit of one store takes at most ~8 MiB
+# Lines are appended in batches at most this often (and when a store closes; the
+# daemon flushes every few seconds): each append dirties a data block that the next
+# commit's fsync must write too (ext4 data=ordered), +13% on every update if per line.
+AUDIT_FLUSH_SECONDS = 1.0
+AUDIT_FLUSH_LINES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who made a change: the process behind a request to the mount, or this one."""
+
+    uid: int
+    pid: int
+    program: str
+
+    @classmethod
+    def of_process(cls, pid: int, uid: int) -> Actor:
+        """The process *pid* (a FUSE request's caller), its name read now: it may exit
+        before the change it asked for is committed."""
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as comm:
+                program = comm.read(64).decode("utf-8", "replace").strip()
+        except OSError:
+            program = "?"  # exited already, or another pid namespace's
+        return cls(uid, pid, program)
+
+    @classmethod
+    def this_process(cls, program: str) -> Actor:
+        return cls(os.getuid(), os.getpid(), program)
+
+
+def audit_line(
+    actor: Actor,
+    op: str,
+    key: str,
+    *,
+    when: float,
+    old: str | None = None,
+    new: os.stat_result | None = None,
+    **more: str,
+) -> dict[str, object]:
+    """One line of ``.history/audit.jsonl``: who did *op* to *key*, and which versions.
+
+    *old* is the kept name of the version that went (``sessionfs restore --at`` takes
+    its time); *new* the stat of the version made current, if any.
+    """
+    line: dict[str, object] = {
+        "time": stamp_of(when),
+        "uid": actor.uid,
+        "pid": actor.pid,
+        "program": actor.program,
+        "op": op,
+        "key": key,
+        **more,
+        "old": old,
+        "new": None if new is None else {"mtime": stamp_of(new.st_mtime), "size": new.st_size},
+    }
+    return line
+
+
 class History:
     """The kept versions of one ``sessions.d/`` (a directory descriptor the store owns).
 
@@ -97,6 +163,11 @@ class History:
         # and listing them on every write would make each write cost more than the last
         self._pruned: dict[str, float] = {}
         self._warned: set[str] = set()
+        # told of every audit line written (a mount shows the recent ones of all agents)
+        self.on_record: Callable[[dict[str, object]], None] | None = None
+        self._audit_lock = threading.Lock()  # stores are shared by worker threads
+        self._audit_pending: list[bytes] = []
+        self._audit_flushed = -math.inf  # time.monotonic() of the last append
 
     # -- keeping -------------------------------------------------------------
 
@@ -247,6 +318,92 @@ class History:
                 break
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(name, dir_fd=key_fd)
+
+    # -- the audit ---------------------------------------------------------------
+
+    def record(self, line: dict[str, object]) -> None:
+        """Add *line* to ``.history/audit.jsonl``: at once, or with the next batch (see
+        :data:`AUDIT_FLUSH_SECONDS`)."""
+        with self._audit_lock:
+            self._audit_pending.append(orjson.dumps(line) + b"\n")
+            due = (
+                len(self._audit_pending) >= AUDIT_FLUSH_LINES
+                or time.monotonic() - self._audit_flushed >= AUDIT_FLUSH_SECONDS
+            )
+        if due:
+            self.flush_audit()
+        if self.on_record is not None:
+            self.on_record(line)
+
+    @property
+    def audit_pending(self) -> bool:
+        return bool(self._audit_pending)
+
+    def flush_audit(self) -> None:
+        """Append the pending lines in one ``write`` of O_APPEND (whole lines even with
+        two writers); past :data:`AUDIT_MAX_BYTES` the file becomes ``audit.1.jsonl``.
+        Not fsynced: the change itself is durable, and its kept version tells what
+        happened if a line is lost in a crash.  A failure is said once and never fails
+        a change."""
+        with self._audit_lock:
+            data, self._audit_pending = b"".join(self._audit_pending), []
+            self._audit_flushed = time.monotonic()
+            if data:
+                self._append_audit(data)
+
+    def _append_audit(self, data: bytes) -> None:
+        try:
+            history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=True)
+            assert history_fd is not None
+            try:
+                fd = os.open(
+                    AUDIT_FILE,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=history_fd,
+                )
+                try:
+                    os.write(fd, data)
+                    size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+                if size > AUDIT_MAX_BYTES:
+                    os.rename(AUDIT_FILE, AUDIT_OLDER, src_dir_fd=history_fd, dst_dir_fd=history_fd)
+            finally:
+                os.close(history_fd)
+        except OSError as exc:
+            why = f"cannot append to {HISTORY_DIR}/{AUDIT_FILE}: {exc.strerror or exc}"
+            if why not in self._warned:
+                self._warned.add(why)
+                log.warning("%s (the change goes on without its audit line)", why)
+
+    def audit(self) -> list[dict[str, object]]:
+        """Every audit line kept, oldest first; lines that do not parse are skipped."""
+        history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=False)
+        if history_fd is None:
+            return []
+        lines: list[dict[str, object]] = []
+        try:
+            for name in (AUDIT_OLDER, AUDIT_FILE):
+                try:
+                    fd = os.open(
+                        name,
+                        os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                        dir_fd=history_fd,
+                    )
+                except OSError:  # absent, or a planted symlink
+                    continue
+                with os.fdopen(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        continue
+                    for raw in f.read(2 * AUDIT_MAX_BYTES).splitlines():
+                        with contextlib.suppress(orjson.JSONDecodeError):
+                            line = orjson.loads(raw)
+                            if isinstance(line, dict):
+                                lines.append(line)
+        finally:
+            os.close(history_fd)
+        return lines
 
     def purge(self, name: str) -> int:
         """Remove every kept version of *name* at once (a secret edited out); how many."""

@@ -22,7 +22,7 @@ import orjson
 
 from . import entry as entry_rules
 from .errors import EntryNotFound, LockBusy, SessionFSError
-from .history import HISTORY_DIR
+from .history import HISTORY_DIR, Actor
 from .migrate import BACKUP_PREFIX
 from .sources import AgentStore, Era, Source
 from .store import SessionStore, Snapshot
@@ -437,7 +437,13 @@ def enforce(
                 return current is not None and current <= planned
 
             try:
-                removed = store.delete(removal.entry.key, only_if=unchanged, lock_wait=LOCK_WAIT)
+                removed = store.delete(
+                    removal.entry.key,
+                    only_if=unchanged,
+                    lock_wait=LOCK_WAIT,
+                    actor=Actor.this_process("sessionfs maintain"),
+                    op="removed by maintenance",
+                )
             except EntryNotFound:
                 result.skipped.append((removal.entry.key, "already gone"))
                 continue

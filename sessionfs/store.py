@@ -22,14 +22,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 import trio
 
 from . import entry as entry_rules
 from .errors import EntryExists, EntryNotFound, InvalidEntry, UnsafeEntry
-from .history import History
+from .history import Actor, History, audit_line
 from .keys import filename_to_key, key_to_filename
 from .locking import KeyLocks
 
@@ -271,6 +271,8 @@ class SessionStore:
 
     def close(self) -> None:
         if self._dir_fd >= 0:
+            if self.history is not None:
+                self.history.flush_audit()
             os.close(self._dir_fd)
             self._dir_fd = -1
 
@@ -409,6 +411,8 @@ class SessionStore:
         expected: Version | None = None,
         mtime_ns: int | None = None,
         lock_wait: float | None = None,
+        actor: Actor | None = None,
+        op: str = "written",
     ) -> Commit:
         """Atomically replace (or create) *key* with *data* under its lock.
 
@@ -422,6 +426,7 @@ class SessionStore:
         validation today: a round trip of what the store gave out never fails.
         *mtime_ns* sets the new file's mtime (restoring a version keeps its time).
         *lock_wait* bounds the wait for the key's lock (see :meth:`KeyLocks.hold`).
+        With *actor*, the change is recorded in the audit as *op*.
         """
         name = key_to_filename(key)
         refusal: InvalidEntry | None = None
@@ -440,8 +445,9 @@ class SessionStore:
             if refusal is not None:
                 raise refusal
             temp = _temp_name()
-            with self._keeping(name if previous is not None else None):
+            with self._keeping(name if previous is not None else None) as kept:
                 st = self._commit(name, data, durable=durable, mtime_ns=mtime_ns, temp=temp)
+            self._audit(actor, op, key, old=kept, new=st)
             return Commit(st, replaced, temp)
 
     def update(
@@ -472,13 +478,19 @@ class SessionStore:
         *,
         only_if: Callable[[Snapshot], bool] | None = None,
         lock_wait: float | None = None,
+        actor: Actor | None = None,
+        op: str = "removed",
     ) -> bool:
         """Remove *key* under its lock.
 
         With *only_if*, the current version is read under the lock and removed only
-        if the predicate accepts it.  Returns whether the entry was removed.
+        if the predicate accepts it.  Returns whether the entry was removed.  With
+        *actor*, the removal is recorded in the audit as *op*.
         """
-        return self._remove(key, only_if=only_if, keep=False, lock_wait=lock_wait) is not None
+        removed = self._remove(
+            key, only_if=only_if, keep=False, lock_wait=lock_wait, actor=actor, op=op
+        )
+        return removed is not None
 
     def remove(
         self,
@@ -486,13 +498,17 @@ class SessionStore:
         *,
         only_if: Callable[[Snapshot], bool] | None = None,
         lock_wait: float | None = None,
+        actor: Actor | None = None,
+        op: str = "removed",
     ) -> Snapshot:
         """Remove *key* under its lock and return the version that went (for an undo).
 
         Raises :class:`EntryNotFound`, or :class:`EntryChanged` when *only_if*
         refuses the current version.
         """
-        removed = self._remove(key, only_if=only_if, keep=True, lock_wait=lock_wait)
+        removed = self._remove(
+            key, only_if=only_if, keep=True, lock_wait=lock_wait, actor=actor, op=op
+        )
         if removed is None:
             raise EntryChanged(key, ABSENT, None)
         return removed
@@ -504,6 +520,8 @@ class SessionStore:
         only_if: Callable[[Snapshot], bool] | None,
         keep: bool,
         lock_wait: float | None,
+        actor: Actor | None,
+        op: str,
     ) -> Snapshot | None:
         name = key_to_filename(key)
         with self.locks.hold(key, wait=lock_wait):
@@ -513,13 +531,20 @@ class SessionStore:
                     return None
             else:
                 current = Snapshot(b"", self.stat(key))
-            with self._keeping(name):
+            with self._keeping(name) as kept:
                 os.unlink(name, dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
+            self._audit(actor, op, key, old=kept)
             return current
 
     def rename(
-        self, old: str, new: str, *, replace: bool = True, lock_wait: float | None = None
+        self,
+        old: str,
+        new: str,
+        *,
+        replace: bool = True,
+        lock_wait: float | None = None,
+        actor: Actor | None = None,
     ) -> os.stat_result:
         """Give entry *old* the key *new* in one atomic rename; returns the entry's stat.
 
@@ -541,7 +566,7 @@ class SessionStore:
                 over = new_name
             # (the moved version lives on under *new*; it is kept when that changes)
             try:
-                with self._keeping(over):
+                with self._keeping(over) as kept:
                     _renameat2(
                         self._dir_fd,
                         old_name,
@@ -552,7 +577,9 @@ class SessionStore:
             except FileExistsError:
                 raise EntryExists(f"session {new!r} exists") from None
             os.fsync(self._dir_fd)
-            return self.stat(new)
+            st = self.stat(new)
+            self._audit(actor, "renamed", new, old=kept, new=st, renamed_from=old)
+            return st
 
     # -- bulk work on a directory that is not live yet (migration) ----------
 
@@ -627,18 +654,24 @@ class SessionStore:
             os.close(fd)
 
     @contextlib.contextmanager
-    def _keeping(self, name: str | None) -> Iterator[None]:
+    def _keeping(self, name: str | None) -> Iterator[str | None]:
         """Keep the current version of *name* (None: nothing to keep) for the change made
-        inside; a change that fails takes its kept version back (lock held)."""
+        inside, which gets the kept version's name; a change that fails takes its kept
+        version back (lock held)."""
         if name is None or self.history is None:
-            yield
+            yield None
             return
         kept = self.history.keep(name)
         try:
-            yield
+            yield kept
         except BaseException:
             self.history.discard(name, kept)
             raise
+
+    def _audit(self, actor: Actor | None, op: str, key: str, **fields: Any) -> None:
+        """One audit line for a change made on behalf of *actor* (None: not audited)."""
+        if actor is not None and self.history is not None:
+            self.history.record(audit_line(actor, op, key, when=time.time(), **fields))
 
     def _commit(
         self,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .errors import EntryNotFound, SessionFSError
-from .history import History, Kept
+from .history import Actor, History, Kept
 from .keys import key_to_filename
 from .show import UsageError, find_agent
 from .sources import AgentStore, Era, Source
@@ -121,7 +121,13 @@ def restore(
             chosen = current_then[0]
         data = _readable(lambda: history.read(name, chosen, store.max_entry_bytes))
         try:
-            store.write(key, data, validate=False)
+            store.write(
+                key,
+                data,
+                validate=False,
+                actor=Actor.this_process("sessionfs restore"),
+                op="restored",
+            )
         except OSError as exc:
             raise SessionFSError(f"could not restore {key!r}: {exc}") from None
         return Restored(key, chosen)

@@ -19,7 +19,7 @@ from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, stamp_of
 from sessionfs.keys import key_to_filename
 from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes, raises_errno
-from tests.mounting import mounted
+from tests.mounting import mounted, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,3 +294,83 @@ def test_kept_versions_do_not_count_in_the_disk_budget(store: SessionStore) -> N
     )
     assert result.removed == []
     assert len(list(store.keys())) == 10
+
+
+def audit_lines(store: SessionStore) -> list[dict[str, object]]:
+    assert store.history is not None
+    return store.history.audit()
+
+
+def test_audit_lines_name_the_program_and_pid_of_each_change(
+    store: SessionStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cp`` and Python write through the mount, ``mv`` renames, ``rm`` removes: the
+    audit names each program and its pid, ``.sessionfs/audit`` shows the lines, and
+    ``sessionfs log`` tells them apart from a change made outside the mount."""
+    store.write("cron:a", entry_bytes("v0", 0))
+    source = tmp_path / "new.json"
+    source.write_bytes(entry_bytes("by-cp", 1))
+    with mounted(store.path.parent, tmp_path / "mnt") as mount:
+        session = mount.path / "cron:a.json"
+        subprocess.run(["cp", str(source), str(session)], check=True)
+        writer = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import os; open({str(session)!r}, 'wb').write("
+                f"{entry_bytes('by-python', 2)!r}); print(os.getpid())",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        subprocess.run(["mv", str(session), str(mount.path / "cron:b.json")], check=True)
+        subprocess.run(["rm", str(mount.path / "cron:b.json")], check=True)
+        shown = [
+            orjson.loads(line)
+            for line in (mount.path / ".sessionfs" / "audit").read_bytes().splitlines()
+        ]
+        assert [line["op"] for line in shown] == ["written", "written", "renamed", "removed"]
+        # held back in batches, but on disk within seconds while the mount goes on
+        wait_for(lambda: len(audit_lines(store)) == 4, timeout=5, what="the audit on disk")
+    lines = audit_lines(store)
+    assert [(line["program"], line["op"]) for line in lines] == [
+        ("cp", "written"),
+        (Path(sys.executable).name[:15], "written"),  # (the kernel's comm: 15 bytes)
+        ("mv", "renamed"),
+        ("rm", "removed"),
+    ]
+    assert lines[1]["pid"] == int(writer.stdout)
+    assert lines[0]["uid"] == os.getuid()
+    assert lines[2]["renamed_from"] == "cron:a"
+    assert lines[2]["key"] == "cron:b"
+    # each kept what it replaced (the rename to a new key replaced nothing)
+    assert [line["old"] is not None for line in lines] == [True, True, False, True]
+    store.write("cron:a", entry_bytes("outside", 3))  # the store API: kept, not audited
+    store.write("cron:a", entry_bytes("outside-again", 4))
+    assert cli(["log", str(store.path.parent), "--key", "cron:a"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "outside" in out[0]
+    assert "replaced" in out[0]
+    assert "sessionId" in out[0]
+    assert any("cp[" in line and "written" in line and "sessionId" in line for line in out)
+    assert any(f"{Path(sys.executable).name[:15]}[{int(writer.stdout)}]" in line for line in out)
+    assert any("mv[" in line and "renamed" in line for line in out)
+    assert cli(["log", str(store.path.parent), "--key", "cron:b"]) == 0
+    assert "rm[" in capsys.readouterr().out
+
+
+def test_maintenance_removals_are_in_the_log(
+    store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sixty_days_ago = int((time.time() - 60 * 86400) * 1000)
+    store.write("cron:old", entry_bytes("old", sixty_days_ago))
+    source = sources.resolve(store.path.parent)
+    maintain.maintain_source(source, maintain.Policy(), maintain.Mode.ENFORCE)
+    (line,) = audit_lines(store)
+    assert line["op"] == "removed by maintenance"
+    assert line["program"] == "sessionfs maintain"
+    assert cli(["log", str(store.path.parent), "--json"]) == 0
+    (change,) = [orjson.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert change["what"] == "removed by maintenance"
+    assert change["key"] == "cron:old"

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import orjson
 import trio
 
 from ..catalog import Catalog
@@ -104,8 +105,16 @@ def assemble(
             own_renames=watcher.own_renames,
         )
 
+    def recent_audit() -> bytes:
+        return b"".join(orjson.dumps(line) + b"\n" for line in list(catalog.recent_audit))
+
     control = ControlFiles(
-        tree, source=catalog.source.path, statistics=statistics, rejections=rejections, log=log
+        tree,
+        source=catalog.source.path,
+        statistics=statistics,
+        rejections=rejections,
+        audit=recent_audit,
+        log=log,
     )
     history = HistoryView(tree, backings, catalog, control.directory)
     names = Names(tree, index, backings, catalog, owner, history)

@@ -55,6 +55,7 @@ class ControlFiles:
         source: Path,
         statistics: Callable[[], MountStatistics],
         rejections: Rejections,
+        audit: Callable[[], bytes] = lambda: b"",
         log: str = "stderr",
     ) -> None:
         self.directory: Dir = tree.subdir(tree.root, CONTROL_DIR)
@@ -66,6 +67,7 @@ class ControlFiles:
             "source": f"{source}\n".encode,
             "stats": lambda: statistics().render(),
             "errors": rejections.render,
+            "audit": audit,  # this mount's recent changes, one JSON line each
             "fsck": lambda: self.last_check,
             "log": f"{log}\n".encode,  # where the daemon logs (`sessionfs status`)
         }

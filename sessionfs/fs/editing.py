@@ -43,6 +43,7 @@ from ..errors import (
     ReadOnlyStore,
     SessionFSError,
 )
+from ..history import Actor
 from ..keys import key_to_display, lookup_problem
 from ..sqlite_view import SqliteView
 from ..store import ABSENT, EntryChanged, Version
@@ -150,8 +151,9 @@ class Editing:
         )
         return self.rejections.add(user_path(parent, name), reason)
 
-    async def open(self, node: File, flags: int) -> Handle:
-        """A handle on *node* holding the committed version it reads (or its scratch bytes)."""
+    async def open(self, node: File, flags: int, *, actor: Actor | None = None) -> Handle:
+        """A handle on *node* holding the committed version it reads (or its scratch bytes);
+        *actor* opened it for writing."""
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         if not node.is_session:
             if writable and flags & os.O_TRUNC and isinstance(node.data, bytearray):
@@ -167,6 +169,7 @@ class Editing:
                 b"",
                 version=self.graces.replaced_version(parent, key),
                 key=key if writable else None,
+                actor=actor,
             )
         seen = await self.index.entry(parent, key)
         if seen is None:
@@ -182,12 +185,16 @@ class Editing:
                 self.content.put((parent.ino, key), snap.version, snap.data)
                 version, cached = snap.version, snap.data
             data = cached
-        handle = self.new_handle(node, flags, data, version=version, key=key if writable else None)
+        handle = self.new_handle(
+            node, flags, data, version=version, key=key if writable else None, actor=actor
+        )
         if truncating:
             handle.truncate_at_open()
         return handle
 
-    async def create(self, parent: Dir, name: str, mode: int, flags: int) -> tuple[File, Handle]:
+    async def create(
+        self, parent: Dir, name: str, mode: int, flags: int, *, actor: Actor | None = None
+    ) -> tuple[File, Handle]:
         if is_transcript_name(name):
             raise self.transcript_read_only(parent, name)
         existing = await self.names.find_existing(parent, name)
@@ -196,7 +203,7 @@ class Editing:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             if not isinstance(existing, File):
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            return existing, await self.open(existing, flags)
+            return existing, await self.open(existing, flags, actor=actor)
         if is_scratch_name(name):
             await self._check_writable(parent, name)  # nothing is created in a read-only view
             node = self.tree.new_scratch(parent, name, mode)
@@ -207,7 +214,12 @@ class Editing:
         self.graces.claim(parent, key)  # a new version is coming: never remove the old one now
         node = self.tree.new_pending(parent, key)
         return node, self.new_handle(
-            node, flags, b"", version=self.graces.replaced_version(parent, key), key=key
+            node,
+            flags,
+            b"",
+            version=self.graces.replaced_version(parent, key),
+            key=key,
+            actor=actor,
         )
 
     def _check_findable(self, parent: Dir, key: str) -> None:
@@ -310,7 +322,14 @@ class Editing:
             commit = await self.index.write(
                 parent,
                 key,
-                lambda b: b.write(key, data, validate=not held, expected=expected, lock_wait=0),
+                lambda b: b.write(
+                    key,
+                    data,
+                    validate=not held,
+                    expected=expected,
+                    lock_wait=0,
+                    actor=handle.actor,
+                ),
                 deadline=deadline,
                 quick=len(data) <= QUICK_COMMIT_BYTES,
             )
@@ -442,7 +461,7 @@ class Editing:
 
     # -- unlink and rename ---------------------------------------------------
 
-    async def unlink(self, parent: Dir, name: str) -> None:
+    async def unlink(self, parent: Dir, name: str, actor: Actor | None = None) -> None:
         if is_transcript_name(name):
             await self.names.find(parent, name)  # ENOENT if there is none
             raise self.transcript_read_only(parent, name)
@@ -469,7 +488,7 @@ class Editing:
                 return
             shown = node.shown()  # what an open handle's fstat keeps showing
             removed = await self.index.remove(
-                parent, key, lambda b: b.remove(key, lock_wait=0), deadline=deadline
+                parent, key, lambda b: b.remove(key, lock_wait=0, actor=actor), deadline=deadline
             )
             self.tree.unlink(parent, name, key, last_seen=shown)
             self.content.drop((parent.ino, key))
@@ -480,7 +499,9 @@ class Editing:
         writer = self.tree.known_session(parent, key)
         return writer is not None and writer.pending and writer.open_handles > 0
 
-    async def rename(self, parent: Dir, old: str, new: str, *, replace: bool) -> None:
+    async def rename(
+        self, parent: Dir, old: str, new: str, *, replace: bool, actor: Actor | None = None
+    ) -> None:
         source = await self.names.find(parent, old)
         if is_transcript_name(old) or is_transcript_name(new):
             raise self.transcript_read_only(parent, new if is_transcript_name(new) else old)
@@ -511,11 +532,11 @@ class Editing:
                 await self._rename_to_scratch(parent, source, new)
             elif source.is_session and not source.pending:
                 await self._rename_session(
-                    parent, source, target_key, replace=replace, deadline=deadline
+                    parent, source, target_key, replace=replace, deadline=deadline, actor=actor
                 )
             else:
                 concluded = await self._rename_to_session(
-                    parent, source, new, target_key, deadline=deadline
+                    parent, source, new, target_key, deadline=deadline, actor=actor
                 )
         if concluded is not None:
             # a backup of another session, renamed to this key: that session moved here
@@ -545,7 +566,14 @@ class Editing:
         self.tree.move(source, parent, new, None)
 
     async def _rename_session(
-        self, parent: Dir, source: File, key: str, *, replace: bool, deadline: float
+        self,
+        parent: Dir,
+        source: File,
+        key: str,
+        *,
+        replace: bool,
+        deadline: float,
+        actor: Actor | None,
     ) -> None:
         assert source.key is not None
         old_key = source.key
@@ -557,7 +585,7 @@ class Editing:
                     parent.agent_id,
                     (old_key, key),
                     "rename",
-                    lambda b: b.rename(old_key, key, replace=replace, lock_wait=0),
+                    lambda b: b.rename(old_key, key, replace=replace, lock_wait=0, actor=actor),
                     deadline=deadline,
                 )
                 gone.made(None, replaced=Version.of(st))
@@ -570,7 +598,14 @@ class Editing:
         log.info("renamed session %r to %r", old_key, key)
 
     async def _rename_to_session(
-        self, parent: Dir, source: File, new: str, key: str, *, deadline: float
+        self,
+        parent: Dir,
+        source: File,
+        new: str,
+        key: str,
+        *,
+        deadline: float,
+        actor: Actor | None,
     ) -> Grace | None:
         """A scratch file (``sed -i``, ``jq > t && mv t f``) or a pending file becomes a session.
 
@@ -590,7 +625,7 @@ class Editing:
             commit = await self.index.write(
                 parent,
                 key,
-                lambda b: b.write(key, data, validate=not held, lock_wait=0),
+                lambda b: b.write(key, data, validate=not held, lock_wait=0, actor=actor),
                 deadline=deadline,
             )
         except (SessionFSError, OSError) as exc:

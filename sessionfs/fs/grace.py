@@ -33,6 +33,7 @@ import trio
 
 from ..catalog import Backing
 from ..errors import EntryNotFound, describe_error
+from ..history import Actor
 from ..maintain import archive_transcripts_of
 from ..store import ABSENT, EntryChanged, SessionStore, Snapshot, Version
 from .backings import Backings
@@ -40,6 +41,8 @@ from .index import Index
 from .kernel import Kernel
 from .tree import Dir, File, Tree
 
+# who the audit names for what a grace period's end does on the mount's behalf
+DAEMON = Actor.this_process("sessionfs")
 log = logging.getLogger("sessionfs")
 
 GRACE_SECONDS = 2.0
@@ -184,6 +187,8 @@ class GracePeriods:
                             expected=ABSENT,
                             mtime_ns=snap.stat.st_mtime_ns,
                             lock_wait=0,
+                            actor=DAEMON,
+                            op="restored: its replacement was refused",
                         ),
                         deadline=deadline,
                     )
@@ -261,6 +266,8 @@ class GracePeriods:
                     key,
                     only_if=lambda s: not grace.claimed and s.version == version,
                     lock_wait=0,
+                    actor=DAEMON,
+                    op="removed: renamed away and not written anew",
                 ),
                 deadline=trio.current_time() + self.lock_timeout,
             )

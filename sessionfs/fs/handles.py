@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import InvalidEntry
+from ..history import Actor
 from ..store import Version
 from ..transcripts import TranscriptStream
 from .tree import File, Node
@@ -59,6 +60,7 @@ class Handle:
     error: InvalidEntry | None = None  # sticky: e.g. the buffer outgrew the entry limit
     changed_ns: int = 0
     stream: TranscriptStream | None = None  # an open transcript (read in place)
+    actor: Actor | None = None  # who opened it for writing: the audit names them
 
     @property
     def writable(self) -> bool:

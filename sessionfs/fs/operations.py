@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
+from ..history import Actor
 from ..keys import NAME_MAX
 from .backings import Backings
 from .editing import Editing
@@ -248,7 +249,7 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        handle = await self.editing.open(node, flags)
+        handle = await self.editing.open(node, flags, actor=_writer(flags, ctx))
         return _file_info(node, handle.fh)
 
     @guarded
@@ -257,7 +258,11 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._sessions_dir(parent_inode)
         node, handle = await self.editing.create(
-            parent, text(name), stat.S_IMODE(mode) & ~ctx.umask & 0o777, flags
+            parent,
+            text(name),
+            stat.S_IMODE(mode) & ~ctx.umask & 0o777,
+            flags,
+            actor=Actor.of_process(ctx.pid, ctx.uid),
         )
         attrs = await self.names.attributes(node)
         node.nlookup += 1
@@ -298,7 +303,9 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.editing.unlink(self._sessions_dir(parent_inode), text(name))
+        await self.editing.unlink(
+            self._sessions_dir(parent_inode), text(name), Actor.of_process(ctx.pid, ctx.uid)
+        )
 
     @guarded
     async def rename(
@@ -320,7 +327,15 @@ class Operations(pyfuse3.Operations):
             text(name_old),
             text(name_new),
             replace=not flags & pyfuse3.RENAME_NOREPLACE,
+            actor=Actor.of_process(ctx.pid, ctx.uid),
         )
+
+
+def _writer(flags: int, ctx: pyfuse3.RequestContext) -> Actor | None:
+    """Who opens a file for writing (named at the open: a commit comes with no caller)."""
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        return None
+    return Actor.of_process(ctx.pid, ctx.uid)
 
 
 def _file_info(node: File, fh: int) -> pyfuse3.FileInfo:
