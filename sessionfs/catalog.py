@@ -20,7 +20,7 @@ from typing import Protocol
 
 from .entry import DEFAULT_MAX_ENTRY_BYTES
 from .errors import NoStore
-from .history import Actor
+from .history import Actor, Retention
 from .legacy import LegacyView
 from .sources import (
     AGENT_ID_RE,
@@ -93,8 +93,12 @@ StoreFactory = Callable[[Path, int], SessionStore]
 """Opens the ``sessions.d/`` at a path with an entry size cap (tests pass a wrapper)."""
 
 
-def open_store(path: Path, max_entry_bytes: int) -> SessionStore:
-    return SessionStore(path, create=False, max_entry_bytes=max_entry_bytes)
+def open_store(
+    path: Path,
+    max_entry_bytes: int,
+    retention: Retention = Retention(),  # noqa: B008 - frozen, shared safely
+) -> SessionStore:
+    return SessionStore(path, create=False, max_entry_bytes=max_entry_bytes, retention=retention)
 
 
 @dataclass(frozen=True)

@@ -234,11 +234,14 @@ def percent(text: str) -> float:
 
 
 def _policy(args: argparse.Namespace) -> maintain.Policy:
+    from .history import Retention
+
     return maintain.Policy(
         prune_after_ms=int(args.prune_after * 1000),
         max_entries=args.max_entries,
         max_disk_bytes=args.max_disk_bytes,
         high_water_percent=args.high_water,
+        history=Retention(args.history_keep, args.history_age, enabled=not args.no_history),
     )
 
 
@@ -442,6 +445,27 @@ def _maintenance_options() -> argparse.ArgumentParser:
         default=80.0,
         metavar="PERCENT",
         help="above this share of the budget, free space down to it (default 80)",
+    )
+    kept = shared.add_argument_group("kept versions (sessions.d/.history)")
+    kept.add_argument(
+        "--history-keep",
+        type=count,
+        default=20,
+        metavar="N",
+        help="keep the N newest versions of each session (default 20)",
+    )
+    kept.add_argument(
+        "--history-age",
+        type=duration,
+        default=duration("30d"),
+        metavar="AGE",
+        help="and every version younger than this; a removed session's for this long (default 30d)",
+    )
+    kept.add_argument(
+        "--no-history",
+        action="store_true",
+        help="keep no versions of what changes (the audit goes on; kept ones stay until "
+        "they age out)",
     )
     return shared
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import logging
 import os
@@ -29,7 +30,7 @@ import pyfuse3
 import trio
 
 from . import fsck, maintain, migrate, revert
-from .catalog import Catalog
+from .catalog import Catalog, open_store
 from .errors import SessionFSError, describe_error
 from .fs import CONFLICT_LAST_WINS, Filesystem, Limits, assemble
 from .fs.editing import LOCK_TIMEOUT
@@ -294,7 +295,10 @@ def _tell_how_to_revert(config: MountConfig) -> None:
 
 
 def _mount_migrated(config: MountConfig, out: TextIO) -> int:
-    catalog = Catalog(config.source)
+    retention = config.maintain_policy.history  # (--history-keep, --history-age, --no-history)
+    catalog = Catalog(
+        config.source, store_factory=functools.partial(open_store, retention=retention)
+    )
     out.flush()
     if config.foreground:
         _configure_logging(sys.stderr, config.debug)

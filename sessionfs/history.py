@@ -44,6 +44,20 @@ PRUNE_EVERY_SECONDS = 60.0  # a key's versions are looked at for pruning this ra
 SUFFIX = ".json"
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long versions are kept: the *keep_newest* newest of each key, or any younger
+    than *keep_seconds* (either suffices); *enabled* false keeps none (``--no-history``)."""
+
+    keep_newest: int = KEEP_NEWEST
+    keep_seconds: float = KEEP_SECONDS
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.keep_newest < 0 or self.keep_seconds < 0:
+            raise ValueError("history retention must not be negative")
+
+
 @dataclass(frozen=True)
 class Kept:
     """One kept version: its file name in the key's history and when it stopped being current."""
@@ -52,6 +66,7 @@ class Kept:
     stopped: float  # epoch seconds
     size: int
     began: float  # its mtime: when it was written, so when it became current
+    ino: int = 0  # (versions can share an inode: disk usage counts it once)
 
     @property
     def when(self) -> str:
@@ -154,8 +169,10 @@ class History:
         clock: Callable[[], float] = time.time,
         keep_newest: int = KEEP_NEWEST,
         keep_seconds: float = KEEP_SECONDS,
+        keeping: bool = True,
     ) -> None:
         self._dir_fd = dir_fd
+        self.keeping = keeping  # false: no new version is kept (the audit goes on)
         self.clock = clock
         self.keep_newest = keep_newest
         self.keep_seconds = keep_seconds
@@ -180,6 +197,8 @@ class History:
         hostile ``.history``) is not, with one warning per cause: history is a help,
         never a reason to refuse a write.
         """
+        if not self.keeping:
+            return None
         now = self.clock()
         base = stamp_of(now)
         try:
@@ -271,7 +290,7 @@ class History:
                 if stopped is None or not dirent.is_file(follow_symlinks=False):
                     continue
                 st = dirent.stat(follow_symlinks=False)
-                found.append(Kept(dirent.name, stopped, st.st_size, st.st_mtime))
+                found.append(Kept(dirent.name, stopped, st.st_size, st.st_mtime, st.st_ino))
         return sorted(found, key=lambda k: (k.stopped, k.name))
 
     def names(self) -> list[str]:
@@ -404,6 +423,19 @@ class History:
         finally:
             os.close(history_fd)
         return lines
+
+    def remove_version(self, name: str, kept: Kept) -> bool:
+        """Remove one kept version of *name* (maintenance); whether it was there."""
+        key_fd = self._key_dir(name, create=False)
+        if key_fd is None:
+            return False
+        try:
+            os.unlink(kept.name, dir_fd=key_fd)
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+        finally:
+            os.close(key_fd)
+        return True
 
     def purge(self, name: str) -> int:
         """Remove every kept version of *name* at once (a secret edited out); how many."""

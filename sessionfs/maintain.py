@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import orjson
 
 from . import entry as entry_rules
 from .errors import EntryNotFound, LockBusy, SessionFSError
-from .history import HISTORY_DIR, Actor
+from .history import Actor, History, Kept, Retention
+from .keys import key_to_filename
 from .migrate import BACKUP_PREFIX
 from .sources import AgentStore, Era, Source
 from .store import SessionStore, Snapshot
@@ -49,6 +51,7 @@ class Policy:
     max_disk_bytes: int | None = None
     high_water_percent: float = 80.0
     keep_backups_ms: int = 30 * DAY_MS  # a migration backup is never deleted before this age
+    history: Retention = field(default_factory=Retention)  # kept versions (see .history)
 
     def __post_init__(self) -> None:
         for name in ("prune_after_ms", "max_entries", "max_disk_bytes", "keep_backups_ms"):
@@ -80,6 +83,16 @@ class Removal:
     entry: Entry
     reason: str
     transcripts: list[str] = field(default_factory=list)
+    keep: bool = True  # its version is kept (see .history); not for the disk budget's
+
+
+@dataclass(frozen=True)
+class VersionPrune:
+    """A kept version the plan removes: past its retention, or for the disk budget."""
+
+    file_name: str  # the entry file name whose history holds it
+    version: Kept
+    budget: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,17 +121,24 @@ class AgentResult:
     implausible: list[tuple[str, str]] = field(default_factory=list)  # reported, never removed
     error: str | None = None
     not_maintained: str | None = None  # why this agent's store is left alone (its era)
+    version_prunes: list[VersionPrune] = field(default_factory=list)
+    pruned_versions: int = 0
 
     @property
     def planned_bytes(self) -> int:
-        return sum(r.entry.size for r in self.removals) + sum(d.size for d in self.deletions)
+        """What the plan frees: a removal whose version is kept frees nothing."""
+        return (
+            sum(r.entry.size for r in self.removals if not r.keep)
+            + sum(d.size for d in self.deletions)
+            + _unique_bytes(p.version for p in self.version_prunes)
+        )
 
     @property
     def changes(self) -> bool:
         """Whether anything was (enforce) or would be (warn) removed."""
         if self.mode is Mode.ENFORCE:
-            return bool(self.removed or self.deleted)
-        return bool(self.removals or self.deletions)
+            return bool(self.removed or self.deleted or self.pruned_versions)
+        return bool(self.removals or self.deletions or self.version_prunes)
 
     def summary(self) -> str:
         if self.not_maintained is not None:
@@ -142,12 +162,14 @@ class AgentResult:
                 return f"{self.label}: nothing to remove{budget}"
             return (
                 f"{self.label}: would remove {len(self.removals)} entries, archive {archives} "
-                f"transcripts, delete {len(self.deletions)} files, free {_size(self.planned_bytes)}"
+                f"transcripts, delete {len(self.deletions)} files and "
+                f"{len(self.version_prunes)} kept versions, free {_size(self.planned_bytes)}"
                 f"{budget} (warn mode: nothing changed)"
             )
         line = (
             f"{self.label}: removed {len(self.removed)} entries, archived {len(self.archived)} "
-            f"transcripts, deleted {len(self.deleted)} files{budget}"
+            f"transcripts, deleted {len(self.deleted)} files and {self.pruned_versions} kept "
+            f"versions{budget}"
         )
         if self.skipped:
             line += f"; kept {len(self.skipped)} that changed since the plan"
@@ -159,6 +181,10 @@ class AgentResult:
             archive = f"; archive {', '.join(removal.transcripts)}" if removal.transcripts else ""
             out.append(f"  remove {removal.entry.key!r}: {removal.reason}{archive}")
         out += [f"  delete {d.name}: {d.reason} ({_size(d.size)})" for d in self.deletions]
+        for budget, why in ((False, "past its retention"), (True, "disk budget: oldest first")):
+            count = sum(1 for p in self.version_prunes if p.budget is budget)
+            if count:
+                out.append(f"  delete {count} kept versions: {why}")
         out += [f"  kept {key!r}: {why}" for key, why in self.skipped]
         out += [f"  not read {key!r}: {why}" for key, why in self.unreadable]
         out += [f"  not removed {key!r}: {why}" for key, why in self.implausible]
@@ -240,25 +266,52 @@ def _files(sessions_dir: Path) -> list[os.DirEntry[str]]:
         return [d for d in it if d.is_file(follow_symlinks=False)]
 
 
-def _usage(path: Path) -> int:
-    """Bytes of everything under *path*, sessions.d/ included; symlinks are not followed.
-
-    Kept versions (``.history``) are not counted: removing an entry keeps its version
-    for 30 days, so counting them would make every removal free nothing, and the
-    budget would remove entry after entry.  (Pruning history within the budget is to
-    come; until then it is bounded by its own retention.)
-    """
+def _usage(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes of everything under *path*, sessions.d/ and its kept versions included; a
+    file linked twice (a kept version) counts once; symlinks are not followed."""
+    seen = set() if seen is None else seen
     total = 0
     with os.scandir(path) as it:
         for dirent in it:
-            if dirent.name == HISTORY_DIR and path.name == "sessions.d":
-                continue
             st = dirent.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
-                total += _usage(Path(dirent.path))
-            else:
+                total += _usage(Path(dirent.path), seen)
+            elif (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
     return total
+
+
+def _unique_bytes(versions: Iterable[Kept]) -> int:
+    inodes = {v.ino: v.size for v in versions}
+    return sum(inodes.values())
+
+
+def _kept_versions(history: History) -> list[tuple[str, Kept]]:
+    """Every kept version of the store, as (entry file name, version), oldest first."""
+    found = [(name, kept) for name in history.names() for kept in history.versions(name)]
+    return sorted(found, key=lambda item: (item[1].stopped, item[0], item[1].name))
+
+
+def _expired(
+    versions: list[tuple[str, Kept]], live: set[str], retention: Retention, now: float
+) -> list[VersionPrune]:
+    """The versions past *retention*: older than its age and, for a live entry, not among
+    its newest (a removed session's versions stay for their age only)."""
+    newest: dict[str, list[Kept]] = {}
+    for name, kept in versions:
+        newest.setdefault(name, []).append(kept)
+    spared = {
+        (name, kept.name)
+        for name, kepts in newest.items()
+        if name in live and retention.keep_newest
+        for kept in kepts[-retention.keep_newest :]
+    }
+    return [
+        VersionPrune(name, kept)
+        for name, kept in versions
+        if now - kept.stopped > retention.keep_seconds and (name, kept.name) not in spared
+    ]
 
 
 def _age_order(entry: Entry) -> tuple[bool, float]:
@@ -294,6 +347,7 @@ def plan(agent: AgentStore, policy: Policy, *, now_ms: float, mode: Mode) -> Age
     files = _files(agent.sessions_dir)
     with SessionStore(agent.entries, create=False) as store:
         entries, result.unreadable = read_entries(store)
+        versions = _kept_versions(store.history)
     kept, removable = [], []
     for e in entries:
         why = implausible(e.updated_at, now_ms)
@@ -319,10 +373,18 @@ def plan(agent: AgentStore, policy: Policy, *, now_ms: float, mode: Mode) -> Age
         gone = {e.key for e in capped}
         kept = [e for e in kept if e.key not in gone]
         removable = removable[over:]
+    for removal in result.removals:
+        removal.keep = policy.history.enabled
+    live = {key_to_filename(e.key) for e in kept} | {
+        key_to_filename(key) for key, _ in result.unreadable
+    }
+    result.version_prunes = _expired(versions, live, policy.history, now_ms / 1000)
     transcripts = _transcripts(files)
     _assign_transcripts(result.removals, kept, transcripts)
     if policy.max_disk_bytes is not None:
-        _plan_budget(agent, policy, now_ms, result, kept, removable, files)
+        pruned = {(p.file_name, p.version.name) for p in result.version_prunes}
+        remaining = [(n, k) for n, k in versions if (n, k.name) not in pruned]
+        _plan_budget(agent, policy, now_ms, result, kept, removable, files, remaining)
         # the budget may have removed the last entry sharing a transcript with an earlier one
         _assign_transcripts(result.removals, kept, transcripts)
     return result
@@ -346,8 +408,11 @@ def _plan_budget(
     kept: list[Entry],
     removable: list[Entry],
     files: list[os.DirEntry[str]],
+    versions: list[tuple[str, Kept]],
 ) -> None:
-    """Above the high-water mark: archives, then unreferenced transcripts, then oldest entries.
+    """Above the high-water mark: archives, then unreferenced transcripts, then kept
+    versions (*versions*, oldest first), then the oldest entries, whose versions are
+    not kept (that would free nothing).
 
     *removable* (oldest first) are the entries of *kept* the budget may remove.
     """
@@ -355,7 +420,7 @@ def _plan_budget(
     assert high is not None
     usage = _usage(agent.sessions_dir)
     result.usage_bytes, result.high_water_bytes = usage, high
-    usage -= sum(r.entry.size for r in result.removals)
+    usage -= result.planned_bytes
     if usage <= high:
         return
     archives, strays = [], []
@@ -391,11 +456,19 @@ def _plan_budget(
             return
         result.deletions.append(Deletion(name, size, mtime_ns, reason))
         usage -= size
+    counted = {p.version.ino for p in result.version_prunes}
+    for name, version in versions:
+        if usage <= high:
+            return
+        result.version_prunes.append(VersionPrune(name, version, budget=True))
+        if version.ino not in counted:
+            counted.add(version.ino)
+            usage -= version.size
     budget_removals = []
     while usage > high and removable:
         e = removable.pop(0)
         kept.remove(e)
-        budget_removals.append(Removal(e, "disk budget: oldest entry"))
+        budget_removals.append(Removal(e, "disk budget: oldest entry (not kept)", keep=False))
         usage -= e.size
     result.removals += budget_removals
 
@@ -443,6 +516,7 @@ def enforce(
                     lock_wait=LOCK_WAIT,
                     actor=Actor.this_process("sessionfs maintain"),
                     op="removed by maintenance",
+                    keep_version=removal.keep,
                 )
             except EntryNotFound:
                 result.skipped.append((removal.entry.key, "already gone"))
@@ -457,6 +531,11 @@ def enforce(
             for name in removal.transcripts:
                 if _archive(agent.sessions_dir, name, now):
                     result.archived.append(name)
+        for prune in result.version_prunes:
+            if stop is not None and stop.is_set():
+                break
+            if store.history.remove_version(prune.file_name, prune.version):
+                result.pruned_versions += 1
     for deletion in result.deletions:
         if stop is not None and stop.is_set():
             break

@@ -29,7 +29,7 @@ import trio
 
 from . import entry as entry_rules
 from .errors import EntryExists, EntryNotFound, InvalidEntry, UnsafeEntry
-from .history import Actor, History, audit_line
+from .history import Actor, History, Retention, audit_line
 from .keys import filename_to_key, key_to_filename
 from .locking import KeyLocks
 
@@ -243,7 +243,7 @@ class SessionStore:
         *,
         create: bool = True,
         max_entry_bytes: int = entry_rules.DEFAULT_MAX_ENTRY_BYTES,
-        keep_history: bool = True,
+        retention: Retention = Retention(),  # noqa: B008 - frozen, shared safely
     ) -> None:
         self.path = Path(path)
         self.max_entry_bytes = max_entry_bytes
@@ -260,7 +260,12 @@ class SessionStore:
             raise
         self.locks = KeyLocks(self._dir_fd)
         # every version that stops being current is kept (see .history)
-        self.history = History(self._dir_fd) if keep_history else None
+        self.history = History(
+            self._dir_fd,
+            keep_newest=retention.keep_newest,
+            keep_seconds=retention.keep_seconds,
+            keeping=retention.enabled,
+        )
         self._reported: set[str] = set()
         self.remove_stray_temps()
 
@@ -480,15 +485,23 @@ class SessionStore:
         lock_wait: float | None = None,
         actor: Actor | None = None,
         op: str = "removed",
+        keep_version: bool = True,
     ) -> bool:
         """Remove *key* under its lock.
 
         With *only_if*, the current version is read under the lock and removed only
         if the predicate accepts it.  Returns whether the entry was removed.  With
-        *actor*, the removal is recorded in the audit as *op*.
+        *actor*, the removal is recorded in the audit as *op*.  Without
+        *keep_version*, the history does not keep it (a disk budget frees its bytes).
         """
         removed = self._remove(
-            key, only_if=only_if, keep=False, lock_wait=lock_wait, actor=actor, op=op
+            key,
+            only_if=only_if,
+            keep=False,
+            lock_wait=lock_wait,
+            actor=actor,
+            op=op,
+            keep_version=keep_version,
         )
         return removed is not None
 
@@ -522,6 +535,7 @@ class SessionStore:
         lock_wait: float | None,
         actor: Actor | None,
         op: str,
+        keep_version: bool = True,
     ) -> Snapshot | None:
         name = key_to_filename(key)
         with self.locks.hold(key, wait=lock_wait):
@@ -531,7 +545,7 @@ class SessionStore:
                     return None
             else:
                 current = Snapshot(b"", self.stat(key))
-            with self._keeping(name) as kept:
+            with self._keeping(name if keep_version else None) as kept:
                 os.unlink(name, dir_fd=self._dir_fd)
             os.fsync(self._dir_fd)
             self._audit(actor, op, key, old=kept)

@@ -15,7 +15,7 @@ import pytest
 
 from sessionfs import maintain, sources
 from sessionfs.cli import main as cli
-from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, stamp_of
+from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, Retention, stamp_of
 from sessionfs.keys import key_to_filename
 from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes, raises_errno
@@ -279,8 +279,9 @@ def test_a_removed_key_is_found_in_a_state_dir_without_agent(
     capsys.readouterr()
 
 
-def test_kept_versions_do_not_count_in_the_disk_budget(store: SessionStore) -> None:
-    """Removals keep their versions: counting them, the budget would never be met."""
+def test_the_disk_budget_counts_kept_versions_and_frees_them_before_any_session(
+    store: SessionStore,
+) -> None:
     now_ms = int(time.time() * 1000)
     for i in range(10):
         store.write(f"cron:{i}", entry_bytes(f"s{i}", now_ms - i))
@@ -288,12 +289,53 @@ def test_kept_versions_do_not_count_in_the_disk_budget(store: SessionStore) -> N
         store.write("cron:0", entry_bytes(f"v{i}", now_ms + i, pad="x" * 2000))
     entries = sum(p.stat().st_size for p in store.path.iterdir() if p.is_file())
     budget = int(entries / 0.8) + 4096  # the high water (80 %) above the entries alone
+    source = sources.resolve(store.path.parent)
     policy = maintain.Policy(max_disk_bytes=budget)
-    (result,) = maintain.maintain_source(
-        sources.resolve(store.path.parent), policy, maintain.Mode.ENFORCE
-    )
-    assert result.removed == []
+    (planned,) = maintain.maintain_source(source, policy, maintain.Mode.WARN)
+    assert planned.usage_bytes is not None
+    assert planned.usage_bytes > entries + 19 * 2000  # the versions count
+    (result,) = maintain.maintain_source(source, policy, maintain.Mode.ENFORCE)
+    assert result.removed == []  # every session stays: kept versions went first
     assert len(list(store.keys())) == 10
+    assert 0 < result.pruned_versions <= 20
+    assert len(kept(store, "cron:0")) == 20 - result.pruned_versions
+    # a budget below the sessions themselves: the oldest go, and are not kept (a kept
+    # version would free nothing)
+    tight = maintain.Policy(max_disk_bytes=int(entries / 2))
+    (result,) = maintain.maintain_source(source, tight, maintain.Mode.ENFORCE)
+    assert result.removed
+    for key in result.removed:
+        assert kept(store, key) == []
+
+
+def test_maintain_prunes_versions_past_their_retention(store: SessionStore) -> None:
+    """A live key keeps its newest N; a removed key's versions stay for their age only."""
+    assert store.history is not None
+    now = time.time()
+    clock = [now - 40 * 86400]
+    store.history.clock = lambda: clock[0]
+    for i in range(6):  # five versions kept 40 days ago
+        store.write("cron:live", entry_bytes(f"v{i}", i))
+    store.write("cron:gone", entry_bytes("g", 1))
+    store.remove("cron:gone")  # kept 40 days ago
+    clock[0] = now
+    store.write("cron:live", entry_bytes("fresh", 99))  # kept now: young
+    source = sources.resolve(store.path.parent)
+    policy = maintain.Policy(history=Retention(keep_newest=2, keep_seconds=30 * 86400))
+    (result,) = maintain.maintain_source(source, policy, maintain.Mode.ENFORCE)
+    assert result.pruned_versions == 5  # 4 old ones of cron:live, and cron:gone's
+    assert kept(store, "cron:live") == [entry_bytes("v4", 4), entry_bytes("v5", 5)]
+    assert kept(store, "cron:gone") == []
+
+
+def test_no_history_keeps_no_version_but_audits(
+    store: SessionStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.write("cron:a", entry_bytes("v0", 0))
+    with mounted(store.path.parent, tmp_path / "mnt", "--no-history") as mount:
+        (mount.path / "cron:a.json").write_bytes(entry_bytes("v1", 1))
+    assert kept(store, "cron:a") == []
+    assert [line["op"] for line in audit_lines(store)] == ["written"]
 
 
 def audit_lines(store: SessionStore) -> list[dict[str, object]]:
