@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,3 +37,24 @@ def peak_rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def vim_save(directory: Path, name: str, backupcopy: str) -> subprocess.CompletedProcess[str]:
+    """vim edits *name* in *directory* and saves it, its backup beside it (``.``)."""
+    commands = (
+        "set backupskip=",
+        f"set backupcopy={backupcopy}",
+        "set backupdir=.",
+        "set writebackup",
+        '%s/"chatType": "direct"/"chatType": "vim"/',
+        "wq",
+    )
+    args = [arg for command in commands for arg in ("-c", command)]
+    return subprocess.run(
+        ["vim", "-u", "NONE", "-N", "-es", *args, name],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

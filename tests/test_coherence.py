@@ -16,7 +16,7 @@ import pytest
 
 from sessionfs.daemon import is_mounted, prepare_mountpoint
 from sessionfs.store import SessionStore
-from tests.helpers import entry_bytes
+from tests.helpers import entry_bytes, vim_save
 from tests.mounting import Mount, cleanup, mounted, sessionfs, start_mount
 
 pytestmark = pytest.mark.fuse
@@ -205,19 +205,6 @@ def test_renamed_away_leaves_the_store_after_the_grace_period(mnt: Mount, state_
     assert "removed session main/agent:main:main: renamed to" in mnt.log_text()
 
 
-def _vim_save(agent: Path, backupcopy: str) -> subprocess.CompletedProcess[str]:
-    commands = (
-        "set backupskip=",
-        f"set backupcopy={backupcopy}",
-        "set backupdir=.",
-        "set writebackup",
-        '%s/"chatType": "direct"/"chatType": "vim"/',
-        "wq",
-    )
-    args = [arg for command in commands for arg in ("-c", command)]
-    return run("vim", "-u", "NONE", "-N", "-es", *args, NAME, cwd=agent)
-
-
 @pytest.mark.parametrize("conflict", ["lww", "fail"])
 def test_vim_and_emacs_saves_are_no_conflicts(
     state_dir: Path, tmp_path: Path, conflict: str
@@ -227,7 +214,7 @@ def test_vim_and_emacs_saves_are_no_conflicts(
         backing = state_dir / "agents/main/sessions/sessions.d/agent%3Amain%3Amain.json"
         for backupcopy in ("no", "auto", "yes"):
             before = backing.read_bytes()
-            result = _vim_save(agent, backupcopy)
+            result = vim_save(agent, NAME, backupcopy)
             assert result.returncode == 0, result.stdout + result.stderr
             assert b'"chatType": "vim"' in backing.read_bytes()
             backing.write_bytes(before)  # the gateway puts it back behind the mount

@@ -12,9 +12,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sessionfs import sources
+from sessionfs import maintain, sources
+from sessionfs.history import Actor
 from sessionfs.locking import process_starttime
 from sessionfs.migrate import migrate_source
+from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes
 from tests.mounting import REPO, mounted, sessionfs, wait_for
 
@@ -255,3 +257,30 @@ def test_repair_refuses_a_mounted_store_reached_through_a_symlink(
         refused = run_fsck("--repair", str(link))
         assert refused.returncode == 3
         assert f"is mounted at {mount.path}" in refused.stderr
+
+
+ME = Actor.this_process("pytest")
+
+
+def test_kept_versions_and_the_audit_stay_intact(migrated: Path) -> None:
+    """fsck (with --repair), maintain and a migration into the store leave ``.history``
+    as it was: it is sessionfs's own, never a problem, never quarantined."""
+    sessions = migrated / "agents/work/sessions"
+    with SessionStore(sessions / "sessions.d") as store:
+        key = sorted(store.keys())[0]
+        store.write(key, store.read(key).data.replace(b"{", b'{"label": "x", ', 1), actor=ME)
+    history = sessions / "sessions.d" / ".history"
+    before = tree_of(history)
+    assert any(name.endswith("audit.jsonl") for name, _, _ in before)
+    assert run_fsck(str(sessions)).returncode == 0
+    assert run_fsck("--repair", str(sessions)).returncode == 0
+    (sessions / "sessions.json").write_bytes(
+        b'{"agent:work:new": {"sessionId": "n", "updatedAt": 1}}'
+    )
+    migrate_source(sources.resolve(sessions), progress=None)
+    maintain.maintain_source(sources.resolve(sessions), maintain.Policy(), maintain.Mode.ENFORCE)
+    after = tree_of(history)
+    versions = [entry for entry in before if not entry[0].startswith("audit")]
+    assert [entry for entry in after if entry in versions] == versions
+    audit = (history / "audit.jsonl").read_bytes()
+    assert orjson.loads(audit.splitlines()[0])["program"] == "pytest"  # appended to, only

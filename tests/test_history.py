@@ -18,7 +18,7 @@ from sessionfs.cli import main as cli
 from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, Retention, stamp_of
 from sessionfs.keys import key_to_filename
 from sessionfs.store import SessionStore
-from tests.helpers import entry_bytes, raises_errno
+from tests.helpers import entry_bytes, raises_errno, vim_save
 from tests.mounting import mounted, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,6 +400,19 @@ def test_audit_lines_name_the_program_and_pid_of_each_change(
     assert any("mv[" in line and "renamed" in line for line in out)
     assert cli(["log", str(store.path.parent), "--key", "cron:b"]) == 0
     assert "rm[" in capsys.readouterr().out
+
+
+def test_a_vim_save_is_audited_as_vim(state_dir: Path, tmp_path: Path) -> None:
+    with mounted(state_dir, tmp_path / "mnt") as mount:
+        result = vim_save(mount.path / "main", "agent:main:main.json", "no")
+        assert result.returncode == 0, result.stdout + result.stderr
+    with SessionStore(state_dir / "agents/main/sessions/sessions.d") as store:
+        lines = audit_lines(store)
+    assert [(line["program"], line["op"], line["key"]) for line in lines] == [
+        ("vim", "written", "agent:main:main")
+    ]
+    assert isinstance(lines[0]["pid"], int)
+    assert lines[0]["old"] is not None  # the version before the save is kept
 
 
 def test_maintenance_removals_are_in_the_log(
