@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__, fsck, maintain, migrate, sources
 from .errors import NoStore, SessionFSError
 from .fs.editing import LOCK_TIMEOUT
+from .history import KEEP_NEWEST, KEEP_SECONDS, Retention
 
 log = logging.getLogger("sessionfs")
 
@@ -234,8 +235,6 @@ def percent(text: str) -> float:
 
 
 def _policy(args: argparse.Namespace) -> maintain.Policy:
-    from .history import Retention
-
     return maintain.Policy(
         prune_after_ms=int(args.prune_after * 1000),
         max_entries=args.max_entries,
@@ -450,14 +449,14 @@ def _maintenance_options() -> argparse.ArgumentParser:
     kept.add_argument(
         "--history-keep",
         type=count,
-        default=20,
+        default=KEEP_NEWEST,
         metavar="N",
         help="keep the N newest versions of each session (default 20)",
     )
     kept.add_argument(
         "--history-age",
         type=duration,
-        default=duration("30d"),
+        default=KEEP_SECONDS,
         metavar="AGE",
         help="and every version younger than this; a removed session's for this long (default 30d)",
     )

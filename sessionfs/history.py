@@ -213,10 +213,7 @@ class History:
             finally:
                 os.close(key_fd)
         except OSError as exc:
-            why = f"cannot keep old versions in {HISTORY_DIR}: {exc.strerror or exc}"
-            if why not in self._warned:
-                self._warned.add(why)
-                log.warning("%s (the change goes on without it)", why)
+            self._warn_once(f"cannot keep old versions in {HISTORY_DIR}", exc, "it")
             return None
 
     def _link_new(self, name: str, key_fd: int, base: str) -> str | None:
@@ -391,10 +388,14 @@ class History:
             finally:
                 os.close(history_fd)
         except OSError as exc:
-            why = f"cannot append to {HISTORY_DIR}/{AUDIT_FILE}: {exc.strerror or exc}"
-            if why not in self._warned:
-                self._warned.add(why)
-                log.warning("%s (the change goes on without its audit line)", why)
+            self._warn_once(f"cannot append to {HISTORY_DIR}/{AUDIT_FILE}", exc, "its audit line")
+
+    def _warn_once(self, what: str, exc: OSError, without: str) -> None:
+        """History is a help, never a reason to refuse a change: one warning per cause."""
+        why = f"{what}: {exc.strerror or exc}"
+        if why not in self._warned:
+            self._warned.add(why)
+            log.warning("%s (the change goes on without %s)", why, without)
 
     def audit(self) -> list[dict[str, object]]:
         """Every audit line kept, oldest first; lines that do not parse are skipped."""
