@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -417,12 +418,28 @@ def _report(ready_fd: int | None, message: str) -> None:
             os.close(ready_fd)
 
 
+def notify_service_manager(state: str) -> None:
+    """Tell systemd how the mount is (``Type=notify``: ``READY=1`` once it serves,
+    ``STOPPING=1`` as it ends), if it started us; silently nothing otherwise."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # the abstract namespace
+        address = "\0" + address[1:]
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+    ):
+        sock.sendto(state.encode(), address)
+
+
 async def _serve(
     config: MountConfig, fs: Filesystem, ready_fd: int | None, shutdown: _Shutdown
 ) -> None:
     try:
         await _serve_until_unmounted(config, fs, ready_fd, shutdown)
     finally:
+        notify_service_manager("STOPPING=1")
         fs.stop()
         fs.graces.keep_all()
 
@@ -449,6 +466,9 @@ async def _serve_until_unmounted(
         nursery.start_soon(_watch_for_unread_migrations, config)
         nursery.start_soon(fuse_loop)
         _report(ready_fd, "ready")
+        notify_service_manager(
+            f"READY=1\nSTATUS=serving {config.mountpoint}\nMAINPID={os.getpid()}"
+        )
 
 
 async def _maintain_periodically(config: MountConfig, fs: Filesystem) -> None:

@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from sessionfs.keys import key_to_display
 from sessionfs.mounts import find_mount
 from sessionfs.store import SessionStore
 from tests.helpers import entry, entry_bytes, raises_errno
-from tests.mounting import Mount, cleanup, mounted, sessionfs, start_mount, wait_for
+from tests.mounting import REPO, Mount, cleanup, mounted, sessionfs, start_mount, wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -500,3 +501,43 @@ def test_a_mountpoint_is_a_source_for_reading_and_refused_for_changing(
         again = sessionfs("mount", str(mount.path), str(tmp_path / "other"))
         assert again.returncode == 1
         assert "mount its source instead" in again.stderr
+
+
+def test_systemd_is_told_when_the_mount_serves_and_when_it_stops(
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Type=notify``: READY=1 arrives once the files are there; SIGTERM (``systemctl
+    stop``) sends STOPPING=1 and unmounts cleanly."""
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(address)
+        listener.settimeout(20)
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+        mount = start_mount(state_dir, tmp_path / "mnt")
+        try:
+            ready = listener.recv(4096).decode()
+            assert "READY=1" in ready.splitlines()
+            assert f"MAINPID={mount.pid}" in ready.splitlines()
+            assert (mount.path / "main" / "agent:main:main.json").exists()
+            assert mount.stop(signal.SIGTERM) == 0
+            assert "STOPPING=1" in listener.recv(4096).decode().splitlines()
+        finally:
+            cleanup(mount)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (REPO / "docs" / "sessionfs.service").read_text()
+    assert "Type=notify" in unit
+    # as installed: the paths of this machine in place of the user's
+    command = shutil.which("sessionfs") or str(REPO / ".venv" / "bin" / "sessionfs")
+    local = unit.replace("%h/.local/bin/sessionfs", command).replace("%h", str(tmp_path))
+    (tmp_path / "sessionfs.service").write_text(local)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "sessionfs.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
