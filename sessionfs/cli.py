@@ -45,6 +45,16 @@ _OPTION_VALUES: dict[str, set[str] | str | None] = {
     "lock_timeout": _SECONDS,
     "check_every": _SECONDS,
 }
+# Options of mount(8) itself, which an /etc/fstab line or `mount -t fuse.sessionfs` may
+# pass on (mount.fuse3 adds dev and suid): accepted and left alone.
+_MOUNT_ITSELF = frozenset(
+    {
+        "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
+        "user", "nouser", "users", "owner", "nofail", "_netdev", "async", "sync", "atime",
+        "noatime", "relatime", "strictatime", "lazytime", "diratime", "nodiratime",
+    }
+)  # fmt: skip
+_MOUNT_ITSELF_PREFIXES = ("x-", "comment=", "setuid=")
 DEMO_STATE = Path("~/.local/share/sessionfs/demo-state")
 DEMO_MOUNTPOINT = Path("~/sessionfs-demo")
 
@@ -117,6 +127,8 @@ def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> 
         if not opt:
             continue
         name, _, value = opt.partition("=")
+        if name in _MOUNT_ITSELF or opt.startswith(_MOUNT_ITSELF_PREFIXES):
+            continue
         if name not in _OPTION_VALUES:
             parser.error(f"unknown mount option {opt!r}; known: {', '.join(MOUNT_OPTIONS)}")
         allowed = _OPTION_VALUES[name]
@@ -705,12 +717,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_mount_helper(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``sessionfs SOURCE MOUNTPOINT -o OPTIONS``, as mount.fuse3 runs it for
+    ``mount -t fuse.sessionfs`` and /etc/fstab, is ``sessionfs mount SOURCE MOUNTPOINT``."""
+    commands = {
+        name
+        for action in parser._subparsers._group_actions  # type: ignore[union-attr]
+        for name in getattr(action, "choices", None) or ()
+    }
+    positional = [arg for arg in argv[:2] if not arg.startswith("-")]
+    if len(positional) == 2 and argv[0] not in commands:
+        return ["mount", *argv]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             # keys and file names that are not valid UTF-8 print escaped, never as a traceback
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_as_mount_helper(parser, sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING, format="sessionfs: %(message)s")
     try:
         code: int = args.func(args)

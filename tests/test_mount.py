@@ -541,3 +541,43 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mount_t_fuse_sessionfs_as_from_fstab(state_dir: Path, tmp_path: Path) -> None:
+    """``mount -t fuse.sessionfs SOURCE MOUNTPOINT -o ...`` (an /etc/fstab line): mount.fuse3
+    runs ``sessionfs SOURCE MOUNTPOINT -o OPTIONS`` with its own PATH and HOME=/root,
+    passing on mount's own options (dev, suid); x-systemd.*, noauto, _netdev and nofail
+    are for mount and systemd."""
+    helper = Path("/usr/local/bin/sessionfs")  # on mount.fuse3's PATH
+    if helper.exists():
+        pytest.skip(f"{helper} is an installed sessionfs; not replaced by a test")
+    helper.write_text(f'#!/bin/sh\nexec {REPO / ".venv" / "bin" / "sessionfs"} "$@"\n')
+    helper.chmod(0o755)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    try:
+        options = "rw,noauto,_netdev,nofail,x-systemd.automount,conflict=fail,lock_timeout=5"
+        result = subprocess.run(
+            ["mount", "-t", "fuse.sessionfs", str(state_dir), str(mountpoint), "-o", options],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert find_mount(mountpoint) is not None
+        assert (mountpoint / "main" / "agent:main:main.json").read_bytes()
+        assert sessionfs("umount", str(mountpoint)).returncode == 0
+    finally:
+        helper.unlink()
+        if find_mount(mountpoint) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+def test_options_for_mount_itself_are_accepted_and_unknown_ones_refused(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "mnt").mkdir()
+    result = sessionfs(str(state_dir), str(tmp_path / "mnt"), "-o", "rw,bogus_option")
+    assert result.returncode == 2
+    assert "unknown mount option 'bogus_option'" in result.stderr
