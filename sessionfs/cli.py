@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("source", nargs="?", help=SOURCE_HELP)
     lg.add_argument("--key", metavar="KEY", help="only this session's changes")
     lg.add_argument("--agent", metavar="ID", help="only this agent's sessions")
-    lg.add_argument("--limit", type=int, default=0, metavar="N", help="at most N changes")
+    lg.add_argument("--limit", type=count, default=0, metavar="N", help="at most N changes")
     lg.add_argument("--json", action="store_true", help="one JSON object per change")
     lg.set_defaults(func=_cmd_log, parser=lg)
 

@@ -329,7 +329,7 @@ class History:
         if len(names) <= self.keep_newest + PRUNE_SLACK:
             return
         cutoff = stamp_of(now - self.keep_seconds)
-        for name in names[: -self.keep_newest]:
+        for name in names[: len(names) - self.keep_newest]:
             if name >= cutoff:
                 break
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
@@ -372,13 +372,22 @@ class History:
             history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=True)
             assert history_fd is not None
             try:
+                # O_NONBLOCK: a FIFO planted here must not hold a commit (and its key's
+                # lock) until someone reads it; only a regular file is written to
                 fd = os.open(
                     AUDIT_FILE,
-                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    os.O_WRONLY
+                    | os.O_APPEND
+                    | os.O_CREAT
+                    | os.O_NOFOLLOW
+                    | os.O_NONBLOCK
+                    | os.O_CLOEXEC,
                     0o600,
                     dir_fd=history_fd,
                 )
                 try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise OSError(errno.EINVAL, "not a regular file")
                     os.write(fd, data)
                     size = os.fstat(fd).st_size
                 finally:
@@ -419,7 +428,7 @@ class History:
                     for raw in f.read(2 * AUDIT_MAX_BYTES).splitlines():
                         with contextlib.suppress(orjson.JSONDecodeError):
                             line = orjson.loads(raw)
-                            if isinstance(line, dict):
+                            if _well_formed(line):
                                 lines.append(line)
         finally:
             os.close(history_fd)
@@ -458,3 +467,16 @@ class History:
                 finally:
                     os.close(history_fd)
         return len(versions)
+
+
+_AUDIT_TEXT = ("time", "op", "key", "old", "renamed_from", "program")
+
+
+def _well_formed(line: object) -> bool:
+    """An audit line as :func:`audit_line` writes them (the file may have been edited)."""
+    return (
+        isinstance(line, dict)
+        and isinstance(line.get("key"), str)
+        and all(isinstance(line.get(field), str | None) for field in _AUDIT_TEXT)
+        and all(isinstance(line.get(field), int | None) for field in ("uid", "pid"))
+    )

@@ -23,7 +23,7 @@ import orjson
 
 from . import entry as entry_rules
 from .errors import EntryNotFound, LockBusy, SessionFSError
-from .history import Actor, History, Kept, Retention
+from .history import AUDIT_FILE, AUDIT_OLDER, HISTORY_DIR, Actor, History, Kept, Retention
 from .keys import key_to_filename
 from .migrate import BACKUP_PREFIX
 from .sources import AgentStore, Era, Source
@@ -268,11 +268,17 @@ def _files(sessions_dir: Path) -> list[os.DirEntry[str]]:
 
 def _usage(path: Path, seen: set[tuple[int, int]] | None = None) -> int:
     """Bytes of everything under *path*, sessions.d/ and its kept versions included; a
-    file linked twice (a kept version) counts once; symlinks are not followed."""
+    file linked twice (a kept version) counts once; symlinks are not followed.
+
+    The audit (``.history/audit*.jsonl``, at most ~8 MiB) is not counted: nothing the
+    budget may do frees it, so counting it could only make it remove every session.
+    """
     seen = set() if seen is None else seen
     total = 0
     with os.scandir(path) as it:
         for dirent in it:
+            if path.name == HISTORY_DIR and dirent.name in (AUDIT_FILE, AUDIT_OLDER):
+                continue
             st = dirent.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 total += _usage(Path(dirent.path), seen)

@@ -6,6 +6,7 @@ outside writer and the watcher act, resume, and check what the mount then shows.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -17,8 +18,14 @@ import pyfuse3
 import pytest
 import trio
 import trio.testing
+from inotify_simple import flags
 
+from sessionfs import store as store_module
+from sessionfs.catalog import WatchTarget
 from sessionfs.fs import CONFLICT_FAIL, Filesystem, Limits
+from sessionfs.fs.tree import Dir
+from sessionfs.fs.watcher import _Watch
+from sessionfs.keys import key_to_filename
 from sessionfs.store import SessionStore
 from tests.driving import CTX, Clock, Driver, Gates, fields, make_filesystem, size_of
 from tests.helpers import entry_bytes
@@ -1242,3 +1249,71 @@ async def test_rm_keeps_a_transcript_another_entry_names_in_its_session_file(
     assert transcripts(sessions_dir, "original") == ["original.jsonl"]
     (archived,) = transcripts(sessions_dir, "mine")
     assert archived.startswith("mine.jsonl.deleted.")
+
+
+# -- the watcher and the mount's own renames ---------------------------------------
+
+OUR_TEMP = ".sfs-0123456789abcdef.tmp"
+
+
+@dataclasses.dataclass
+class InotifyEvent:
+    wd: int
+    mask: int
+    cookie: int
+    name: str
+
+
+def watch_the_store(fs: Filesystem, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Events of watch 1 are the store's; returns the keys each refresh looks at."""
+    fs.watcher.watches[1] = _Watch(WatchTarget(Path("/store"), "entries", None, (0, 0)), 1)
+    refreshed: list[list[str]] = []
+    real = fs.index.refresh
+
+    async def refresh(parent: Dir, keys: list[str], *, event: bool = False) -> None:
+        refreshed.append(keys)
+        await real(parent, keys, event=event)
+
+    monkeypatch.setattr(fs.index, "refresh", refresh)
+    monkeypatch.setattr(store_module, "_temp_name", lambda: OUR_TEMP)
+    return refreshed
+
+
+def our_rename(cookie: int) -> list[InotifyEvent]:
+    file_name = key_to_filename(KEY)
+    return [
+        InotifyEvent(1, flags.MOVED_FROM, cookie, OUR_TEMP),
+        InotifyEvent(1, flags.MOVED_TO, cookie, file_name),
+    ]
+
+
+async def test_own_rename_needs_no_stat_but_an_outside_write_before_it_does(
+    fs: Filesystem, drive: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refreshed = watch_the_store(fs, monkeypatch)
+    await drive.listdir()
+    await drive.write(NAME, entry_bytes("mine"))
+    # an outside writer's close of the new file, queued after our d_move but before
+    # the rename's own events (vfs_rename notifies last)
+    outside = InotifyEvent(1, flags.CLOSE_WRITE, 0, key_to_filename(KEY))
+    await fs.watcher.handle([outside, *our_rename(7)])
+    assert refreshed == [[KEY]]
+    await drive.write(NAME, entry_bytes("mine-again"))
+    await fs.watcher.handle(our_rename(8))
+    assert refreshed == [[KEY]]  # nothing else: no stat for our own rename
+    assert fs.watcher.own_renames == 2
+
+
+async def test_a_rename_read_before_its_commit_returned_is_never_taken_for_ours(
+    fs: Filesystem, drive: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit in a worker thread: the watcher reads its rename first (and stats).  The
+    commit must not then register its temp name: a later rename of a file of that name
+    (whoever made it) would pass unlooked at."""
+    refreshed = watch_the_store(fs, monkeypatch)
+    await drive.listdir()
+    await fs.watcher.handle(our_rename(7))  # read before the commit's continuation ran
+    assert refreshed == [[KEY]]
+    await drive.write(NAME, entry_bytes("mine"))
+    await fs.watcher.handle(our_rename(9))  # someone renames a file of that name later
+    assert refreshed == [[KEY], [KEY]]

@@ -15,11 +15,12 @@ import pytest
 
 from sessionfs import maintain, sources
 from sessionfs.cli import main as cli
-from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, Retention, stamp_of
+from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, Actor, Retention, stamp_of
 from sessionfs.keys import key_to_filename
 from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes, raises_errno, vim_save
 from tests.mounting import mounted, wait_for
+from tests.mounting import sessionfs as mounting_sessionfs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,6 +192,12 @@ def test_the_mount_shows_kept_versions_and_cp_of_one_undoes_an_edit(
         assert first.stat().st_mode & 0o777 == 0o400
         with raises_errno(errno.EROFS):
             os.open(first, os.O_WRONLY)
+        with raises_errno(errno.EROFS):
+            first.unlink()
+        with raises_errno(errno.EROFS):
+            os.utime(first)
+        with raises_errno(errno.EROFS):
+            os.rename(first, versions / "x.json")
         subprocess.run(["cp", str(first), str(session)], check=True)  # the undo
         assert session.read_bytes() == entry_bytes("v0", 0)
         assert len(os.listdir(versions)) == 4  # the undo is a change like any other
@@ -429,3 +436,121 @@ def test_maintenance_removals_are_in_the_log(
     (change,) = [orjson.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert change["what"] == "removed by maintenance"
     assert change["key"] == "cron:old"
+
+
+def test_a_fifo_planted_as_the_audit_never_holds_a_change(store: SessionStore) -> None:
+    """Opened without O_NONBLOCK, a FIFO with no reader would block the commit (and its
+    key's lock, and the mount's unmount) until someone read it."""
+    (store.path / HISTORY_DIR).mkdir(exist_ok=True)
+    os.mkfifo(store.path / HISTORY_DIR / "audit.jsonl")
+    script = (
+        "import sys\n"
+        "from sessionfs.history import Actor\n"
+        "from sessionfs.store import SessionStore\n"
+        "with SessionStore(sys.argv[1]) as s:\n"
+        '    data = b\'{"sessionId": "a", "updatedAt": 1}\'\n'
+        "    s.write('cron:a', data, actor=Actor(0, 1, 't'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(store.path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "not a regular file" in result.stderr or "No such device" in result.stderr
+    assert store.read("cron:a").data == b'{"sessionId": "a", "updatedAt": 1}'
+
+
+def test_the_audit_is_not_counted_in_the_disk_budget(store: SessionStore) -> None:
+    """Nothing the budget may do frees the audit: counted, it would remove every session."""
+    now_ms = int(time.time() * 1000)
+    for i in range(10):
+        store.write(f"cron:{i}", entry_bytes(f"s{i}", now_ms - i))
+    entries = sum(p.stat().st_size for p in store.path.iterdir() if p.is_file())
+    (store.path / HISTORY_DIR).mkdir(exist_ok=True)
+    (store.path / HISTORY_DIR / "audit.jsonl").write_bytes(b"{}\n" * 30_000)
+    policy = maintain.Policy(max_disk_bytes=entries * 4)
+    (result,) = maintain.maintain_source(
+        sources.resolve(store.path.parent), policy, maintain.Mode.ENFORCE
+    )
+    assert result.removed == []
+    assert len(list(store.keys())) == 10
+
+
+def test_a_store_keeping_no_newest_still_prunes_by_age(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    with SessionStore(
+        tmp_path / "s" / "sessions.d", retention=Retention(keep_newest=0, keep_seconds=0)
+    ) as store:
+        assert store.history is not None
+        now = [1_800_000_000.0]
+        store.history.clock = lambda: now[0]
+        for i in range(40):
+            store.write("cron:a", entry_bytes(f"v{i}", i))
+            now[0] += 120
+        assert len(kept(store, "cron:a")) <= PRUNE_SLACK + 1
+
+
+def test_malformed_audit_lines_are_skipped(
+    store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.write("cron:a", entry_bytes("v0", 0), actor=Actor(0, 1, "t"))
+    store.close()  # (flushes the audit)
+    audit = store.path / HISTORY_DIR / "audit.jsonl"
+    with open(audit, "ab") as f:
+        f.write(b'{"key": ["x"], "old": "a", "time": "t"}\nnot json\n{"key": "k", "pid": "1"}\n')
+    with SessionStore(store.path) as again:
+        assert [line["key"] for line in audit_lines(again)] == ["cron:a"]
+    assert cli(["log", str(store.path.parent)]) == 0
+    assert "cron:a" in capsys.readouterr().out
+
+
+def test_truncate_by_path_and_grace_ends_are_audited(state_dir: Path, tmp_path: Path) -> None:
+    """truncate(2) through the mount names its caller; a session renamed away and not
+    written anew is removed by the daemon, named with its own pid (it forks at mount)."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    assert mounting_sessionfs("mount", str(state_dir), str(mountpoint)).returncode == 0
+    try:
+        session = mountpoint / "main" / "agent:main:main.json"
+        data = session.read_bytes()
+        session.write_bytes(data + b"   ")
+        os.truncate(session, len(data))
+        daemon_pid = int((mountpoint / ".sessionfs" / "pid").read_text())
+        os.rename(session, mountpoint / "main" / "agent:main:main.json.bak")
+        wait_for(lambda: not session.exists() and len(mount_audit(mountpoint)) == 3, timeout=10)
+        lines = mount_audit(mountpoint)
+    finally:
+        mounting_sessionfs("umount", str(mountpoint))
+    assert [line["op"] for line in lines] == [
+        "written",
+        "written",
+        "removed: renamed away and not written anew",
+    ]
+    assert lines[1]["pid"] == os.getpid()
+    assert lines[2]["pid"] == daemon_pid
+
+
+def mount_audit(mountpoint: Path) -> list[dict[str, object]]:
+    raw = (mountpoint / ".sessionfs" / "audit").read_bytes()
+    return [orjson.loads(line) for line in raw.splitlines()]
+
+
+def test_a_partly_read_history_listing_leaves_no_nodes_behind(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    store.write("cron:a", entry_bytes("v", 1))
+    folder = store.path / HISTORY_DIR / key_to_filename("cron:a")
+    folder.mkdir(parents=True)
+    for i in range(3000):  # more than one getdents buffer (32 KiB) of names
+        (folder / (stamp_of(1_800_000_000 + i) + ".json")).write_bytes(entry_bytes("v", i))
+    with mounted(store.path.parent, tmp_path / "mnt") as mount:
+        versions = mount.path / ".sessionfs" / "history" / "cron:a"
+        inodes = orjson.loads((mount.path / ".sessionfs" / "stats").read_bytes())["inodes"]
+        with os.scandir(versions) as listing:
+            next(listing)  # one buffer's worth is replied; the rest never is
+        after = orjson.loads((mount.path / ".sessionfs" / "stats").read_bytes())["inodes"]
+        assert after - inodes < 1500  # not one per version (3000)

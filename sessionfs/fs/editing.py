@@ -438,8 +438,11 @@ class Editing:
         self.tree.unlink(parent, node.name, key)
         self.kernel.forget_name(parent.ino, node.name)
 
-    async def truncate(self, node: File, size: int, handle: Handle | None) -> None:
-        """``truncate``/``ftruncate``: resize a handle's buffer, or a path's entry at once."""
+    async def truncate(
+        self, node: File, size: int, handle: Handle | None, actor: Actor | None = None
+    ) -> None:
+        """``truncate``/``ftruncate``: resize a handle's buffer, or a path's entry at once
+        (on behalf of *actor*)."""
         if handle is not None:
             self.change(handle, lambda h, limit: h.truncate(size, limit), size - len(handle.data))
             return
@@ -455,7 +458,7 @@ class Editing:
             return
         # truncate(2) on a path: read, resize and commit in one go
         snap = await self.index.read(node.parent, node.key)
-        scratch = Handle(0, node, os.O_WRONLY, snap.data, snap.version, key=node.key)
+        scratch = Handle(0, node, os.O_WRONLY, snap.data, snap.version, key=node.key, actor=actor)
         scratch.truncate(size, self.limits.max_entry_bytes)
         await self.commit(scratch)
 

@@ -41,8 +41,13 @@ from .index import Index
 from .kernel import Kernel
 from .tree import Dir, File, Tree
 
-# who the audit names for what a grace period's end does on the mount's behalf
-DAEMON = Actor.this_process("sessionfs")
+
+def _daemon() -> Actor:
+    """Who the audit names for what a grace period's end does on the mount's behalf
+    (asked at the time: the daemon forks after this module is imported)."""
+    return Actor.this_process("sessionfs")
+
+
 log = logging.getLogger("sessionfs")
 
 GRACE_SECONDS = 2.0
@@ -187,7 +192,7 @@ class GracePeriods:
                             expected=ABSENT,
                             mtime_ns=snap.stat.st_mtime_ns,
                             lock_wait=0,
-                            actor=DAEMON,
+                            actor=_daemon(),
                             op="restored: its replacement was refused",
                         ),
                         deadline=deadline,
@@ -266,7 +271,7 @@ class GracePeriods:
                     key,
                     only_if=lambda s: not grace.claimed and s.version == version,
                     lock_wait=0,
-                    actor=DAEMON,
+                    actor=_daemon(),
                     op="removed: renamed away and not written anew",
                 ),
                 deadline=trio.current_time() + self.lock_timeout,

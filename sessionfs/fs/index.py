@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from ..catalog import Backing
 from ..errors import EntryNotFound
 from ..keys import key_to_display
-from ..store import Commit, Snapshot, Version
+from ..store import Commit, Snapshot, Version, is_temp_name
 from .backings import Backings
 from .kernel import Kernel
 from .tree import Dir, Entry, File, Known, Seen, Tree
@@ -109,6 +109,12 @@ class Index:
         # (agent, temp name) -> key of own commits that left the index exact: the
         # watcher needs no stat for the events of their renames (see own_rename)
         self._own_renames: collections.OrderedDict[tuple[str | None, str], str] = (
+            collections.OrderedDict()
+        )
+        # temp names whose rename the watcher read before anyone registered it (a commit
+        # in a worker thread): registering one later would let a file renamed from that
+        # name by anyone else pass unlooked at
+        self._read_renames: collections.OrderedDict[tuple[str | None, str], None] = (
             collections.OrderedDict()
         )
         self.outside_changes = 0
@@ -272,6 +278,9 @@ class Index:
         event would learn nothing: it may skip it (:meth:`own_rename`).  Any later
         change of the key raises events of its own, which are looked at as ever."""
         parent = change.parent
+        if (parent.agent_id, temp) in self._read_renames:
+            del self._read_renames[(parent.agent_id, temp)]
+            return  # its events were read already
         if (
             not self.trusted(parent)
             or any(stamp > change.stamp for stamp in self._inflight.get(parent.ino, ()))
@@ -287,7 +296,12 @@ class Index:
 
         A temp name is random and used once, so only that rename's event can match.
         """
-        return self._own_renames.pop((agent_id, temp), None)
+        key = self._own_renames.pop((agent_id, temp), None)
+        if key is None and is_temp_name(temp):
+            self._read_renames[(agent_id, temp)] = None
+            while len(self._read_renames) > OWN_RENAMES:
+                self._read_renames.popitem(last=False)
+        return key
 
     async def remove(
         self, parent: Dir, key: str, remove: Callable[[Backing], Snapshot], *, deadline: float

@@ -73,6 +73,8 @@ class Operations(pyfuse3.Operations):
     def _sessions_dir(self, inode: int) -> Dir:
         """A directory of sessions, where files can be made; EPERM elsewhere."""
         node = self._dir(inode)
+        if node.history is not None:
+            raise pyfuse3.FUSEError(errno.EROFS)  # .sessionfs/history/: read-only
         if not node.holds_sessions:
             raise pyfuse3.FUSEError(errno.EPERM)
         return node
@@ -115,11 +117,15 @@ class Operations(pyfuse3.Operations):
             return node.attributes(self.names.owner)
         if isinstance(node, Transcript):
             raise self.editing.transcript_read_only(node.parent, node.name)
+        if isinstance(node, KeptVersion):
+            raise pyfuse3.FUSEError(errno.EROFS)  # kept versions never change
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EACCES)
         if fields.update_size:
             handle = self.editing.handles.get(fh) if fh is not None else None
-            await self.editing.truncate(node, attr.st_size, handle)
+            await self.editing.truncate(
+                node, attr.st_size, handle, Actor.of_process(ctx.pid, ctx.uid)
+            )
         if not node.is_session or node.pending:
             # Scratch files keep what tools set: vim's backupcopy=auto compares the
             # mode of its probe file with the original's.  Sessions stay 0600 and
@@ -199,7 +205,8 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def releasedir(self, fh: int) -> None:
-        del self.dir_handles[fh]
+        handle = self.dir_handles.pop(fh)
+        self.tree.sweep_history(handle.node)  # names listed but never replied
 
     @guarded
     async def mkdir(

@@ -547,6 +547,16 @@ class Tree:
             if not node.nlookup:
                 self.nodes.pop(node.ino, None)
 
+    def sweep_history(self, directory: Dir) -> None:
+        """Drop *directory*'s children under ``.sessionfs/history/`` that the kernel does
+        not know: a listing makes a node per name, and replies only as many as fit."""
+        if directory.history is None:
+            return
+        for ino in list(directory.children.values()):
+            node = self.nodes.get(ino)
+            if node is not None:
+                self._maybe_drop(node)
+
     def history_child(self, parent: Dir, name: str, make: Callable[[int], Node]) -> Node:
         """*parent*'s child *name* under ``.sessionfs/history/``, made by *make* (given
         its new inode number) unless it exists; one node per name while the kernel

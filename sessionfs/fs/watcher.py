@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,7 @@ class Watcher:
 
     # -- events ------------------------------------------------------------
 
-    async def handle(self, events: list[object]) -> None:
+    async def handle(self, events: Sequence[object]) -> None:
         changed: dict[str | None, set[str]] = {}  # keys to look at again, per store
         structural = overflow = False
         for event in events:
@@ -222,10 +222,12 @@ class Watcher:
                 continue
             keys = changed.setdefault(agent_id, set())
             if mask & flags.MOVED_TO and self._own_moves.pop(cookie, None) == key:
-                # an own commit's rename: the index holds what it made current, and
-                # the key's earlier events (the old version's link into the history,
-                # a write it replaced) are moot; later ones are looked at
-                keys.discard(key)
+                # an own commit's rename: the index holds what it made current.  Other
+                # events of the key are looked at, even earlier ones: the kernel queues
+                # a rename's events after its d_move, so an outside touch or write of
+                # the new file can be queued first.  (Keeping the old version raises
+                # none: a hard link's ATTRIB goes to watches of the file, not of its
+                # directory.)
                 self.own_renames += 1
                 continue
             keys.add(key)
