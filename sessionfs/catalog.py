@@ -8,7 +8,6 @@ whose ``sessions.d/`` does not exist yet is shown read-only from its
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import stat
@@ -88,6 +87,7 @@ class Backing(Protocol):
 
 
 RECENT_AUDIT_LINES = 1000
+RECENT_AUDIT_BYTES = 256 * 1024  # of each store's audit: ~1,000 lines
 
 StoreFactory = Callable[[Path, int], SessionStore]
 """Opens the ``sessions.d/`` at a path with an entry size cap (tests pass a wrapper)."""
@@ -140,11 +140,6 @@ class Catalog:
         self._open: dict[str | None, _Opened] = {}
         self._retired: set[_Opened] = set()  # replaced, closed when their last user leaves
         self._paths: dict[str | None, tuple[str, str]] = {}  # database, sessions.d/ of each
-        # the audit lines written through this catalog's stores, newest last, with
-        # their agent (``.sessionfs/audit``)
-        self.recent_audit: collections.deque[dict[str, object]] = collections.deque(
-            maxlen=RECENT_AUDIT_LINES
-        )
         if not self.per_agent and not self._ref(None).has_store():
             raise NoStore(f"{source.path} holds neither sessions.d/ nor sessions.json")
 
@@ -214,12 +209,6 @@ class Catalog:
             return False, (0, 0)
         return False, (st.st_dev, st.st_ino)
 
-    def _recorder(self, agent_id: str | None) -> Callable[[dict[str, object]], None]:
-        def recorded(line: dict[str, object]) -> None:
-            self.recent_audit.append({"agent": agent_id, **line} if self.per_agent else line)
-
-        return recorded
-
     def _acquire(self, agent_id: str | None) -> _Opened:
         with self._lock:
             sqlite, identity = self._identity(agent_id)
@@ -234,8 +223,6 @@ class Catalog:
                     backing = SqliteView(ref.database)
                 elif identity != (0, 0):
                     backing = self._store_factory(ref.entries, self.max_entry_bytes)
-                    if backing.history is not None:
-                        backing.history.on_record = self._recorder(agent_id)
                 elif ref.has_legacy():
                     backing = LegacyView(ref.legacy)
                 else:
@@ -321,6 +308,21 @@ class Catalog:
                 history = store.history if isinstance(store, SessionStore) else None
                 if history is not None and history.audit_pending:
                     history.flush_audit()
+
+    def recent_audit(self) -> list[dict[str, object]]:
+        """The newest :data:`RECENT_AUDIT_LINES` audit lines of every store shown, oldest
+        first, with their agent in a state-dir mount (``.sessionfs/audit``)."""
+        self.flush_audit()
+        lines: list[dict[str, object]] = []
+        for agent_id in self.agents() if self.per_agent else [None]:
+            with contextlib.suppress(OSError), self.backing(agent_id) as store:
+                if isinstance(store, SessionStore) and store.history is not None:
+                    found = store.history.audit(tail_bytes=RECENT_AUDIT_BYTES)
+                    if self.per_agent:
+                        found = [{"agent": agent_id, **line} for line in found]
+                    lines += found
+        lines.sort(key=lambda line: str(line.get("time")))
+        return lines[-RECENT_AUDIT_LINES:]
 
     def close(self) -> None:
         """At unmount: every store is retired (and closed once its last user leaves)."""

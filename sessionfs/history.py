@@ -180,8 +180,6 @@ class History:
         # and listing them on every write would make each write cost more than the last
         self._pruned: dict[str, float] = {}
         self._warned: set[str] = set()
-        # told of every audit line written (a mount shows the recent ones of all agents)
-        self.on_record: Callable[[dict[str, object]], None] | None = None
         self._audit_lock = threading.Lock()  # stores are shared by worker threads
         self._audit_pending: list[bytes] = []
         self._audit_flushed = -math.inf  # time.monotonic() of the last append
@@ -348,8 +346,6 @@ class History:
             )
         if due:
             self.flush_audit()
-        if self.on_record is not None:
-            self.on_record(line)
 
     @property
     def audit_pending(self) -> bool:
@@ -406,14 +402,18 @@ class History:
             self._warned.add(why)
             log.warning("%s (the change goes on without %s)", why, without)
 
-    def audit(self) -> list[dict[str, object]]:
-        """Every audit line kept, oldest first; lines that do not parse are skipped."""
+    def audit(self, tail_bytes: int | None = None) -> list[dict[str, object]]:
+        """The audit lines kept, oldest first (with *tail_bytes*, only those in the last
+        that many bytes); lines that do not parse are skipped."""
         history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=False)
         if history_fd is None:
             return []
-        lines: list[dict[str, object]] = []
+        chunks: list[bytes] = []
+        left = 2 * AUDIT_MAX_BYTES if tail_bytes is None else tail_bytes
         try:
-            for name in (AUDIT_OLDER, AUDIT_FILE):
+            for name in (AUDIT_FILE, AUDIT_OLDER):  # newest first, while bytes are wanted
+                if left <= 0:
+                    break
                 try:
                     fd = os.open(
                         name,
@@ -423,15 +423,24 @@ class History:
                 except OSError:  # absent, or a planted symlink
                     continue
                 with os.fdopen(fd, "rb") as f:
-                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    st = os.fstat(f.fileno())
+                    if not stat.S_ISREG(st.st_mode):
                         continue
-                    for raw in f.read(2 * AUDIT_MAX_BYTES).splitlines():
-                        with contextlib.suppress(orjson.JSONDecodeError):
-                            line = orjson.loads(raw)
-                            if _well_formed(line):
-                                lines.append(line)
+                    start = max(0, st.st_size - left)
+                    f.seek(start)
+                    data = f.read(left)
+                    if start:  # begun mid-line: that line is not whole
+                        data = data.partition(b"\n")[2]
+                    chunks.insert(0, data)
+                    left -= len(data)
         finally:
             os.close(history_fd)
+        lines: list[dict[str, object]] = []
+        for raw in b"".join(chunks).splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                line = orjson.loads(raw)
+                if _well_formed(line):
+                    lines.append(line)
         return lines
 
     def remove_version(self, name: str, kept: Kept) -> bool:

@@ -438,6 +438,19 @@ def test_maintenance_removals_are_in_the_log(
     assert change["key"] == "cron:old"
 
 
+def test_the_mount_shows_recent_audit_lines_from_before_it_too(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    store.write("cron:a", entry_bytes("v0", 0), actor=Actor(0, 1, "earlier"))
+    store.close()  # (flushes its audit)
+    with mounted(store.path.parent, tmp_path / "mnt") as mount:
+        (mount.path / "cron:a.json").write_bytes(entry_bytes("v1", 1))
+        lines = mount_audit(mount.path)
+        assert [line["program"] for line in lines[:1]] == ["earlier"]
+        assert len(lines) == 2
+        assert (mount.path / ".sessionfs" / "audit").stat().st_size == 0  # (read to know)
+
+
 def test_a_fifo_planted_as_the_audit_never_holds_a_change(store: SessionStore) -> None:
     """Opened without O_NONBLOCK, a FIFO with no reader would block the commit (and its
     key's lock, and the mount's unmount) until someone read it."""

@@ -105,8 +105,9 @@ def assemble(
             own_renames=watcher.own_renames,
         )
 
-    def recent_audit() -> bytes:
-        return b"".join(orjson.dumps(line) + b"\n" for line in list(catalog.recent_audit))
+    async def recent_audit() -> bytes:
+        lines = await backings.thread(catalog.recent_audit)
+        return b"".join(orjson.dumps(line) + b"\n" for line in lines)
 
     control = ControlFiles(
         tree,

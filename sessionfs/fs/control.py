@@ -7,7 +7,7 @@ and ``sessionfs status`` (or a dead-mount probe) always reaches the daemon.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,7 +55,7 @@ class ControlFiles:
         source: Path,
         statistics: Callable[[], MountStatistics],
         rejections: Rejections,
-        audit: Callable[[], bytes] = lambda: b"",
+        audit: Callable[[], Awaitable[bytes]] | None = None,
         log: str = "stderr",
     ) -> None:
         self.directory: Dir = tree.subdir(tree.root, CONTROL_DIR)
@@ -67,9 +67,10 @@ class ControlFiles:
             "source": f"{source}\n".encode,
             "stats": lambda: statistics().render(),
             "errors": rejections.render,
-            "audit": audit,  # this mount's recent changes, one JSON line each
             "fsck": lambda: self.last_check,
             "log": f"{log}\n".encode,  # where the daemon logs (`sessionfs status`)
         }
         for name, render in self.files.items():
             tree.control(self.directory, name, render)
+        if audit is not None:  # the recent changes of every agent, one JSON line each
+            tree.control(self.directory, "audit", lambda: b"", load=audit)

@@ -244,7 +244,8 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, Control):
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            handle = self.editing.new_handle(node, flags, node.render())
+            data = await node.load() if node.load is not None else node.render()
+            handle = self.editing.new_handle(node, flags, data)
             return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
         if isinstance(node, Transcript):
             handle = await self.editing.open_transcript(node, flags)

@@ -19,7 +19,7 @@ import itertools
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -251,12 +251,14 @@ class Control(Node):
 
     name: str = ""
     render: Callable[[], bytes] = lambda: b""
+    # content that needs the disk: read when opened (in a worker thread); size 0 in
+    # stat, as /proc's files (reads on a direct_io handle go to the end regardless)
+    load: Callable[[], Awaitable[bytes]] | None = None
 
     def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
         started = owner.started_ns
-        return _attributes(
-            owner, self.ino, stat.S_IFREG | 0o400, len(self.render()), 1, started, started
-        )
+        size = 0 if self.load is not None else len(self.render())
+        return _attributes(owner, self.ino, stat.S_IFREG | 0o400, size, 1, started, started)
 
 
 @dataclass(eq=False, slots=True)
@@ -357,8 +359,14 @@ class Tree:
             yield self.root
         yield from self.agent_dirs.values()
 
-    def control(self, parent: Dir, name: str, render: Callable[[], bytes]) -> Control:
-        node = Control(next(self._next_ino), name=name, render=render)
+    def control(
+        self,
+        parent: Dir,
+        name: str,
+        render: Callable[[], bytes],
+        load: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> Control:
+        node = Control(next(self._next_ino), name=name, render=render, load=load)
         parent.children[name] = node.ino
         self._add(node)
         return node
