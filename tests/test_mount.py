@@ -531,7 +531,7 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "Type=notify" in unit
     # as installed: the paths of this machine in place of the user's
     command = shutil.which("sessionfs") or str(REPO / ".venv" / "bin" / "sessionfs")
-    local = unit.replace("%h/.local/bin/sessionfs", command).replace("%h", str(tmp_path))
+    local = unit.replace("/usr/local/bin/sessionfs", command).replace("%h", str(tmp_path))
     (tmp_path / "sessionfs.service").write_text(local)
     result = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / "sessionfs.service")],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 from sessionfs import daemon, sources
 from sessionfs.cli import main as cli
 from tests.helpers import entry
+from tests.mounting import REPO
 
 
 @pytest.fixture
@@ -114,3 +116,26 @@ def test_allow_other_without_user_allow_other_says_how_to_fix_it(
         daemon.check_allow_other(config, conf)
     conf.write_text("user_allow_other\n")
     daemon.check_allow_other(config, conf)  # and with it, nothing to say
+
+
+def test_setup_system_puts_sessionfs_on_the_path(tmp_path: Path) -> None:
+    """``scripts/setup --system`` links the command where mount.fuse3 and systemd look
+    (``/usr/local/bin``; here a directory of the test's)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    result = subprocess.run(
+        [str(REPO / "scripts" / "setup"), "--system"],
+        env={**os.environ, "SESSIONFS_BIN_DIR": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    linked = bin_dir / "sessionfs"
+    assert linked.resolve() == (REPO / ".venv" / "bin" / "sessionfs").resolve()
+    shown = subprocess.run(
+        [str(linked), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert shown.returncode == 0
+    assert "mount" in shown.stdout
