@@ -9,6 +9,7 @@ whose ``sessions.d/`` does not exist yet is shown read-only from its
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import stat
 import threading
@@ -19,7 +20,7 @@ from typing import Protocol
 
 from .entry import DEFAULT_MAX_ENTRY_BYTES
 from .errors import NoStore
-from .history import Actor, Retention
+from .history import Actor, Retention, read_audit
 from .legacy import LegacyView
 from .sources import (
     AGENT_ID_RE,
@@ -87,7 +88,7 @@ class Backing(Protocol):
 
 
 RECENT_AUDIT_LINES = 1000
-RECENT_AUDIT_BYTES = 256 * 1024  # of each store's audit: ~1,000 lines
+RECENT_AUDIT_BYTES = 1 << 20  # of all stores' audits together, read for .sessionfs/audit
 
 StoreFactory = Callable[[Path, int], SessionStore]
 """Opens the ``sessions.d/`` at a path with an entry size cap (tests pass a wrapper)."""
@@ -310,19 +311,33 @@ class Catalog:
                     history.flush_audit()
 
     def recent_audit(self) -> list[dict[str, object]]:
-        """The newest :data:`RECENT_AUDIT_LINES` audit lines of every store shown, oldest
-        first, with their agent in a state-dir mount (``.sessionfs/audit``)."""
+        """The newest :data:`RECENT_AUDIT_LINES` audit lines of every directory-era store
+        shown, oldest first, with their agent in a state-dir mount (``.sessionfs/audit``).
+
+        Read from the files, never by opening a store (a state dir of 600 agents would
+        keep 600 of them open), at most :data:`RECENT_AUDIT_BYTES` in all.
+        """
         self.flush_audit()
+        agents: list[str | None] = list(self.agents()) if self.per_agent else [None]
+        each = max(RECENT_AUDIT_BYTES // max(len(agents), 1), 4096)
         lines: list[dict[str, object]] = []
-        for agent_id in self.agents() if self.per_agent else [None]:
-            with contextlib.suppress(OSError), self.backing(agent_id) as store:
-                if isinstance(store, SessionStore) and store.history is not None:
-                    found = store.history.audit(tail_bytes=RECENT_AUDIT_BYTES)
-                    if self.per_agent:
-                        found = [{"agent": agent_id, **line} for line in found]
-                    lines += found
-        lines.sort(key=lambda line: str(line.get("time")))
-        return lines[-RECENT_AUDIT_LINES:]
+        for agent_id in agents:
+            sqlite, identity = self._identity(agent_id)
+            if sqlite or identity == (0, 0):
+                continue  # no sessions.d/ (or the SQLite era: never read from it)
+            with contextlib.suppress(OSError):
+                entries = self._paths[agent_id][1]  # (cached by _identity)
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(entries, flags)
+                try:
+                    found = read_audit(fd, each)
+                finally:
+                    os.close(fd)
+                if self.per_agent:
+                    found = [{**line, "agent": agent_id} for line in found]
+                lines += found
+        newest = heapq.nlargest(RECENT_AUDIT_LINES, lines, key=lambda line: str(line["time"]))
+        return newest[::-1]
 
     def close(self) -> None:
         """At unmount: every store is retired (and closed once its last user leaves)."""

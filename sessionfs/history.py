@@ -403,45 +403,8 @@ class History:
             log.warning("%s (the change goes on without %s)", why, without)
 
     def audit(self, tail_bytes: int | None = None) -> list[dict[str, object]]:
-        """The audit lines kept, oldest first (with *tail_bytes*, only those in the last
-        that many bytes); lines that do not parse are skipped."""
-        history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=False)
-        if history_fd is None:
-            return []
-        chunks: list[bytes] = []
-        left = 2 * AUDIT_MAX_BYTES if tail_bytes is None else tail_bytes
-        try:
-            for name in (AUDIT_FILE, AUDIT_OLDER):  # newest first, while bytes are wanted
-                if left <= 0:
-                    break
-                try:
-                    fd = os.open(
-                        name,
-                        os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                        dir_fd=history_fd,
-                    )
-                except OSError:  # absent, or a planted symlink
-                    continue
-                with os.fdopen(fd, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    start = max(0, st.st_size - left)
-                    f.seek(start)
-                    data = f.read(left)
-                    if start:  # begun mid-line: that line is not whole
-                        data = data.partition(b"\n")[2]
-                    chunks.insert(0, data)
-                    left -= len(data)
-        finally:
-            os.close(history_fd)
-        lines: list[dict[str, object]] = []
-        for raw in b"".join(chunks).splitlines():
-            with contextlib.suppress(orjson.JSONDecodeError):
-                line = orjson.loads(raw)
-                if _well_formed(line):
-                    lines.append(line)
-        return lines
+        """The audit lines kept, oldest first (see :func:`read_audit`)."""
+        return read_audit(self._dir_fd, tail_bytes)
 
     def remove_version(self, name: str, kept: Kept) -> bool:
         """Remove one kept version of *name* (maintenance); whether it was there."""
@@ -478,7 +441,52 @@ class History:
         return len(versions)
 
 
-_AUDIT_TEXT = ("time", "op", "key", "old", "renamed_from", "program")
+def read_audit(entries_fd: int, tail_bytes: int | None = None) -> list[dict[str, object]]:
+    """The audit lines of the ``sessions.d/`` open as *entries_fd*, oldest first (with
+    *tail_bytes*, only those in the last that many bytes); lines that do not parse, or
+    are not as :func:`audit_line` writes them, are skipped.  Nothing is followed or
+    waited for: a symlink, FIFO or directory planted as the audit is not read."""
+    history_fd = History._open_dir(entries_fd, HISTORY_DIR, create=False)
+    if history_fd is None:
+        return []
+    chunks: list[bytes] = []
+    left = 2 * AUDIT_MAX_BYTES if tail_bytes is None else tail_bytes
+    try:
+        for name in (AUDIT_FILE, AUDIT_OLDER):  # newest first, while bytes are wanted
+            try:
+                fd = os.open(
+                    name,
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    dir_fd=history_fd,
+                )
+            except OSError:  # absent, or a planted symlink
+                continue
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                start = max(0, st.st_size - left)
+                f.seek(start)
+                data = f.read(left)
+                if start:  # begun mid-line: that line is not whole
+                    data = data.partition(b"\n")[2]
+                chunks.insert(0, data)
+                left -= len(data)
+            if start or left <= 0:
+                break  # the older file would not continue where this one starts
+    finally:
+        os.close(history_fd)
+    lines: list[dict[str, object]] = []
+    for raw in b"\n".join(chunks).splitlines():  # (an unterminated last line stays apart)
+        with contextlib.suppress(orjson.JSONDecodeError):
+            line = orjson.loads(raw)
+            if _well_formed(line):
+                lines.append(line)
+    return lines
+
+
+_AUDIT_TEXT = ("op", "key", "old", "renamed_from", "program")
+_AUDIT_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 def _well_formed(line: object) -> bool:
@@ -486,6 +494,8 @@ def _well_formed(line: object) -> bool:
     return (
         isinstance(line, dict)
         and isinstance(line.get("key"), str)
+        and isinstance(line.get("time"), str)
+        and _AUDIT_TIME.fullmatch(line["time"]) is not None
         and all(isinstance(line.get(field), str | None) for field in _AUDIT_TEXT)
         and all(isinstance(line.get(field), int | None) for field in ("uid", "pid"))
     )

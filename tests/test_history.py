@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from sessionfs import maintain, sources
+from sessionfs.catalog import Catalog
 from sessionfs.cli import main as cli
 from sessionfs.history import HISTORY_DIR, KEEP_NEWEST, PRUNE_SLACK, Actor, Retention, stamp_of
 from sessionfs.keys import key_to_filename
@@ -567,3 +568,45 @@ def test_a_partly_read_history_listing_leaves_no_nodes_behind(
             next(listing)  # one buffer's worth is replied; the rest never is
         after = orjson.loads((mount.path / ".sessionfs" / "stats").read_bytes())["inodes"]
         assert after - inodes < 1500  # not one per version (3000)
+
+
+def test_recent_audit_reads_files_without_opening_stores(tmp_path: Path) -> None:
+    """``.sessionfs/audit`` of a state dir: every agent's newest lines, each with its real
+    agent (not one a line claims), never a store opened for it; lines whose time is not a
+    stamp are skipped (one could otherwise sort after every real line)."""
+    state = tmp_path / "state"
+    for agent in ("a", "b"):
+        (state / "agents" / agent / "sessions").mkdir(parents=True)
+        with SessionStore(state / "agents" / agent / "sessions" / "sessions.d") as store:
+            store.write(f"agent:{agent}:main", entry_bytes(agent, 1), actor=Actor(0, 1, agent))
+    audit = state / "agents/a/sessions/sessions.d" / HISTORY_DIR / "audit.jsonl"
+    with open(audit, "ab") as f:
+        f.write(b'{"key": "k", "time": "Z", "op": "written"}\n')
+        f.write(orjson.dumps({**audit_lines_of(audit)[0], "agent": "b", "op": "planted"}))
+    catalog = Catalog(sources.resolve(state))
+    lines = catalog.recent_audit()
+    assert not catalog._open  # nothing was opened to read them
+    assert [(line["agent"], line["program"]) for line in lines if line["op"] == "written"] == [
+        ("a", "a"),
+        ("b", "b"),
+    ]
+    assert [line["agent"] for line in lines if line["op"] == "planted"] == ["a"]
+    assert all(line["time"] != "Z" for line in lines)
+
+
+def audit_lines_of(path: Path) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_an_unterminated_older_audit_does_not_swallow_the_newer_first_line(
+    store: SessionStore,
+) -> None:
+    store.write("cron:a", entry_bytes("v0", 0), actor=Actor(0, 1, "first"))
+    store.write("cron:a", entry_bytes("v1", 1), actor=Actor(0, 1, "second"))
+    store.close()
+    history = store.path / HISTORY_DIR
+    first, second = (history / "audit.jsonl").read_bytes().splitlines()
+    (history / "audit.1.jsonl").write_bytes(first)  # a crash mid-append: no newline
+    (history / "audit.jsonl").write_bytes(second + b"\n")
+    with SessionStore(store.path) as again:
+        assert [line["program"] for line in audit_lines(again)] == ["first", "second"]

@@ -206,7 +206,8 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def releasedir(self, fh: int) -> None:
         handle = self.dir_handles.pop(fh)
-        self.tree.sweep_history(handle.node)  # names listed but never replied
+        if all(other.node is not handle.node for other in self.dir_handles.values()):
+            self.tree.sweep_history(handle.node)  # names listed but never replied
 
     @guarded
     async def mkdir(
