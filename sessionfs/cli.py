@@ -34,8 +34,11 @@ MOUNT_OPTIONS = {
     "before it fails with EBUSY (default 30)",
     "check_every=SECONDS": "how often the daemon runs a read-only fsck in the background, for "
     "`sessionfs status` (default 3600; the first after 30 s or SECONDS if sooner; 0: never)",
+    "uid=N,gid=N": "who owns the files and directories the mount shows (default: the "
+    "daemon's user and group); the store's files keep their owner",
 }
 _SECONDS = "SECONDS"
+_ID = "ID"
 _OPTION_VALUES: dict[str, set[str] | str | None] = {
     "ro": None,
     "rw": None,
@@ -44,6 +47,8 @@ _OPTION_VALUES: dict[str, set[str] | str | None] = {
     "conflict": {"lww", "fail"},
     "lock_timeout": _SECONDS,
     "check_every": _SECONDS,
+    "uid": _ID,
+    "gid": _ID,
 }
 # Options of mount(8) itself, which an /etc/fstab line or `mount -t fuse.sessionfs` may
 # pass on (mount.fuse3 adds dev and suid): accepted and left alone.
@@ -135,6 +140,9 @@ def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> 
         if allowed == _SECONDS:
             if not re.fullmatch(r"\d+(\.\d+)?", value):
                 parser.error(f"mount option {opt!r}: expected {name}=SECONDS (a number)")
+        elif allowed == _ID:
+            if not re.fullmatch(r"\d{1,10}", value):
+                parser.error(f"mount option {opt!r}: expected {name}=N (a number)")
         elif (allowed is None) != (value == "") or (allowed is not None and value not in allowed):
             parser.error(
                 f"mount option {opt!r}: expected {name}"
@@ -175,6 +183,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         maintain_every=args.maintain_every,
         maintain_mode=args.maintain_mode,
         maintain_policy=_policy(args),
+        uid=int(options["uid"]) if "uid" in options else None,
+        gid=int(options["gid"]) if "gid" in options else None,
     )
     return mount(config)
 

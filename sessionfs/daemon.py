@@ -81,6 +81,8 @@ class MountConfig:
     check_every: float = CHECK_EVERY  # seconds between background fsck runs; 0: never
     maintain_mode: str = "warn"
     maintain_policy: maintain.Policy = field(default_factory=maintain.Policy)
+    uid: int | None = None  # -o uid=, gid=: who owns what the mount shows
+    gid: int | None = None
 
 
 def mount_serving(path: Path) -> Path | None:
@@ -365,6 +367,8 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
         log="stderr"
         if ready_fd is None
         else str(config.log_file or default_log_file(config.mountpoint)),
+        uid=config.uid,
+        gid=config.gid,
     )
     options = {"fsname=sessionfs", "subtype=sessionfs", "default_permissions"}
     if config.auto_unmount:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from .owners import adopt
+
 log = logging.getLogger("sessionfs")
 
 HISTORY_DIR = ".history"
@@ -170,8 +172,10 @@ class History:
         keep_newest: int = KEEP_NEWEST,
         keep_seconds: float = KEEP_SECONDS,
         keeping: bool = True,
+        owner: os.stat_result | None = None,
     ) -> None:
         self._dir_fd = dir_fd
+        self._owner = owner  # root on a user's store: what the history makes is theirs
         self.keeping = keeping  # false: no new version is kept (the audit goes on)
         self.clock = clock
         self.keep_newest = keep_newest
@@ -240,16 +244,18 @@ class History:
 
     def _key_dir(self, name: str, *, create: bool) -> int | None:
         """An fd of ``.history/<name>`` (None if absent and not *create*), never via a symlink."""
-        history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=create)
+        history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=create, owner=self._owner)
         if history_fd is None:
             return None
         try:
-            return self._open_dir(history_fd, name, create=create)
+            return self._open_dir(history_fd, name, create=create, owner=self._owner)
         finally:
             os.close(history_fd)
 
     @staticmethod
-    def _open_dir(parent_fd: int, name: str, *, create: bool) -> int | None:
+    def _open_dir(
+        parent_fd: int, name: str, *, create: bool, owner: os.stat_result | None = None
+    ) -> int | None:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             return os.open(name, flags, dir_fd=parent_fd)
@@ -260,9 +266,14 @@ class History:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR) and not create:
                 return None
             raise
+        made = False
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=parent_fd)
-        return os.open(name, flags, dir_fd=parent_fd)
+            made = True
+        fd = os.open(name, flags, dir_fd=parent_fd)
+        if made:
+            adopt(fd, owner)
+        return fd
 
     # -- reading and pruning ---------------------------------------------------
 
@@ -365,7 +376,7 @@ class History:
 
     def _append_audit(self, data: bytes) -> None:
         try:
-            history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=True)
+            history_fd = self._open_dir(self._dir_fd, HISTORY_DIR, create=True, owner=self._owner)
             assert history_fd is not None
             try:
                 # O_NONBLOCK: a FIFO planted here must not hold a commit (and its key's
@@ -382,8 +393,11 @@ class History:
                     dir_fd=history_fd,
                 )
                 try:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
                         raise OSError(errno.EINVAL, "not a regular file")
+                    if self._owner is not None and st.st_uid != self._owner.st_uid:
+                        adopt(fd, self._owner)
                     os.write(fd, data)
                     size = os.fstat(fd).st_size
                 finally:

@@ -39,8 +39,9 @@ def key_offset(key: str) -> int:
 class KeyLocks:
     """Exclusive per-key locks shared by every thread and process using one store."""
 
-    def __init__(self, dir_fd: int) -> None:
+    def __init__(self, dir_fd: int, *, owner: os.stat_result | None = None) -> None:
         self._dir_fd = dir_fd
+        self._owner = owner  # root on a user's store: the lock file is theirs too
 
     def _open(self) -> int:
         fd = os.open(
@@ -49,9 +50,13 @@ class KeyLocks:
             0o600,
             dir_fd=self._dir_fd,
         )
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise UnsafeEntry(f"{LOCK_FILE} in the store is not a regular file")
+        owner = self._owner
+        if owner is not None and (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+            os.fchown(fd, owner.st_uid, owner.st_gid)
         return fd
 
     @contextlib.contextmanager

@@ -32,6 +32,7 @@ from .errors import EntryExists, EntryNotFound, InvalidEntry, UnsafeEntry
 from .history import Actor, History, Retention, audit_line
 from .keys import filename_to_key, key_to_filename
 from .locking import KeyLocks
+from .owners import adopt, foreign_owner
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,7 @@ def _replace(
     )
     try:
         try:
-            if owner is not None:
-                os.fchown(fd, owner.st_uid, owner.st_gid)
+            adopt(fd, owner)
             _write_all(fd, data)
             if mtime_ns is not None:
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
@@ -191,7 +191,7 @@ def write_file_atomically(directory: Path, name: str, data: bytes) -> None:
     """
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        owner = os.fstat(dir_fd) if os.geteuid() == 0 else None
+        owner = foreign_owner(os.fstat(dir_fd))
         _replace(dir_fd, name, f"{name}.{secrets.token_hex(8)}.tmp", data, owner=owner)
     finally:
         os.close(dir_fd)
@@ -247,9 +247,11 @@ class SessionStore:
     ) -> None:
         self.path = Path(path)
         self.max_entry_bytes = max_entry_bytes
+        made = False
         if create:
             with contextlib.suppress(FileExistsError):
                 self.path.mkdir(mode=DIR_MODE)
+                made = True
         try:
             self._dir_fd = os.open(
                 self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -258,10 +260,17 @@ class SessionStore:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeEntry(f"{self.path} is not a directory (or is a symlink)") from None
             raise
-        self.locks = KeyLocks(self._dir_fd)
+        if made:  # (a migration's staging dir, made by root in a user's sessions dir)
+            adopt(self._dir_fd, foreign_owner(os.stat(self.path.parent)))
+        # Run as root on another user's store (sudo sessionfs mount, a root daemon), what
+        # is created belongs to the store's owner: a root-owned 0600 entry is one the
+        # user's gateway and sessionfs commands could not read.
+        self.owner = foreign_owner(os.fstat(self._dir_fd))
+        self.locks = KeyLocks(self._dir_fd, owner=self.owner)
         # every version that stops being current is kept (see .history)
         self.history = History(
             self._dir_fd,
+            owner=self.owner,
             keep_newest=retention.keep_newest,
             keep_seconds=retention.keep_seconds,
             keeping=retention.enabled,
@@ -611,6 +620,7 @@ class SessionStore:
             dir_fd=self._dir_fd,
         )
         try:
+            adopt(fd, self.owner)
             _write_all(fd, data)
         finally:
             os.close(fd)
@@ -702,7 +712,9 @@ class SessionStore:
         The caller holds the key's lock and has checked the target with :meth:`_target`.
         """
         temp = temp or _temp_name()
-        return _replace(self._dir_fd, name, temp, data, durable=durable, mtime_ns=mtime_ns)
+        return _replace(
+            self._dir_fd, name, temp, data, durable=durable, mtime_ns=mtime_ns, owner=self.owner
+        )
 
     def _check_regular(self, st: os.stat_result, name: str) -> None:
         try:

@@ -72,6 +72,7 @@ def test_readers_see_only_whole_committed_versions(mnt: Mount, state_dir: Path) 
     stop = time.monotonic() + STRESS_SECONDS
     bad: list[str] = []
     reads = [0]
+    kernel_window = [0]
 
     def outside() -> None:
         with SessionStore(store_dir) as store:
@@ -101,7 +102,12 @@ def test_readers_see_only_whole_committed_versions(mnt: Mount, state_dir: Path) 
             with versions.lock:
                 if data not in versions.contents:
                     bad.append(f"read {len(data)} bytes that no writer committed: {data[:60]!r}")
-                if size not in versions.sizes:
+                if size == 0:
+                    # the kernel's window (README, Known limits): a stat racing an
+                    # O_TRUNC open sees the size fuse_finish_open wrote, before it
+                    # marks the attributes stale; rare, and reads are not affected
+                    kernel_window[0] += 1
+                elif size not in versions.sizes:
                     bad.append(f"stat said {size} bytes, the size of no committed version")
 
     threads = [threading.Thread(target=fn) for fn in (outside, through_mount, reader, reader)]
@@ -110,6 +116,7 @@ def test_readers_see_only_whole_committed_versions(mnt: Mount, state_dir: Path) 
     for thread in threads:
         thread.join()
     assert reads[0] > 50
+    assert kernel_window[0] <= max(2, reads[0] // 100), f"{kernel_window[0]} stats of size 0"
     torn = sum(1 for line in bad if line.startswith("read"))
     assert not bad, f"{torn} torn reads, {len(bad) - torn} bad stats in {reads[0]}: {bad[:5]}"
 

@@ -581,3 +581,15 @@ def test_options_for_mount_itself_are_accepted_and_unknown_ones_refused(
     result = sessionfs(str(state_dir), str(tmp_path / "mnt"), "-o", "rw,bogus_option")
     assert result.returncode == 2
     assert "unknown mount option 'bogus_option'" in result.stderr
+
+
+def test_uid_and_gid_options_set_who_owns_what_the_mount_shows(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    with mounted(state_dir, tmp_path / "mnt", "-o", "uid=4242,gid=4243") as mount:
+        for path in (mount.path / "main", mount.path / "main" / "agent:main:main.json"):
+            st = path.stat()
+            assert (st.st_uid, st.st_gid) == (4242, 4243)
+    result = sessionfs("mount", str(state_dir), str(tmp_path / "mnt"), "-o", "uid=me")
+    assert result.returncode == 2
+    assert "expected uid=N" in result.stderr

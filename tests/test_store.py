@@ -21,8 +21,10 @@ import orjson
 import pytest
 import trio
 
+from sessionfs import sources
 from sessionfs.errors import EntryExists, EntryNotFound, InvalidEntry, InvalidKey, UnsafeEntry
-from sessionfs.history import HISTORY_DIR
+from sessionfs.history import HISTORY_DIR, Actor
+from sessionfs.migrate import migrate_source
 from sessionfs.store import AsyncSessionStore, EntryChanged, SessionStore, Version
 from tests.helpers import entry, entry_bytes
 
@@ -407,3 +409,42 @@ def test_enospc_keeps_old_entry(tmp_path: Path) -> None:
             assert [n for n in os.listdir(mnt / "sessions.d") if n.endswith(".tmp")] == []
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+USER = 4242  # not root: a gateway's user
+
+
+def test_root_writing_a_users_store_leaves_every_file_theirs(tmp_path: Path) -> None:
+    """sudo sessionfs (a root daemon, a root migrate) on a user's store: entries, the
+    lock file, kept versions' directories and the audit belong to the store's owner,
+    never root-only files the user's gateway and commands could not open."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to write another user's store")
+    sessions = tmp_path / "sessions"
+    sessions.mkdir()
+    os.chown(sessions, USER, USER)
+    with SessionStore(sessions / "sessions.d") as store:
+        store.write("k", entry_bytes(updated_at=1), actor=Actor(0, 1, "t"))
+        store.write("k", entry_bytes(updated_at=2), actor=Actor(0, 1, "t"))
+    owners = {
+        str(path.relative_to(sessions)): (path.lstat().st_uid, path.lstat().st_gid)
+        for path in [sessions / "sessions.d", *(sessions / "sessions.d").rglob("*")]
+    }
+    assert "sessions.d/.history/audit.jsonl" in owners  # (flushed at close)
+    assert set(owners.values()) == {(USER, USER)}, owners
+
+
+def test_root_migrating_a_users_store_leaves_it_theirs(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to write another user's store")
+    sessions = tmp_path / "sessions"
+    sessions.mkdir()
+    (sessions / "sessions.json").write_bytes(
+        orjson.dumps({"agent:main:main": {"sessionId": "s1", "updatedAt": 1}})
+    )
+    for path in (sessions, sessions / "sessions.json"):
+        os.chown(path, USER, USER)
+    migrate_source(sources.resolve(sessions), progress=None)
+    entries = sessions / "sessions.d"
+    assert entries.stat().st_uid == USER
+    assert {p.stat().st_uid for p in entries.iterdir()} == {USER}

@@ -75,6 +75,8 @@ def assemble(
     clock: Callable[[], float] = time.monotonic,
     quick: QuickCalls | None = None,
     log: str = "stderr",
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> Filesystem:
     """Build every part of a mount of *catalog*'s stores.
 
@@ -87,7 +89,7 @@ def assemble(
     kernel = Kernel()
     backings = Backings(catalog, limiter, quick)
     index = Index(tree, backings, kernel)
-    owner = Owner.current(cache_timeout)
+    owner = Owner.current(cache_timeout, uid, gid)  # who owns what the mount shows
     rejections = Rejections()
 
     def statistics() -> MountStatistics:

@@ -90,8 +90,14 @@ class Owner:
     started_ns: int
 
     @classmethod
-    def current(cls, timeout: float) -> Owner:
-        return cls(os.getuid(), os.getgid(), timeout, time.time_ns())
+    def current(cls, timeout: float, uid: int | None = None, gid: int | None = None) -> Owner:
+        """The daemon's user and group, or *uid*/*gid* (``-o uid=,gid=``)."""
+        return cls(
+            os.getuid() if uid is None else uid,
+            os.getgid() if gid is None else gid,
+            timeout,
+            time.time_ns(),
+        )
 
 
 def _attributes(
