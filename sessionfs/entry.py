@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import time
 from typing import Any
 
 import orjson
@@ -106,6 +107,20 @@ def updated_at(entry: object) -> float | None:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
     return None
+
+
+PLAUSIBLE_FROM_MS = 946_684_800_000  # 2000-01-01: no OpenClaw session is older
+
+
+def activity_ns(entry: object, now_ms: float | None = None) -> int | None:
+    """The entry's ``updatedAt`` as a file's mtime in ns, if it is a plausible epoch-ms
+    time (not before 2000, so not seconds; not in the future): migration and restore
+    set it, so ``ls -lt`` sorts sessions by activity."""
+    ms = updated_at(entry)
+    now = time.time() * 1000 if now_ms is None else now_ms
+    if ms is None or ms < PLAUSIBLE_FROM_MS or ms > now:
+        return None
+    return int(ms) * 1_000_000
 
 
 def _json_type(value: object) -> str:

@@ -325,7 +325,7 @@ def _age_order(entry: Entry) -> tuple[bool, float]:
     return (entry.updated_at is not None, entry.updated_at or 0.0)
 
 
-PLAUSIBLE_FROM_MS = 946_684_800_000  # 2000-01-01: no OpenClaw session is older
+PLAUSIBLE_FROM_MS = entry_rules.PLAUSIBLE_FROM_MS
 
 
 def implausible(updated_at: float | None, now_ms: float) -> str | None:

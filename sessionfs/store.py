@@ -606,7 +606,7 @@ class SessionStore:
 
     # -- bulk work on a directory that is not live yet (migration) ----------
 
-    def create_unlocked(self, key: str, data: bytes) -> None:
+    def create_unlocked(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
         """Create *key* directly: no temp file, no lock, no fsync.
 
         Only for a private directory that goes live as a whole later (migration
@@ -622,6 +622,8 @@ class SessionStore:
         try:
             adopt(fd, self.owner)
             _write_all(fd, data)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)
 

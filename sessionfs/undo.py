@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import orjson
+
+from . import entry as entry_rules
 from .errors import EntryNotFound, SessionFSError
 from .history import Actor, History, Kept
 from .keys import key_to_filename
@@ -120,6 +123,9 @@ def restore(
                 raise EntryNotFound(f"{key!r}: the version current at that time is the current one")
             chosen = current_then[0]
         data = _readable(lambda: history.read(name, chosen, store.max_entry_bytes))
+        mtime_ns = None
+        with contextlib.suppress(orjson.JSONDecodeError):  # its activity time, if it says one
+            mtime_ns = entry_rules.activity_ns(orjson.loads(data))
         try:
             store.write(
                 key,
@@ -127,6 +133,7 @@ def restore(
                 validate=False,
                 actor=Actor.this_process("sessionfs restore"),
                 op="restored",
+                mtime_ns=mtime_ns,
             )
         except OSError as exc:
             raise SessionFSError(f"could not restore {key!r}: {exc}") from None

@@ -610,3 +610,11 @@ def test_an_unterminated_older_audit_does_not_swallow_the_newer_first_line(
     (history / "audit.jsonl").write_bytes(second + b"\n")
     with SessionStore(store.path) as again:
         assert [line["program"] for line in audit_lines(again)] == ["first", "second"]
+
+
+def test_a_restored_session_takes_its_activity_time_as_mtime(store: SessionStore) -> None:
+    day_ms = int(time.time() * 1000) - 86_400_000
+    store.write("cron:a", entry_bytes("old", day_ms))
+    store.write("cron:a", entry_bytes("new", day_ms + 1000))
+    assert cli(["restore", str(store.path.parent), "cron:a"]) == 0
+    assert (store.path / "cron%3Aa.json").stat().st_mtime_ns == day_ms * 1_000_000

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sessionfs import entry as entry_rules
 from sessionfs import migrate, sources
 from sessionfs.cli import main as cli
 from sessionfs.demo import write_legacy_store
@@ -517,11 +518,11 @@ def test_enospc_while_staging_removes_the_copy_and_names_the_file(
     real_create = SessionStore.create_unlocked
     created: list[str] = []
 
-    def disk_fills_up(self: SessionStore, key: str, data: bytes) -> None:
+    def disk_fills_up(self: SessionStore, key: str, data: bytes, **kwargs: Any) -> None:
         if len(created) == 5:
             raise OSError(28, "No space left on device")
         created.append(key)
-        real_create(self, key, data)
+        real_create(self, key, data, **kwargs)
 
     monkeypatch.setattr(SessionStore, "create_unlocked", disk_fills_up)
     report = migrate_store(AgentStore(sessions_dir))
@@ -645,3 +646,20 @@ def test_rerun_after_a_crash_between_go_live_and_backup_says_so(tmp_path: Path) 
     lines = "\n".join(report.lines())
     assert "completed an interrupted migration" in lines
     assert "kept:" not in lines
+
+
+def test_migrated_files_take_their_sessions_activity_as_mtime(state_dir: Path) -> None:
+    """`ls -lt` sorts the migrated sessions newest first: each file's mtime is its entry's
+    updatedAt, where that is a plausible epoch-ms time."""
+    migrate_source(sources.resolve(state_dir), progress=None)
+    entries = state_dir / "agents/main/sessions/sessions.d"
+    checked = 0
+    for path in entries.glob("*.json"):
+        entry = orjson.loads(path.read_bytes())
+        expected = entry_rules.activity_ns(entry)
+        if expected is not None:
+            assert path.stat().st_mtime_ns == expected, path.name
+            checked += 1
+        else:
+            assert abs(path.stat().st_mtime - time.time()) < 600  # left as written
+    assert checked

@@ -593,3 +593,16 @@ def test_uid_and_gid_options_set_who_owns_what_the_mount_shows(
     result = sessionfs("mount", str(state_dir), str(tmp_path / "mnt"), "-o", "uid=me")
     assert result.returncode == 2
     assert "expected uid=N" in result.stderr
+
+
+def test_extended_attributes_answer_enotsup(mnt: Mount) -> None:
+    """getfattr/setfattr (and cp -a, rsync -X) get a clean "not supported", never EIO."""
+    for path in (mnt.path / "main", mnt.path / "main" / "agent:main:main.json"):
+        for call in (
+            lambda p=path: os.getxattr(p, "user.x"),
+            lambda p=path: os.listxattr(p),
+            lambda p=path: os.setxattr(p, "user.x", b"1"),
+            lambda p=path: os.removexattr(p, "user.x"),
+        ):
+            with raises_errno(errno.ENOTSUP, errno.ENODATA):
+                call()
