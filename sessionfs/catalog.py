@@ -301,14 +301,17 @@ class Catalog:
 
     def flush_audit(self) -> None:
         """Append the audit lines the open stores hold back (see history.AUDIT_FLUSH_SECONDS)."""
-        with self._lock:
-            agents = list(self._open)
-        for agent_id in agents:
+        with self._lock:  # (the daemon asks every 2 s: only stores holding lines back)
+            pending = [
+                agent_id
+                for agent_id, opened in self._open.items()
+                if isinstance(opened.backing, SessionStore) and opened.backing.history.audit_pending
+            ]
+        for agent_id in pending:
             # as a user of the store: a replaced one is closed (and flushed) only after
             with contextlib.suppress(OSError), self.backing(agent_id) as store:
-                history = store.history if isinstance(store, SessionStore) else None
-                if history is not None and history.audit_pending:
-                    history.flush_audit()
+                if isinstance(store, SessionStore):
+                    store.history.flush_audit()
 
     def recent_audit(self) -> list[dict[str, object]]:
         """The newest :data:`RECENT_AUDIT_LINES` audit lines of every directory-era store

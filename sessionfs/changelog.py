@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from .errors import EntryNotFound
-from .history import History, Kept
+from .history import Kept
 from .keys import filename_to_key, key_to_filename
 from .show import UsageError
 from .sources import AgentStore, Era, Source
@@ -70,16 +70,14 @@ def changes(source: Source, key: str | None = None, *, agent_id: str | None = No
         if agent.era() is not Era.DIRECTORY:
             continue
         with SessionStore(agent.entries, create=False) as store:
-            if store.history is not None:
-                found += _store_changes(store, store.history, agent, key)
+            found += _store_changes(store, agent, key)
     if key is not None and not found:
         raise EntryNotFound(f"no recorded change of {key!r} under {source.path}")
     return sorted(found, key=lambda c: c.time, reverse=True)
 
 
-def _store_changes(
-    store: SessionStore, history: History, agent: AgentStore, only: str | None
-) -> Iterator[Change]:
+def _store_changes(store: SessionStore, agent: AgentStore, only: str | None) -> Iterator[Change]:
+    history = store.history
     audit = history.audit()
     # a kept name is unique within its key's versions: (key, kept name) -> audit line
     named = {
@@ -92,15 +90,17 @@ def _store_changes(
         key = filename_to_key(name)
         if key is None:
             continue
-        timeline = _Timeline(store, history, key, name)
-        for kept in timeline.kept:
+        timeline = _Timeline(store, key, name)
+        for i, kept in enumerate(timeline.kept):
             shown.add((key, kept.name))
+            after = timeline.successor(i)
+            fields = [] if after is None else _changed_fields(timeline.bytes_of(kept), after)
             line = named.get((key, kept.name))
             if line is None:
-                what = "replaced" if timeline.next_of(kept) is not None else "removed"
-                yield Change(kept.when, key, what, "outside", label, timeline.fields(kept))
+                what = "replaced" if after is not None else "removed"
+                yield Change(kept.when, key, what, "outside", label, fields)
             else:
-                yield _audited(line, label, timeline.fields(kept))
+                yield _audited(line, label, fields)
     # the rest: creations, renames that replaced nothing, and changes whose kept
     # version was pruned since
     for line in audit:
@@ -122,9 +122,10 @@ def _audited(line: dict[str, object], agent: str | None, fields: list[str]) -> C
 class _Timeline:
     """The versions of one key, oldest first: kept ones, then the current entry."""
 
-    def __init__(self, store: SessionStore, history: History, key: str, name: str) -> None:
-        self.history, self.name, self.limit = history, name, store.max_entry_bytes
-        self.kept = history.versions(name)
+    def __init__(self, store: SessionStore, key: str, name: str) -> None:
+        self.history, self.name, self.limit = store.history, name, store.max_entry_bytes
+        self.kept = self.history.versions(name)
+        self._read: dict[str, bytes] = {}  # each version is read once: before and after
         try:
             snap = store.read(key)
         except (EntryNotFound, OSError):
@@ -132,29 +133,27 @@ class _Timeline:
         else:
             self.current = (snap.stat.st_mtime, snap.data)
 
-    def next_of(self, kept: Kept) -> bytes | None:
-        """The bytes of the version that replaced *kept*, or None if it was removed."""
-        later = [k for k in self.kept if k.stopped > kept.stopped]
-        if later:
-            if later[0].began - kept.stopped < REPLACED_WITHIN:
-                return self._bytes(later[0])
+    def successor(self, i: int) -> bytes | None:
+        """The bytes of the version that replaced ``kept[i]``, or None if it was removed."""
+        kept, later = self.kept[i], i + 1
+        while later < len(self.kept) and self.kept[later].stopped <= kept.stopped:
+            later += 1  # (kept within the same millisecond)
+        if later < len(self.kept):
+            following = self.kept[later]
+            if following.began - kept.stopped < REPLACED_WITHIN:
+                return self.bytes_of(following)
             return None
         if self.current is not None and self.current[0] - kept.stopped < REPLACED_WITHIN:
             return self.current[1]
         return None
 
-    def fields(self, kept: Kept) -> list[str]:
-        """The top-level fields that differ between *kept* and what replaced it."""
-        after = self.next_of(kept)
-        if after is None:
-            return []
-        return _changed_fields(self._bytes(kept), after)
-
-    def _bytes(self, kept: Kept) -> bytes:
-        try:
-            return self.history.read(self.name, kept, self.limit)
-        except OSError:
-            return b""
+    def bytes_of(self, kept: Kept) -> bytes:
+        if kept.name not in self._read:
+            try:
+                self._read[kept.name] = self.history.read(self.name, kept, self.limit)
+            except OSError:
+                self._read[kept.name] = b""
+        return self._read[kept.name]
 
 
 def _changed_fields(before: bytes, after: bytes) -> list[str]:

@@ -299,6 +299,15 @@ class History:
                 found.append(Kept(dirent.name, stopped, st.st_size, st.st_mtime, st.st_ino))
         return sorted(found, key=lambda k: (k.stopped, k.name))
 
+    def has(self, name: str) -> bool:
+        """Whether the entry file *name* has a directory of kept versions (as :meth:`names`
+        lists it), without listing them all."""
+        key_fd = self._key_dir(name, create=False)
+        if key_fd is None:
+            return False
+        os.close(key_fd)
+        return True
+
     def names(self) -> list[str]:
         """The entry file names that have kept versions (removed keys included)."""
         try:

@@ -83,7 +83,8 @@ class Removal:
     entry: Entry
     reason: str
     transcripts: list[str] = field(default_factory=list)
-    keep: bool = True  # its version is kept (see .history); not for the disk budget's
+    keep: bool = True  # its version is kept (see .history): not with --no-history, nor
+    # for the disk budget (keeping it would free nothing)
 
 
 @dataclass(frozen=True)
@@ -325,16 +326,15 @@ def _age_order(entry: Entry) -> tuple[bool, float]:
     return (entry.updated_at is not None, entry.updated_at or 0.0)
 
 
-PLAUSIBLE_FROM_MS = entry_rules.PLAUSIBLE_FROM_MS
-
-
 def implausible(updated_at: float | None, now_ms: float) -> str | None:
     """Why *updated_at* cannot be a real epoch-ms time, or None if it can (or is absent)."""
     if updated_at is None:
         return None
-    if updated_at < PLAUSIBLE_FROM_MS:
+    if updated_at < entry_rules.PLAUSIBLE_FROM_MS:
         hint = (
-            " (seconds instead of milliseconds?)" if updated_at > PLAUSIBLE_FROM_MS / 1000 else ""
+            " (seconds instead of milliseconds?)"
+            if updated_at > entry_rules.PLAUSIBLE_FROM_MS / 1000
+            else ""
         )
         return f"updatedAt {updated_at:.0f} is before the year 2000{hint}"
     if updated_at > now_ms + DAY_MS:
@@ -363,7 +363,11 @@ def plan(agent: AgentStore, policy: Policy, *, now_ms: float, mode: Mode) -> Age
         elif e.updated_at is not None and now_ms - e.updated_at > policy.prune_after_ms:
             age = _days(now_ms - e.updated_at)
             result.removals.append(
-                Removal(e, f"last updated {age} ago (prune after {_days(policy.prune_after_ms)})")
+                Removal(
+                    e,
+                    f"last updated {age} ago (prune after {_days(policy.prune_after_ms)})",
+                    keep=policy.history.enabled,
+                )
             )
         else:
             kept.append(e)
@@ -374,13 +378,15 @@ def plan(agent: AgentStore, policy: Policy, *, now_ms: float, mode: Mode) -> Age
         capped = removable[:over]
         for e in capped:
             result.removals.append(
-                Removal(e, f"over the cap of {policy.max_entries} entries (oldest first)")
+                Removal(
+                    e,
+                    f"over the cap of {policy.max_entries} entries (oldest first)",
+                    keep=policy.history.enabled,
+                )
             )
         gone = {e.key for e in capped}
         kept = [e for e in kept if e.key not in gone]
         removable = removable[over:]
-    for removal in result.removals:
-        removal.keep = policy.history.enabled
     live = {key_to_filename(e.key) for e in kept} | {
         key_to_filename(key) for key, _ in result.unreadable
     }
@@ -503,6 +509,7 @@ def enforce(
     it); *stop* set (the mount ends) leaves the rest of the plan undone.
     """
     with SessionStore(agent.entries, create=False) as store:
+        maintenance = Actor.this_process("sessionfs maintain")
         for removal in result.removals:
             if stop is not None and stop.is_set():
                 result.skipped.append((removal.entry.key, "the mount is ending"))
@@ -520,7 +527,7 @@ def enforce(
                     removal.entry.key,
                     only_if=unchanged,
                     lock_wait=LOCK_WAIT,
-                    actor=Actor.this_process("sessionfs maintain"),
+                    actor=maintenance,
                     op="removed by maintenance",
                     keep_version=removal.keep,
                 )

@@ -390,8 +390,8 @@ def _stage(staged: SessionStore, staging: Path, decided: Plan, bar: _Progress) -
     try:
         for n, (key, value) in enumerate(decided.entries.items()):
             name = key_to_filename(key)
-            data = entry_rules.dumps(value)
-            staged.create_unlocked(key, data, mtime_ns=entry_rules.activity_ns(value))
+            mtime_ns = entry_rules.activity_ns(value)
+            staged.create_unlocked(key, entry_rules.dumps(value), mtime_ns=mtime_ns)
             bar.tick()
             if n == len(decided.entries) // 2:
                 step("staging-half")

@@ -24,7 +24,7 @@ import pyfuse3
 
 from ..catalog import Backing, Catalog
 from ..errors import EntryNotFound
-from ..history import Kept
+from ..history import History, Kept
 from ..keys import SUFFIX, display_to_key, filename_to_key, key_to_display, key_to_filename
 from ..store import SessionStore
 from .backings import Backings
@@ -58,15 +58,15 @@ class HistoryView:
         if place.agents:
             if not await self.backings.thread(self.catalog.has_agent, name):
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._agent_dir(parent, name)
+            return self._subdir(parent, name, HistoryPlace(name))
         if place.file_name is None:
             key = display_to_key(name + SUFFIX)
             if key is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             file_name = key_to_filename(key)
-            if file_name not in await self._names(place.agent_id):
+            if not await self._ask(place.agent_id, lambda h: h.has(file_name), False):
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._key_dir(parent, name, file_name)
+            return self._subdir(parent, name, HistoryPlace(place.agent_id, file_name))
         for kept in await self._versions(place.agent_id, place.file_name):
             if kept.name == name:
                 return self._version(parent, kept)
@@ -78,14 +78,18 @@ class HistoryView:
         assert place is not None
         if place.agents:
             agents = await self.backings.thread(self.catalog.agents)
-            return [(agent, self._agent_dir(parent, agent), None) for agent in agents]
+            return [
+                (agent, self._subdir(parent, agent, HistoryPlace(agent)), None) for agent in agents
+            ]
         if place.file_name is None:
             listed: list[tuple[str, Node | None, str | None]] = []
-            for file_name in await self._names(place.agent_id):
+            no_names: list[str] = []
+            for file_name in await self._ask(place.agent_id, History.names, no_names):
                 key = filename_to_key(file_name)
                 if key is not None:
                     name = key_dir_name(key)
-                    listed.append((name, self._key_dir(parent, name, file_name), None))
+                    dir_place = HistoryPlace(place.agent_id, file_name)
+                    listed.append((name, self._subdir(parent, name, dir_place), None))
             return listed
         versions = await self._versions(place.agent_id, place.file_name)
         return [(kept.name, self._version(parent, kept), None) for kept in versions]
@@ -96,41 +100,19 @@ class HistoryView:
         assert place is not None and place.file_name is not None
         file_name, limit = place.file_name, self.catalog.max_entry_bytes
         kept = Kept(node.name, 0.0, node.size, node.mtime_ns / 1e9)
-
-        def read(backing: Backing) -> bytes:
-            history = backing.history if isinstance(backing, SessionStore) else None
-            if history is None:
-                raise FileNotFoundError(errno.ENOENT, "no history")
-            return history.read(file_name, kept, limit)
-
         try:
-            return await self._ask(place.agent_id, read)
+            data = await self._ask(place.agent_id, lambda h: h.read(file_name, kept, limit), None)
         except FileNotFoundError:  # pruned or purged since it was listed
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            data = None
+        if data is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return data
 
     # -- nodes -----------------------------------------------------------------
 
-    def _agent_dir(self, parent: Dir, agent_id: str) -> Node:
+    def _subdir(self, parent: Dir, name: str, place: HistoryPlace) -> Node:
         return self.tree.history_child(
-            parent,
-            agent_id,
-            lambda ino: Dir(
-                ino, name=agent_id, parent=parent, mode=0o500, history=HistoryPlace(agent_id)
-            ),
-        )
-
-    def _key_dir(self, parent: Dir, name: str, file_name: str) -> Node:
-        agent_id = parent.history.agent_id if parent.history is not None else None
-        return self.tree.history_child(
-            parent,
-            name,
-            lambda ino: Dir(
-                ino,
-                name=name,
-                parent=parent,
-                mode=0o500,
-                history=HistoryPlace(agent_id, file_name=file_name),
-            ),
+            parent, name, lambda ino: Dir(ino, name=name, parent=parent, mode=0o500, history=place)
         )
 
     def _version(self, parent: Dir, kept: Kept) -> Node:
@@ -145,22 +127,17 @@ class HistoryView:
 
     # -- the store -------------------------------------------------------------
 
-    async def _names(self, agent_id: str | None) -> set[str]:
-        def names(backing: Backing) -> set[str]:
-            history = backing.history if isinstance(backing, SessionStore) else None
-            return set() if history is None else set(history.names())
-
-        return await self._ask(agent_id, names)
-
     async def _versions(self, agent_id: str | None, file_name: str) -> list[Kept]:
-        def versions(backing: Backing) -> list[Kept]:
-            history = backing.history if isinstance(backing, SessionStore) else None
-            return [] if history is None else history.versions(file_name)
+        return await self._ask(agent_id, lambda h: h.versions(file_name), [])
 
-        return await self._ask(agent_id, versions)
+    async def _ask(self, agent_id: str | None, call: Callable[[History], _T], absent: _T) -> _T:
+        """*call* on the history of *agent_id*'s store (*absent* for a store without one:
+        a SQLite-era or JSON-era agent), in a worker thread."""
 
-    async def _ask(self, agent_id: str | None, call: Callable[[Backing], _T]) -> _T:
+        def ask(backing: Backing) -> _T:
+            return call(backing.history) if isinstance(backing, SessionStore) else absent
+
         try:
-            return await self.backings.run(agent_id, "history", call)
+            return await self.backings.run(agent_id, "history", ask)
         except EntryNotFound:  # the agent has no store any more
             raise pyfuse3.FUSEError(errno.ENOENT) from None

@@ -60,6 +60,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..catalog import Backing
 from ..errors import EntryNotFound
@@ -72,6 +73,7 @@ from .tree import Dir, Entry, File, Known, Seen, Tree
 SCAN_CHUNK = 1024
 OWN_RENAMES = 1024  # own commits whose events the watcher has not read yet, at most
 QUICK_STATS = 16  # a refresh of at most this many keys is a quick call (see .quick)
+_V = TypeVar("_V")
 log = logging.getLogger("sessionfs")
 
 
@@ -287,9 +289,7 @@ class Index:
             or _version(parent.present(change.key)) != _version(change.result)
         ):
             return
-        self._own_renames[(parent.agent_id, temp)] = change.key
-        while len(self._own_renames) > OWN_RENAMES:
-            self._own_renames.popitem(last=False)  # its events were read before it was known
+        _remember(self._own_renames, (parent.agent_id, temp), change.key)
 
     def own_rename(self, agent_id: str | None, temp: str) -> str | None:
         """The key an own commit renamed *temp* onto, if its events need no stat; once.
@@ -298,9 +298,7 @@ class Index:
         """
         key = self._own_renames.pop((agent_id, temp), None)
         if key is None and is_temp_name(temp):
-            self._read_renames[(agent_id, temp)] = None
-            while len(self._read_renames) > OWN_RENAMES:
-                self._read_renames.popitem(last=False)
+            _remember(self._read_renames, (agent_id, temp), None)
         return key
 
     async def remove(
@@ -527,6 +525,18 @@ class Index:
                     assert key in parent.known, f"{key!r} has a node but no knowledge"
         assert all(count > 0 for count in self._busy.values())
         assert self._deferred <= set(self._busy), "deferred changes outlived their operation"
+
+
+def _remember(
+    memory: collections.OrderedDict[tuple[str | None, str], _V],
+    name: tuple[str | None, str],
+    value: _V,
+) -> None:
+    """Keep *name* in *memory*, which forgets its oldest past :data:`OWN_RENAMES` (one
+    whose events were read before, or never come: a lost watch, an overflow)."""
+    memory[name] = value
+    while len(memory) > OWN_RENAMES:
+        memory.popitem(last=False)
 
 
 def _version(entry: Entry | None) -> Version | None:

@@ -247,15 +247,15 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
             data = await node.load() if node.load is not None else node.render()
             handle = self.editing.new_handle(node, flags, data)
-            return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
+            return _read_in_place(handle.fh)
         if isinstance(node, Transcript):
             handle = await self.editing.open_transcript(node, flags)
-            return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
+            return _read_in_place(handle.fh)
         if isinstance(node, KeptVersion):
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EROFS)  # kept versions never change
             handle = self.editing.new_handle(node, flags, await self.names.history.read(node))
-            return pyfuse3.FileInfo(fh=handle.fh, direct_io=True, keep_cache=False)
+            return _read_in_place(handle.fh)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         handle = await self.editing.open(node, flags, actor=_writer(flags, ctx))
@@ -347,8 +347,13 @@ def _writer(flags: int, ctx: pyfuse3.RequestContext) -> Actor | None:
     return Actor.of_process(ctx.pid, ctx.uid)
 
 
+def _read_in_place(fh: int) -> pyfuse3.FileInfo:
+    """An open whose reads all reach the daemon, bypassing the page cache (and i_size)."""
+    return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+
 def _file_info(node: File, fh: int) -> pyfuse3.FileInfo:
     """Session files bypass the page cache (see :mod:`.index`); scratch files share theirs."""
     if node.is_session:
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        return _read_in_place(fh)
     return pyfuse3.FileInfo(fh=fh, keep_cache=False)

@@ -220,7 +220,6 @@ class Watcher:
             key = filename_to_key(name)
             if key is None:  # temps, dotfiles, other names are never sessions
                 continue
-            keys = changed.setdefault(agent_id, set())
             if mask & flags.MOVED_TO and self._own_moves.pop(cookie, None) == key:
                 # an own commit's rename: the index holds what it made current.  Other
                 # events of the key are looked at, even earlier ones: the kernel queues
@@ -230,7 +229,7 @@ class Watcher:
                 # directory.)
                 self.own_renames += 1
                 continue
-            keys.add(key)
+            changed.setdefault(agent_id, set()).add(key)
         if overflow:
             log.warning("inotify queue overflowed; rescanning every store for changes")
         if structural or overflow:
@@ -241,7 +240,7 @@ class Watcher:
             self._own_moves.clear()
         for agent_id, keys in changed.items():
             parent = self.index.dir_of(agent_id)
-            if keys and parent is not None:  # else the kernel knows nothing of it yet
+            if parent is not None:  # else the kernel knows nothing of it yet
                 await self.index.refresh(parent, sorted(keys), event=True)
 
     # -- structure ---------------------------------------------------------
