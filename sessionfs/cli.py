@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -422,17 +423,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         code = mount(MountConfig(source=sources.resolve(state), mountpoint=mountpoint))
         if code:
             return code
-    m = shlex.quote(str(mountpoint))
-    print(f"""
-Every session is a file named by its key. Try:
-  ls {m}/main
-  cat {m}/main/agent:main:main.json
-  jq -r '.model' {m}/main/*.json | sort | uniq -c
-  grep -l telegram {m}/*/*.json
-  ls {state}/agents/main/sessions/sessions.d | head -3     # the store behind it
-When done:
-  sessionfs umount {m}""")
+    print(_demo_tour(mountpoint, state, _cli_as_typed()))
     return 0
+
+
+def _cli_as_typed() -> str:
+    """How to run this very sessionfs from any directory, for commands printed to paste.
+
+    `sessionfs` when the PATH finds this one; else its full path (the quick start runs
+    ``.venv/bin/sessionfs``); else the interpreter with ``-m`` (``python -m sessionfs``).
+    """
+    invoked = Path(sys.argv[0]).absolute()
+    if invoked.name == "__main__.py" or not invoked.is_file():
+        return f"{shlex.quote(sys.executable)} -m sessionfs"
+    on_path = shutil.which("sessionfs")
+    if on_path is not None and Path(on_path).resolve() == invoked.resolve():
+        return "sessionfs"
+    return shlex.quote(str(invoked))
+
+
+def _demo_tour(mountpoint: Path, state: Path, cli: str) -> str:
+    """Commands that each work as pasted, on the demo mount and the store behind it."""
+    m = shlex.quote(str(mountpoint))
+    store = shlex.quote(str(state / "agents" / "main" / "sessions" / "sessions.d"))
+    models = (
+        f"jq -r .model {m}/main/*.json | sort | uniq -c"
+        if shutil.which("jq")
+        else f'grep -ho \'"model": "[^"]*"\' {m}/main/*.json | sort | uniq -c'
+    )
+    return f"""
+Every session is a file named by its key. Try:
+  {cli} ls {m}
+  ls -lt {m}/main | head -5
+  cat {m}/main/agent:main:main.json
+  {models}
+  grep -l telegram {m}/*/*.json
+  {cli} status {m}
+  ls {store} | head -3     # the store behind it
+When done:
+  {cli} umount {m}"""
 
 
 def _maintenance_options() -> argparse.ArgumentParser:

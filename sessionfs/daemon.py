@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import orjson
 import pyfuse3
 import trio
 
-from . import fsck, maintain, migrate, revert
+from . import fsck, listing, maintain, migrate, revert
 from .catalog import Catalog, open_store
 from .errors import SessionFSError, describe_error
 from .fs import CONFLICT_LAST_WINS, Filesystem, Limits, assemble
@@ -533,7 +534,7 @@ async def _check_periodically(config: MountConfig, fs: Filesystem) -> None:
             log.error("internal error in the background check; trying again later", exc_info=exc)
         else:
             summary = fsck.CheckSummary.of(checks)
-            fs.control.last_check = summary.render()
+            fs.control.last_check = summary
             if summary.problems:
                 log.warning(
                     "background check: %d problem(s); run `sessionfs fsck %s` for details",
@@ -635,32 +636,66 @@ def list_mounts() -> str:
 
 
 def status(path: Path) -> str:
-    """``sessionfs status``: what is mounted there, and the writes it refused lately."""
+    """``sessionfs status MOUNTPOINT``: per agent, what it serves and what went wrong.
+
+    The daemon tells what only it knows (rejected writes, the background check); the
+    era and the number of sessions are read from the store, as ``sessionfs ls`` does.
+    """
     entry = find_mount(path)
     if entry is None or entry.fstype != FS_TYPE:
         raise MountError(f"{path} is not a sessionfs mount")
     try:
         source = read_control(path, "source").strip()
         pid = read_control(path, "pid").strip()
+        log_file = read_control(path, "log").strip()
         errors = read_control(path, "errors")
+        stats = orjson.loads(read_control(path, "stats"))
         last_check = read_control(path, "fsck").strip()
     except OSError as exc:
         raise MountError(f"{path}: the daemon does not answer ({exc.strerror})") from None
-    lines = [f"{path}: sessionfs mount of {source} (daemon pid {pid})", last_check]
-    with contextlib.suppress(SessionFSError, OSError):
-        source_path = Path(source)
-        resolved = resolve(source_path)
-        for agent in resolved.stores():
-            era = agent.era()
-            access = "read-write" if era is Era.DIRECTORY else "read-only"
-            lines.append(f"{agent.label}: {era.value}, {access}")
-            if migrate.interrupted_reverts(agent):
-                lines.append(
-                    f"WARNING: agent {agent.label}: a revert was interrupted; finish it "
-                    f"(after unmounting): {revert.revert_command(resolved)}"
-                )
-        for unread in revert.unread_migrations(resolved):
-            lines.append(f"WARNING: {unread.message(resolved)}")
+    except orjson.JSONDecodeError:
+        raise MountError(f"{path}: the daemon's statistics are not JSON") from None
+    mode = "read-only" if entry.read_only else "read-write"
+    lines = [f"{path}: {mode} sessionfs mount of {source} (daemon pid {pid}, log {log_file})"]
+    rejected = stats["since_mount"]["rejected_writes"]["by_agent"]
+    check = stats["last_check"]
+    verdicts = {} if check is None else check["agents"]
+    rows, warnings = [], []
+    try:
+        resolved = resolve(Path(source))
+        agents = resolved.stores()
+    except (SessionFSError, OSError) as exc:
+        agents, resolved = [], None
+        warnings.append(f"WARNING: the source cannot be read now: {describe_error(exc)}")
+    for agent in agents:
+        era = agent.era()
+        try:
+            sessions = listing.count_sessions(agent)
+        except (SessionFSError, OSError) as exc:
+            sessions = None
+            warnings.append(f"WARNING: agent {agent.label}: not counted: {describe_error(exc)}")
+        access = "read-write" if era is Era.DIRECTORY and not entry.read_only else "read-only"
+        rows.append(
+            (
+                agent.label,
+                era.value,
+                access,
+                "-" if sessions is None else f"{sessions:,}",
+                str(rejected.get(agent.agent_id if agent.agent_id is not None else "", 0)),
+                verdicts.get(agent.label, "not yet" if check is None else "-"),
+            )
+        )
+        if migrate.interrupted_reverts(agent) and resolved is not None:
+            warnings.append(
+                f"WARNING: agent {agent.label}: a revert was interrupted; finish it "
+                f"(after unmounting): {revert.revert_command(resolved)}"
+            )
+    if resolved is not None:
+        warnings += [f"WARNING: {u.message(resolved)}" for u in revert.unread_migrations(resolved)]
+    header = ("AGENT", "ERA", "ACCESS", "SESSIONS", "REJECTED", "BACKGROUND CHECK")
+    lines += listing.columns(header, rows, numeric={3, 4})
+    lines.append(last_check)
+    lines += warnings
     if errors:
         lines.append("recently rejected writes (newest last):")
         lines += [f"  {line}" for line in errors.splitlines()]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -30,6 +32,9 @@ _SPECIAL_KEYS = (
     "agent:{agent}:telegram:direct:James",  # a case variant of the one above: folded on migration
 )
 BASE_TIME_MS = 1_764_000_000_000
+"""Where generated activity begins unless told to end now: tests and benchmarks repeat."""
+DEMO_SPACING_MS = 9 * 3_600_000
+"""Between two demo sessions' activity: 50 span two weeks, inside every default retention."""
 
 
 def _session_id(rng: random.Random) -> str:
@@ -89,20 +94,35 @@ def demo_keys(agent: str, count: int, rng: random.Random) -> list[str]:
 
 
 def write_legacy_store(
-    sessions_dir: Path, agent: str, count: int, *, seed: int = 7, transcripts: bool = True
+    sessions_dir: Path,
+    agent: str,
+    count: int,
+    *,
+    seed: int = 7,
+    transcripts: bool = True,
+    newest_ms: int | None = None,
+    spacing_ms: int = 60_000,
 ) -> dict[str, Entry]:
-    """Write a JSON-era ``sessions.json`` of *count* entries (and their transcripts)."""
+    """Write a JSON-era ``sessions.json`` of *count* entries (and their transcripts).
+
+    Activity is about *spacing_ms* apart, from ``BASE_TIME_MS`` on, or ending just
+    before *newest_ms* when given (the demo: a state that looks used today).
+    """
     rng = random.Random(f"{seed}:{agent}")
+    first_ms = BASE_TIME_MS if newest_ms is None else newest_ms - count * spacing_ms
     sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store: dict[str, Entry] = {}
     for n, key in enumerate(demo_keys(agent, count, rng)):
-        store[key] = make_entry(rng, key, BASE_TIME_MS + n * 60_000 + rng.randrange(60_000))
+        updated_at = first_ms + n * spacing_ms + rng.randrange(spacing_ms)
+        store[key] = make_entry(rng, key, updated_at)
         if transcripts and n < 200:
             header = {
                 "type": "session",
                 "id": store[key]["sessionId"],
                 "cwd": "/home/u",
-                "timestamp": "2026-11-01T10:00:00.000Z",
+                "timestamp": datetime.fromtimestamp(updated_at / 1000, UTC)
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z"),
             }
             (sessions_dir / f"{store[key]['sessionId']}.jsonl").write_bytes(
                 orjson.dumps(header)
@@ -113,11 +133,23 @@ def write_legacy_store(
 
 
 def build_demo_state(state_dir: Path, *, seed: int = 7) -> Path:
-    """A state dir with two agents and about 50 sessions, the way a JSON-era gateway leaves it."""
+    """A state dir with two agents and 50 sessions, the way a JSON-era gateway leaves it.
+
+    The sessions were active over the last two weeks, so what the demo shows (``ls``
+    by recency, ``maintain --dry-run``) is what a live gateway's state would show.
+    """
+    now_ms = time.time_ns() // 1_000_000
     old_umask = os.umask(0o077)
     try:
-        write_legacy_store(state_dir / "agents" / "main" / "sessions", "main", 36, seed=seed)
-        write_legacy_store(state_dir / "agents" / "work" / "sessions", "work", 14, seed=seed)
+        for agent, count in (("main", 36), ("work", 14)):
+            write_legacy_store(
+                state_dir / "agents" / agent / "sessions",
+                agent,
+                count,
+                seed=seed,
+                newest_ms=now_ms,
+                spacing_ms=DEMO_SPACING_MS,
+            )
     finally:
         os.umask(old_umask)
     return state_dir

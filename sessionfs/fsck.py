@@ -24,7 +24,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,16 @@ class AgentCheck:
     @property
     def label(self) -> str:
         return self.agent.label
+
+    def verdict(self) -> str:
+        """In a few words, for a table: the count of findings, or why there is none."""
+        if self.error is not None:
+            return "could not check"
+        if self.findings:
+            return f"{len(self.findings)} problem(s)"
+        if self.era is Era.SQLITE:
+            return "not checked (OpenClaw's)"
+        return "no store" if self.era is Era.NONE else "no problems"
 
     def lines(self) -> list[str]:
         base = self.agent.sessions_dir
@@ -437,11 +447,13 @@ class CheckSummary:
     finished: float  # time.time() when it ended
     problems: int
     lines: tuple[str, ...]
+    verdicts: Mapping[str, str]  # per agent label, as `sessionfs status` tabulates it
 
     @classmethod
     def of(cls, checks: list[AgentCheck]) -> CheckSummary:
         lines = tuple(line for check in checks for line in check.lines())
-        return cls(time.time(), sum(len(c.findings) for c in checks), lines)
+        verdicts = {check.label: check.verdict() for check in checks}
+        return cls(time.time(), sum(len(c.findings) for c in checks), lines, verdicts)
 
     def render(self) -> bytes:
         when = dt.datetime.fromtimestamp(self.finished, dt.UTC).isoformat(timespec="seconds")

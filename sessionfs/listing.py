@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import orjson
 from . import entry as entry_rules
 from .errors import SessionFSError
 from .export import era_entries
-from .sources import Era, Source
+from .sources import AgentStore, Era, Source
 from .sqlite_view import SqliteView
 
 ERA_ACCESS = {
@@ -121,14 +122,31 @@ def table(rows: list[Row], now: float | None = None) -> list[str]:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
+    return columns(header, cells, numeric={len(header) - 1})
+
+
+def columns(
+    header: Sequence[str], cells: Sequence[Sequence[str]], *, numeric: Set[int] = frozenset()
+) -> list[str]:
+    """Aligned text columns under *header*; the *numeric* ones right-aligned."""
+    rows = [header, *cells]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return [
         "  ".join(
-            cell.rjust(width) if i == len(header) - 1 else cell.ljust(width)
+            cell.rjust(width) if i in numeric else cell.ljust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ).rstrip()
-        for row in [header, *cells]
+        for row in rows
     ]
+
+
+def count_sessions(agent: AgentStore) -> int | None:
+    """How many sessions *agent* holds in its era's store, without reading them."""
+    with era_entries(agent) as entries:
+        if entries is None:
+            return None
+        keys = entries.keys()  # a generator for sessions.d/: never a list of 100,000
+        return sum(1 for _key in keys)
 
 
 def json_lines(rows: list[Row]) -> list[bytes]:

@@ -23,6 +23,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    read_only: bool = False  # mounted ro (the per-mount options say so)
 
 
 def _unescape(field: str) -> str:
@@ -53,7 +54,8 @@ def find_mount(path: Path) -> MountEntry | None:
             before, _, after = line.partition(" - ")
             fields, tail = before.split(), after.split()
             if len(fields) >= 5 and len(tail) >= 2 and _unescape(fields[4]) == target:
-                found = MountEntry(target, tail[0], _unescape(tail[1]))
+                read_only = len(fields) >= 6 and "ro" in fields[5].split(",")
+                found = MountEntry(target, tail[0], _unescape(tail[1]), read_only)
     return found
 
 

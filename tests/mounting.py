@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from sessionfs.daemon import is_mounted
@@ -47,6 +49,12 @@ class Mount:
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+    def stats(self) -> dict[str, Any]:
+        """``.sessionfs/stats``: ``since_mount`` totals, ``now`` and ``last_check``."""
+        value = orjson.loads((self.path / ".sessionfs" / "stats").read_bytes())
+        assert isinstance(value, dict)
+        return value
 
     def stop(self, sig: signal.Signals | None = None) -> int:
         """Unmount (with `sessionfs umount`, or by sending *sig*) and return the exit status."""

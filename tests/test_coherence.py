@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import pytest
 
 from sessionfs.daemon import is_mounted, prepare_mountpoint
@@ -281,9 +280,7 @@ def test_dead_mount_of_killed_daemon_and_helper_is_recovered(
 
 
 def _requests(mount: Mount) -> dict[str, int]:
-    stats = orjson.loads((mount.path / ".sessionfs" / "stats").read_bytes())
-    assert isinstance(stats, dict)
-    requests: dict[str, int] = stats["requests"]
+    requests: dict[str, int] = mount.stats()["since_mount"]["requests"]
     return requests
 
 

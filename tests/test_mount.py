@@ -13,15 +13,18 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import orjson
 import pytest
 
+from sessionfs import cli
 from sessionfs.keys import key_to_display
 from sessionfs.mounts import find_mount
 from sessionfs.store import SessionStore
 from tests.helpers import entry, entry_bytes, raises_errno
 from tests.mounting import REPO, Mount, cleanup, mounted, sessionfs, start_mount, wait_for
+from tests.sqlite_state import build_sqlite_state
 
 pytestmark = pytest.mark.fuse
 
@@ -338,12 +341,28 @@ def test_a_json_era_view_is_as_fresh_as_the_directory_store(
 
 
 def test_demo_command(tmp_path: Path) -> None:
+    """The quick start: every command the demo prints works pasted as it is, elsewhere."""
     mountpoint, state = tmp_path / "demo", tmp_path / "demo-state"
-    result = sessionfs("demo", str(mountpoint), "--state", str(state), timeout=60)
+    result = subprocess.run(  # as the README types it, from the checkout
+        [".venv/bin/sessionfs", "demo", str(mountpoint), "--state", str(state)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     try:
         assert result.returncode == 0, result.stderr
-        assert "Every session is a file named by its key. Try:" in result.stdout
-        assert f"sessionfs umount {mountpoint}" in result.stdout
+        tour = result.stdout.split("Every session is a file named by its key. Try:\n")[1]
+        tried, done = tour.split("When done:\n")
+        assert done.strip() in (  # (`sessionfs` alone once `scripts/setup --system` linked it)
+            f"{REPO}/.venv/bin/sessionfs umount {mountpoint}",
+            f"sessionfs umount {mountpoint}",
+        )
+        with mock.patch("sessionfs.cli.shutil.which", return_value=None):  # no jq, say
+            typed = done.split(" umount ")[0]
+            without_jq = cli._demo_tour(mountpoint, state, typed).split("Try:\n")[1]
+        assert "jq" not in without_jq
         assert sorted(n for n in os.listdir(mountpoint) if not n.startswith(".")) == [
             "main",
             "work",
@@ -354,6 +373,20 @@ def test_demo_command(tmp_path: Path) -> None:
             assert orjson.loads(path.read_bytes())["sessionId"]
         for path in (mountpoint / "main").glob("*.jsonl"):  # the demo's transcripts
             assert orjson.loads(path.read_bytes().splitlines()[0])["type"] == "session"
+        for line in {*tried.strip().splitlines(), *without_jq.split("When done:")[0].splitlines()}:
+            if not line.strip():
+                continue
+            pasted = subprocess.run(
+                ["bash", "-o", "pipefail", "-c", line.strip()],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert pasted.stdout.strip(), f"{line!r} printed nothing: {pasted.stderr}"
+            # (`| head` may end a writer early: SIGPIPE's 141 is how such a pipe succeeds)
+            assert pasted.returncode in (0, 141), f"{line!r}: {pasted.stderr}"
         again = sessionfs("demo", str(mountpoint), "--state", str(state))
         assert again.returncode == 0
         assert "already mounted" in again.stdout
@@ -362,10 +395,27 @@ def test_demo_command(tmp_path: Path) -> None:
     assert find_mount(mountpoint) is None
 
 
+def test_the_demo_state_looks_used_today(tmp_path: Path) -> None:
+    """Activity over the last two weeks: default maintenance plans nothing, `ls -lt` is recency."""
+    state = state_for_demo(tmp_path / "state")
+    now_ms = time.time() * 1000
+    for agent in ("main", "work"):
+        store = orjson.loads((state / "agents" / agent / "sessions" / "sessions.json").read_bytes())
+        ages_days = sorted((now_ms - e["updatedAt"]) / 86_400_000 for e in store.values())
+        assert 0 < ages_days[0] < 1
+        assert ages_days[-1] < 15
+    assert sessionfs("migrate", str(state)).returncode == 0
+    planned = sessionfs("maintain", "--dry-run", str(state))
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert planned.stdout.splitlines() == ["main: nothing to remove", "work: nothing to remove"]
+
+
 def test_control_files(mnt: Mount) -> None:
     assert int((mnt.path / ".sessionfs" / "pid").read_text()) == mnt.pid
-    stats = orjson.loads((mnt.path / ".sessionfs" / "stats").read_bytes())
-    assert stats["requests"]["lookup"] >= 1
+    stats = mnt.stats()
+    assert stats["since_mount"]["requests"]["lookup"] >= 1
+    assert set(stats["now"]) == {"inodes", "open_files", "scratch_bytes", "grace_periods"}
+    assert stats["last_check"] is None  # the first background check runs 30 s after mount
     with raises_errno(errno.EACCES, errno.EPERM):
         (mnt.path / ".sessionfs" / "pid").write_text("1")
 
@@ -450,6 +500,49 @@ def test_status_without_a_mountpoint_lists_every_mount(state_dir: Path, tmp_path
     finally:
         sessionfs("umount", str(mnt))
     assert f"{mnt}:" not in sessionfs("status").stdout
+
+
+def _status_table(result: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
+    """The agents table of `sessionfs status MOUNTPOINT`, by agent."""
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("AGENT "))
+    assert lines[start].split("  ")[0] == "AGENT"
+    rows = {}
+    for line in lines[start + 1 :]:
+        cells = [cell.strip() for cell in line.split("  ") if cell.strip()]
+        if len(cells) != 6:
+            break
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_status_tabulates_each_agents_era_access_sessions_rejections_and_check(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    (state_dir / "agents/work/sessions/sessions.json").unlink()  # work: a SQLite-era agent
+    build_sqlite_state(state_dir, {"work": {"agent:work:a": {"sessionId": "s-a", "updatedAt": 1}}})
+    with mounted(state_dir, tmp_path / "mnt", "-o", "check_every=1") as mount:
+        sessions = len([n for n in os.listdir(mount.path / "main") if n.endswith(".json")])
+        with raises_errno(errno.EINVAL):  # refused at close, the old entry stays
+            (mount.path / "main" / "agent:main:main.json").write_bytes(b"{")
+        table = _status_table(sessionfs("status", str(mount.path)))
+        assert table == {
+            "main": ["directory era", "read-write", str(sessions), "1", "not yet"],
+            "work": ["SQLite era", "read-only", "1", "0", "not yet"],
+        }
+        wait_for(lambda: mount.stats()["last_check"] is not None, what="the background check")
+        assert mount.stats()["since_mount"]["rejected_writes"] == {
+            "total": 1,
+            "by_agent": {"main": 1},
+        }
+        table = _status_table(sessionfs("status", str(mount.path)))
+        assert table["main"][4] == "1 problem(s)"  # the fixture's entry without updatedAt
+        assert table["work"][4] == "not checked (OpenClaw's)"
+    with mounted(state_dir, tmp_path / "mnt", "-o", "ro") as mount:
+        result = sessionfs("status", str(mount.path))
+        assert f"{mount.path}: read-only sessionfs mount of {state_dir}" in result.stdout
+        assert _status_table(result)["main"][:2] == ["directory era", "read-only"]
 
 
 def test_a_read_only_mount_refuses_every_write_and_migrates_nothing(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -13,7 +16,9 @@ import pytest
 from sessionfs import daemon, sources
 from sessionfs.cli import main as cli
 from tests.helpers import entry
-from tests.mounting import REPO
+from tests.mounting import REPO, SESSIONFS
+
+NOBODY = 65534  # the kernel's overflow id: Debian's user and group nobody
 
 
 @pytest.fixture
@@ -139,3 +144,56 @@ def test_setup_system_puts_sessionfs_on_the_path(tmp_path: Path) -> None:
     )
     assert shown.returncode == 0
     assert "mount" in shown.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_user_without_access_to_the_fuse_device_is_told_the_fix() -> None:
+    """The real CLI, run as `nobody` (setpriv) where /dev/fuse is root's only.
+
+    In a private mount namespace a 0600 node of the same device covers /dev/fuse, as
+    on machines that keep FUSE to root; this machine's own node is left as it is.
+    `nobody` keeps CAP_DAC_READ_SEARCH and nothing else, so the interpreter (perhaps
+    under /root) stays readable while opening the device for writing is refused.
+    """
+    home = Path(tempfile.mkdtemp(prefix="sessionfs-nobody-"))
+    try:
+        sessions_dir = home / "state" / "agents" / "main" / "sessions"
+        sessions_dir.mkdir(parents=True)
+        store = {"agent:main:main": entry("s-main")}
+        (sessions_dir / "sessions.json").write_bytes(orjson.dumps(store))
+        (home / "mnt").mkdir()
+        for path in (home, *home.rglob("*")):
+            os.chown(path, NOBODY, NOBODY)
+        root_only_node = home / "fuse"
+        os.mknod(root_only_node, stat.S_IFCHR | 0o600, os.stat("/dev/fuse").st_rdev)
+        as_nobody = [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "--inh-caps=-all,+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            "env",
+            f"HOME={home}",
+        ]
+        result = subprocess.run(
+            [
+                *("unshare", "--mount", "sh", "-c", 'mount --bind "$0" /dev/fuse && exec "$@"'),
+                str(root_only_node),
+                *as_nobody,
+                *SESSIONFS,
+                *("mount", str(home / "state"), str(home / "mnt")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip() == (
+            "sessionfs: no permission to open /dev/fuse: run `sudo chmod 0666 /dev/fuse` "
+            "or add yourself to the group that owns it"
+        )
+        assert untouched(sessions_dir)
+    finally:
+        shutil.rmtree(home)

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import orjson
 import pytest
+from inotify_simple import INotify, flags
 
 from sessionfs.store import SessionStore
 from tests.helpers import entry_bytes, raises_errno
@@ -36,9 +36,8 @@ def store(state_dir: Path) -> Iterator[SessionStore]:
 
 
 def stats(mount: Mount) -> dict[str, dict[str, int]]:
-    value = orjson.loads((mount.path / ".sessionfs" / "stats").read_bytes())
-    assert isinstance(value, dict)
-    return value
+    since_mount: dict[str, dict[str, int]] = mount.stats()["since_mount"]
+    return since_mount
 
 
 def disk_reads(mount: Mount) -> int:
@@ -234,3 +233,24 @@ def test_conflict_fail_mode_keeps_the_outside_version(state_dir: Path, tmp_path:
         # an edit that saw the current version commits normally
         (mount.path / "main" / NAME).write_bytes(entry_bytes("after"))
         assert (store.path / BACKING).read_bytes() == entry_bytes("after")
+
+
+def test_file_watchers_on_the_mount_see_its_own_writes_not_the_gateways(
+    mnt: Mount, store: SessionStore
+) -> None:
+    """What the README says about inotifywait on the mount: a FUSE limit, held here.
+
+    The kernel raises inotify events for what passes through its VFS on the mount; a
+    write behind it reaches the mount only as a cache invalidation, which raises none.
+    The store itself (sessions.d/) is where to watch for the gateway.
+    """
+    with INotify() as on_mount, INotify() as on_store:
+        on_mount.add_watch(mnt.path / "main", flags.CLOSE_WRITE | flags.MOVED_TO)
+        on_store.add_watch(store.path, flags.CLOSE_WRITE | flags.MOVED_TO)
+        (mnt.path / "main" / NAME).write_bytes(entry_bytes("through-the-mount"))
+        assert NAME in {event.name for event in on_mount.read(timeout=1000)}
+        on_store.read(timeout=200)  # the daemon's own commit, seen behind the mount
+        store.write(KEY, entry_bytes("behind-the-mount"))
+        assert BACKING in {event.name for event in on_store.read(timeout=1000)}
+        wait_for(_shows(mnt.path / "main" / NAME, entry_bytes("behind-the-mount")))
+        assert on_mount.read(timeout=300) == []

@@ -132,6 +132,39 @@ def test_cp_preserve_and_metadata_calls_are_accepted(
     assert stat.S_IMODE((store_dir / BACKING).stat().st_mode) == 0o600
 
 
+def test_copy_tools_copying_into_an_agent_directory_exit_0(
+    agent: Path, store_dir: Path, tmp_path: Path
+) -> None:
+    """chmod, chown and touch of an agent directory are accepted and change nothing.
+
+    `cp -a dir/. mount/main/` and `tar -x` of a copy set the directory's mode, owner and
+    times after filling it; a refusal there made them exit 1 for copies that succeeded.
+    """
+    before = agent.stat()
+    assert run("chmod", "755", ".", cwd=agent).returncode == 0
+    assert run("chown", f"{os.getuid()}:{os.getgid()}", ".", cwd=agent).returncode == 0
+    assert run("touch", "-d", "2020-01-01", ".", cwd=agent).returncode == 0
+    after = agent.stat()
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+
+    copy = tmp_path / "copy" / "main"
+    copy.mkdir(parents=True)
+    copy.chmod(0o755)
+    (copy / "cron:copied.json").write_bytes(entry_bytes("copied"))
+    result = run("cp", "-a", f"{copy}/.", f"{agent}/", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert stored(store_dir, "cron%3Acopied.json")["sessionId"] == "copied"
+
+    (copy / "cron:copied.json").write_bytes(entry_bytes("untarred"))
+    assert (
+        run("tar", "-cf", "copy.tar", "-C", str(copy.parent), "main", cwd=tmp_path).returncode == 0
+    )
+    result = run("tar", "-xf", str(tmp_path / "copy.tar"), cwd=agent.parent)
+    assert result.returncode == 0, result.stderr
+    assert stored(store_dir, "cron%3Acopied.json")["sessionId"] == "untarred"
+    assert stat.S_IMODE(agent.stat().st_mode) == stat.S_IMODE(before.st_mode)
+
+
 def test_mtime_changes_exactly_with_content(agent: Path, store_dir: Path) -> None:
     path = agent / NAME
     before = path.stat()

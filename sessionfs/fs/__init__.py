@@ -97,14 +97,16 @@ def assemble(
             requests=dict(requests.counts),
             request_ms={k: round(v * 1e3, 3) for k, v in requests.seconds.items()},
             store_calls=dict(backings.calls),
+            rejected_writes=rejections.total,
+            rejected_by_agent=dict(rejections.by_agent),
+            invalidations=kernel.invalidations,
+            rescans=watcher.rescans,
+            own_renames=watcher.own_renames,
             inodes=len(tree.nodes),
             open_files=len(editing.handles),
             scratch_bytes=tree.scratch_bytes(),
             grace_periods=len(graces),
-            rejected_writes=rejections.total,
-            invalidations=kernel.invalidations,
-            rescans=watcher.rescans,
-            own_renames=watcher.own_renames,
+            last_check=control.last_check,
         )
 
     async def recent_audit() -> bytes:

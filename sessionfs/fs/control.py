@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
+from ..fsck import CheckSummary
 from ..mounts import CONTROL_DIR
 from .requests import Rejections
 from .tree import Dir, Tree
@@ -20,27 +21,54 @@ from .tree import Dir, Tree
 
 @dataclass(frozen=True, slots=True)
 class MountStatistics:
-    """What ``.sessionfs/stats`` shows.  Counters are totals since the mount began."""
+    """What ``.sessionfs/stats`` shows, grouped by what a number counts.
+
+    ``since_mount`` holds totals that only grow while the mount lives, ``now`` what
+    the daemon holds at the moment of the read, ``last_check`` the verdict per agent
+    of the newest background check (null before the first one ends).
+    """
 
     requests: Mapping[str, int]  # requests answered, per kind
     request_ms: Mapping[str, float]  # time spent answering them, per kind
     store_calls: Mapping[str, int]  # calls into the stores (disk I/O), per kind; "(quick)":
     # of those, the ones answered by the quick thread (see fs/quick.py)
-    inodes: int  # now: nodes the daemon holds
-    open_files: int  # now
-    scratch_bytes: int  # now: editor and tool temporaries held in memory
-    grace_periods: int  # now: sessions renamed away or removed whose undo is still possible
     rejected_writes: int
+    rejected_by_agent: Mapping[str, int]  # "" for writes outside an agent's directory
     invalidations: int  # changes behind the mount the kernel was told of
     rescans: int  # after inotify overflows
     own_renames: int  # events of the mount's own commits that needed no stat
+    inodes: int  # nodes the daemon holds
+    open_files: int
+    scratch_bytes: int  # editor and tool temporaries held in memory
+    grace_periods: int  # sessions renamed away or removed whose undo is still possible
+    last_check: CheckSummary | None
 
     def render(self) -> bytes:
-        fields = asdict(self)
-        fields["watcher"] = {
-            "invalidations": fields.pop("invalidations"),
-            "rescans": fields.pop("rescans"),
-            "own_renames": fields.pop("own_renames"),
+        check = self.last_check
+        fields = {
+            "since_mount": {
+                "requests": self.requests,
+                "request_ms": self.request_ms,
+                "store_calls": self.store_calls,
+                "rejected_writes": {
+                    "total": self.rejected_writes,
+                    "by_agent": self.rejected_by_agent,
+                },
+                "watcher": {
+                    "invalidations": self.invalidations,
+                    "rescans": self.rescans,
+                    "own_renames": self.own_renames,
+                },
+            },
+            "now": {
+                "inodes": self.inodes,
+                "open_files": self.open_files,
+                "scratch_bytes": self.scratch_bytes,
+                "grace_periods": self.grace_periods,
+            },
+            "last_check": None
+            if check is None
+            else {"finished": check.finished, "agents": check.verdicts},
         }
         return orjson.dumps(fields, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
 
@@ -61,16 +89,21 @@ class ControlFiles:
         self.directory: Dir = tree.subdir(tree.root, CONTROL_DIR)
         # What the daemon's last background fsck found, set by the daemon; reading
         # the file never starts a scan (a status must stay cheap on a big store).
-        self.last_check: bytes = b"no background check has finished yet\n"
+        self.last_check: CheckSummary | None = None
         self.files = {
             "pid": f"{os.getpid()}\n".encode,
             "source": f"{source}\n".encode,
             "stats": lambda: statistics().render(),
             "errors": rejections.render,
-            "fsck": lambda: self.last_check,
+            "fsck": self._render_last_check,
             "log": f"{log}\n".encode,  # where the daemon logs (`sessionfs status`)
         }
         for name, render in self.files.items():
             tree.control(self.directory, name, render)
         if audit is not None:  # the recent changes of every agent, one JSON line each
             tree.control(self.directory, "audit", lambda: b"", load=audit)
+
+    def _render_last_check(self) -> bytes:
+        if self.last_check is None:
+            return b"no background check has finished yet\n"
+        return self.last_check.render()

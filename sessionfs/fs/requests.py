@@ -117,12 +117,16 @@ class Rejections:
     def __init__(self, maxlen: int = MAX_REJECTIONS) -> None:
         self.recent: collections.deque[Rejection] = collections.deque(maxlen=maxlen)
         self.total = 0
+        # per agent directory ("" outside one: a single store's mount, or its root)
+        self.by_agent: collections.Counter[str] = collections.Counter()
 
     def add(self, path: str, exc: OSError) -> pyfuse3.FUSEError:
         """Record that the write to *path* was refused; returns the error for the caller."""
         code = exc.errno or errno.EIO
         self.recent.append(Rejection(time.time(), path, code, str(exc)))
         self.total += 1
+        agent, slash, _ = path.partition("/")
+        self.by_agent[agent if slash else ""] += 1
         log.warning("rejected write to %s: %s", path, exc)
         return pyfuse3.FUSEError(code)
 
