@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, fsck, maintain, migrate, sources
-from .errors import NoStore, SessionFSError
+from .errors import NoStore, SessionFSError, describe_error
 from .fs.editing import LOCK_TIMEOUT
 from .history import KEEP_NEWEST, KEEP_SECONDS, Retention
 
@@ -37,6 +37,8 @@ MOUNT_OPTIONS = {
     "`sessionfs status` (default 3600; the first after 30 s or SECONDS if sooner; 0: never)",
     "uid=N,gid=N": "who owns the files and directories the mount shows (default: the "
     "daemon's user and group); the store's files keep their owner",
+    "default_permissions,auto_unmount": "always on (accepted, for fstab lines copied from "
+    "other FUSE filesystems)",
 }
 _SECONDS = "SECONDS"
 _ID = "ID"
@@ -50,7 +52,10 @@ _OPTION_VALUES: dict[str, set[str] | str | None] = {
     "check_every": _SECONDS,
     "uid": _ID,
     "gid": _ID,
+    "default_permissions": None,
+    "auto_unmount": None,
 }
+_ID_MAX = 2**32 - 2  # (uid_t; -1 means "unchanged" to chown)
 # Options of mount(8) itself, which an /etc/fstab line or `mount -t fuse.sessionfs` may
 # pass on (mount.fuse3 adds dev and suid): accepted and left alone.
 _MOUNT_ITSELF = frozenset(
@@ -60,7 +65,7 @@ _MOUNT_ITSELF = frozenset(
         "noatime", "relatime", "strictatime", "lazytime", "diratime", "nodiratime",
     }
 )  # fmt: skip
-_MOUNT_ITSELF_PREFIXES = ("x-", "comment=", "setuid=")
+_MOUNT_ITSELF_PREFIXES = ("x-", "X-", "comment=", "setuid=")
 DEMO_STATE = Path("~/.local/share/sessionfs/demo-state")
 DEMO_MOUNTPOINT = Path("~/sessionfs-demo")
 
@@ -69,6 +74,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     from . import listing
 
     result = listing.list_source(sources.resolve(args.source), agent_id=args.agent)
+    if args.agent is not None and not result.summaries:
+        args.parser.error(f"no agent {args.agent!r} in this SOURCE")
     rows = listing.sorted_rows(result.rows, args.sort)
     if args.limit is not None:
         rows = rows[: args.limit]
@@ -142,8 +149,8 @@ def _parse_mount_options(parser: argparse.ArgumentParser, values: list[str]) -> 
             if not re.fullmatch(r"\d+(\.\d+)?", value):
                 parser.error(f"mount option {opt!r}: expected {name}=SECONDS (a number)")
         elif allowed == _ID:
-            if not re.fullmatch(r"\d{1,10}", value):
-                parser.error(f"mount option {opt!r}: expected {name}=N (a number)")
+            if not re.fullmatch(r"\d{1,10}", value) or int(value) > _ID_MAX:
+                parser.error(f"mount option {opt!r}: expected {name}=N (0 to {_ID_MAX})")
         elif (allowed is None) != (value == "") or (allowed is not None and value not in allowed):
             parser.error(
                 f"mount option {opt!r}: expected {name}"
@@ -199,11 +206,14 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from .daemon import list_mounts, status
+    from .mounts import mount_holding
 
     if args.mountpoint is None:
         print(list_mounts())
         return 0
-    print(status(Path(args.mountpoint).expanduser()))
+    path = Path(args.mountpoint).expanduser()
+    held = mount_holding(path)  # (a directory inside a mount stands for the mount)
+    print(status(path if held is None else held[0]))
     return 0
 
 
@@ -334,10 +344,24 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_and_key(args: argparse.Namespace) -> tuple[sources.Source, str]:
+def _source_and_key(
+    args: argparse.Namespace, changes: str | None = None
+) -> tuple[sources.Source, str]:
+    """SOURCE and KEY; a command that *changes* the store refuses a read-only mount's
+    mountpoint as SOURCE (whoever was handed that mount was not handed the store)."""
     if len(args.paths) > 2:
         args.parser.error("expected [SOURCE] KEY")
     source, key = (None, *args.paths) if len(args.paths) == 1 else args.paths
+    if changes is not None and source is not None:
+        from .mounts import find_mount, mount_holding
+
+        held = mount_holding(Path(source).expanduser())
+        entry = None if held is None else find_mount(held[0])
+        if entry is not None and entry.read_only:
+            raise SessionFSError(
+                f"{source} is in a read-only mount; {changes} changes the store: give the "
+                "store's own path if that is meant"
+            )
     return sources.resolve(source), key
 
 
@@ -345,7 +369,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
     from . import undo
     from .show import UsageError
 
-    source, key = _source_and_key(args)
+    source, key = _source_and_key(args, "history --purge" if args.purge else None)
     try:
         if args.purge:
             print(f"{key}: removed {undo.purge(source, key, agent_id=args.agent)} kept versions")
@@ -365,7 +389,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     from . import undo
     from .show import UsageError
 
-    source, key = _source_and_key(args)
+    source, key = _source_and_key(args, "restore")
     try:
         at = undo.parse_time(args.at) if args.at is not None else None
         restored = undo.restore(source, key, at=at, agent_id=args.agent)
@@ -691,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="warn: print the plan (default); enforce: carry it out",
     )
     mtn.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
-    mtn.set_defaults(func=_cmd_maintain)
+    mtn.set_defaults(func=_cmd_maintain, failed=3)
 
     demo = commands.add_parser(
         "demo",
@@ -723,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chk.add_argument("source", nargs="?", help=SOURCE_HELP)
     chk.add_argument("--repair", action="store_true", help="repair what is safe to repair")
-    chk.set_defaults(func=_cmd_fsck)
+    chk.set_defaults(func=_cmd_fsck, failed=3)
 
     shw = commands.add_parser(
         "show",
@@ -751,8 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument(
         "--sort", choices=["updated", "key", "tokens"], default="updated", help="(default updated)"
     )
-    ls.add_argument("--limit", type=int, metavar="N", help="at most N sessions")
-    ls.set_defaults(func=_cmd_ls)
+    ls.add_argument("--limit", type=count, metavar="N", help="at most N sessions")
+    ls.set_defaults(func=_cmd_ls, parser=ls)
     return parser
 
 
@@ -785,7 +809,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SessionFSError as exc:
         print(f"sessionfs: {exc}", file=sys.stderr)
-        return 1
+        return int(getattr(args, "failed", 1))
+    except OSError as exc:  # a store this user may not read, a disk that fails: one line
+        print(f"sessionfs: {describe_error(exc)}", file=sys.stderr)
+        return int(getattr(args, "failed", 1))
     except BrokenPipeError:
         # `sessionfs ls | head`: the reader left; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

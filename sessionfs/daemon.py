@@ -15,6 +15,7 @@ import functools
 import io
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -42,13 +43,17 @@ from .mounts import (
     FS_TYPE,
     absolute,
     find_mount,
+    fsname_for,
+    mount_table,
     read_control,
     sessionfs_mounts,
+    source_of,
 )
-from .sources import Era, Source, resolve
+from .sources import Era, Source, SourceKind, resolve
 
 log = logging.getLogger("sessionfs")
 
+READY_TIMEOUT = 120.0  # seconds `mount` waits for its daemon to serve
 UNREAD_MIGRATION_CHECK_SECONDS = 2.0  # how often the mount looks for a new sessions.json
 CACHE_TIMEOUT = 300.0  # seconds; the watcher invalidates changes long before
 UNMOUNT_WAIT = 10.0
@@ -86,21 +91,38 @@ class MountConfig:
     gid: int | None = None
 
 
-def mount_serving(path: Path) -> Path | None:
-    """The mountpoint of a sessionfs mount whose source contains or lies inside *path*.
+def mount_serving(path: Path) -> tuple[Path, bool] | None:
+    """``(mountpoint, whether it is known to serve it)`` of a sessionfs mount whose
+    source contains or lies inside *path*.
 
     A store must not be changed behind its daemon (fsck --repair, maintenance of a
-    mounted store); a mount that does not answer is assumed to serve it.
+    mounted store).  The mount table names each mount's source; a daemon is asked
+    only to learn whether it is alive, or its source when the table does not name
+    it, and then one that does not answer is assumed to serve *path*.  A dead mount
+    serves nothing and stops no command.
     """
     target = Path(os.path.realpath(path))  # a symlink to a mounted store is that store
-    for mountpoint in sessionfs_mounts():
+    for entry in mount_table():
+        if entry.fstype != FS_TYPE:
+            continue
+        mountpoint = Path(entry.mountpoint)
+        named = source_of(entry)  # (from the mount table: nothing to ask, nobody to wait for)
         try:
+            if named is not None and not _related(Path(os.path.realpath(named)), target):
+                continue
             source = Path(os.path.realpath(read_control(mountpoint, "source").strip()))
-        except OSError:
-            return mountpoint
-        if source == target or source in target.parents or target in source.parents:
-            return mountpoint
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                continue  # dead: nothing writes behind it, the next mount cleans it
+            # hung, or another user's: the table's name says whether it serves *path*
+            return mountpoint, named is not None
+        if _related(source, target):
+            return mountpoint, True
     return None
+
+
+def _related(source: Path, target: Path) -> bool:
+    return source == target or source in target.parents or target in source.parents
 
 
 def is_mounted(path: Path, fstype: str = FS_TYPE) -> bool:
@@ -179,9 +201,16 @@ def probe(path: Path, timeout: float = CONTROL_TIMEOUT) -> str:
 def mounted_refusal(path: Path, what: str) -> str | None:
     """Why *what* must not run now: it would change the store at *path* behind the
     daemon of the mount serving it (None: no mount serves it)."""
-    mountpoint = mount_serving(path)
-    if mountpoint is None:
+    serving = mount_serving(path)
+    if serving is None:
         return None
+    mountpoint, known = serving
+    if not known:
+        return (
+            f"the sessionfs mount at {mountpoint} does not answer and may serve {path}; "
+            f"{what} must not change a store behind a daemon: run "
+            f"`sessionfs umount --lazy {mountpoint}` first"
+        )
     return (
         f"{path} is mounted at {mountpoint}; {what} must not change it behind the "
         f"daemon: run it after `sessionfs umount {mountpoint}`"
@@ -207,6 +236,11 @@ def prepare_mountpoint(path: Path) -> list[str]:
         if result.returncode != 0:
             raise MountError(f"could not clean the dead mount at {path}: {result.stderr.strip()}")
         notices.append(f"cleaned up a dead sessionfs mount at {path} (its daemon had died)")
+    if os.path.islink(path):
+        raise MountError(
+            f"mountpoint {path} is a symlink (to {os.readlink(path)}); mount on the directory "
+            "itself"
+        )
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -221,6 +255,11 @@ def prepare_mountpoint(path: Path) -> list[str]:
         raise MountError(f"mountpoint {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {path} is not a directory")
+    if os.geteuid() != 0 and not os.access(path, os.W_OK):
+        raise MountError(
+            f"no write access to mountpoint {path} (fusermount3 needs it): mount on a "
+            "directory you own"
+        )
     if is_mounted(path):
         raise MountError(f"{path} is still a sessionfs mount; run `sessionfs umount {path}`")
     try:
@@ -260,12 +299,48 @@ def _configure_logging(stream: TextIO, debug: bool) -> None:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
+def check_outside_source(config: MountConfig) -> None:
+    """A mountpoint inside the store it shows would be watched and listed by its own
+    daemon, whose requests to itself could never be answered."""
+    source = Path(os.path.realpath(config.source.path))
+    target = Path(os.path.realpath(config.mountpoint))
+    if config.source.kind in (SourceKind.ENTRIES_DIR, SourceKind.LEGACY_FILE):
+        source = source.parent  # the sessions dir: its transcripts are shown too
+    if target == source or source in target.parents:
+        raise MountError(
+            f"mountpoint {config.mountpoint} lies inside the store it would show "
+            f"({config.source.path}): mount outside it"
+        )
+
+
+def check_log_file(config: MountConfig) -> Path | None:
+    """The daemon's log file, created now: a daemon that cannot log must not start
+    after a migration, nor say why only in a traceback."""
+    if config.foreground:
+        return None
+    log_file = config.log_file or default_log_file(config.mountpoint)
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise MountError(
+            f"cannot write the daemon's log {log_file}: {describe_error(exc)}; "
+            "choose another with --log FILE"
+        ) from None
+    return log_file
+
+
 def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
-    """``sessionfs mount``: returns once the mount is live (or failed), or serves with -f."""
+    """``sessionfs mount``: returns once the mount is live (or failed), or serves with -f.
+
+    Everything that can be checked before the store is changed is checked first.
+    """
+    check_outside_source(config)
     for notice in prepare_mountpoint(config.mountpoint):
         print(notice, file=out)
     check_fuse()
     check_allow_other(config)
+    check_log_file(config)
     migrated = False
     if config.migrate:
         reports = migrate.migrate_source(config.source)
@@ -308,8 +383,8 @@ def _mount_migrated(config: MountConfig, out: TextIO) -> int:
         _configure_logging(sys.stderr, config.debug)
         return serve(config, catalog, ready_fd=None)
 
-    log_file = config.log_file or default_log_file(config.mountpoint)
-    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_file = check_log_file(config)
+    assert log_file is not None  # (not in the foreground)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -326,8 +401,7 @@ def _mount_migrated(config: MountConfig, out: TextIO) -> int:
         finally:
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
+    message = _await_daemon(read_end, pid, log_file)
     if message == "ready":
         print(
             f"mounted {config.source.path} at {config.mountpoint} (pid {pid}; log {log_file})",
@@ -340,6 +414,29 @@ def _mount_migrated(config: MountConfig, out: TextIO) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _await_daemon(read_end: int, pid: int, log_file: Path) -> str:
+    """What the daemon says once the mount serves ("ready") or why it could not.
+
+    A daemon that says nothing within READY_TIMEOUT is stuck (a mount cannot take that
+    long to start): it is killed, so ``mount`` never hangs and the mount goes with it
+    (auto_unmount).
+    """
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + READY_TIMEOUT
+    with os.fdopen(read_end, "rb") as pipe:
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([pipe], [], [], left)[0]:
+                chunk = pipe.read1(4096)
+                if not chunk:
+                    return b"".join(chunks).decode(errors="replace").strip()
+                chunks.append(chunk)
+    os.kill(pid, signal.SIGKILL)
+    return (
+        f"the daemon did not report the mount ready within {READY_TIMEOUT:.0f} s and was "
+        f"stopped; see {log_file}"
+    )
 
 
 def _detach_stdio(log_file: Path) -> None:
@@ -371,7 +468,8 @@ def serve(config: MountConfig, catalog: Catalog, ready_fd: int | None) -> int:
         uid=config.uid,
         gid=config.gid,
     )
-    options = {"fsname=sessionfs", "subtype=sessionfs", "default_permissions"}
+    options = {f"fsname={fsname_for(config.source.path)}", "subtype=sessionfs"}
+    options.add("default_permissions")
     if config.auto_unmount:
         options.add("auto_unmount")
     if config.allow_other:
@@ -533,7 +631,7 @@ async def _check_periodically(config: MountConfig, fs: Filesystem) -> None:
         except Exception as exc:  # never ends the mount
             log.error("internal error in the background check; trying again later", exc_info=exc)
         else:
-            summary = fsck.CheckSummary.of(checks)
+            summary = fsck.CheckSummary.of(checks, config.source.path)
             fs.control.last_check = summary
             if summary.problems:
                 log.warning(
@@ -620,6 +718,13 @@ def unmount(path: Path, *, lazy: bool = False, timeout: float = UNMOUNT_WAIT) ->
     return f"unmounted {path}"
 
 
+def _unanswered(exc: OSError) -> str:
+    """Why a mount's control files could not be read, in the user's words."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "another user's mount (without -o allow_other, only its owner may look in)"
+    return f"the daemon does not answer ({exc.strerror})"
+
+
 def list_mounts() -> str:
     """``sessionfs status`` without a mountpoint: every sessionfs mount this user can see."""
     lines = []
@@ -629,7 +734,7 @@ def list_mounts() -> str:
             pid = read_control(mountpoint, "pid").strip()
             log_file = read_control(mountpoint, "log").strip()
         except OSError as exc:
-            lines.append(f"{mountpoint}: the daemon does not answer ({exc.strerror})")
+            lines.append(f"{mountpoint}: {_unanswered(exc)}")
             continue
         lines.append(f"{mountpoint}: source {source}, pid {pid}, log {log_file}")
     return "\n".join(lines) if lines else "no sessionfs mounts"
@@ -652,7 +757,7 @@ def status(path: Path) -> str:
         stats = orjson.loads(read_control(path, "stats"))
         last_check = read_control(path, "fsck").strip()
     except OSError as exc:
-        raise MountError(f"{path}: the daemon does not answer ({exc.strerror})") from None
+        raise MountError(f"{path}: {_unanswered(exc)}") from None
     except orjson.JSONDecodeError:
         raise MountError(f"{path}: the daemon's statistics are not JSON") from None
     mode = "read-only" if entry.read_only else "read-write"

@@ -124,10 +124,12 @@ def write_legacy_store(
                 .isoformat(timespec="milliseconds")
                 .replace("+00:00", "Z"),
             }
-            (sessions_dir / f"{store[key]['sessionId']}.jsonl").write_bytes(
+            transcript = sessions_dir / f"{store[key]['sessionId']}.jsonl"
+            transcript.write_bytes(
                 orjson.dumps(header)
                 + b'\n{"type":"message","message":{"role":"user","content":"hi"}}\n'
             )
+            os.utime(transcript, ns=(updated_at * 1_000_000,) * 2)  # last written then
     (sessions_dir / "sessions.json").write_bytes(orjson.dumps(store, option=orjson.OPT_INDENT_2))
     return store
 

@@ -21,6 +21,7 @@ import datetime as dt
 import enum
 import json
 import os
+import shlex
 import shutil
 import stat
 import time
@@ -35,6 +36,7 @@ from .keys import filename_to_key, key_to_display, key_to_filename, lookup_probl
 from .locking import LOCK_FILE, is_stale, remove_stale_lock
 from .maintain import TRANSCRIPT_RE
 from .migrate import MIGRATED_FROM, STAGING_DIR, migrate_store, migration_running, plan, read_legacy
+from .owners import adopt_path, foreign_owner
 from .sources import AgentStore, Era, Source
 from .sqlite_view import SqliteView
 from .store import STRAY_TEMP_AGE, is_temp_name
@@ -431,12 +433,15 @@ def _repair(agent: AgentStore, result: AgentCheck) -> None:
 def _quarantine_dir(entries: Path) -> Path:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
     top = entries / QUARANTINE_DIR
+    owner = foreign_owner(os.stat(entries))  # (root repairing a user's store: theirs)
     with contextlib.suppress(FileExistsError):
         top.mkdir(mode=0o700)
+        adopt_path(top, owner)
     if not stat.S_ISDIR(os.lstat(top).st_mode):  # a symlink there is never followed
         raise UnsafeEntry(f"{top} is not a directory; nothing was quarantined")
     path = top / stamp
     path.mkdir(mode=0o700)
+    adopt_path(path, owner)
     return path
 
 
@@ -448,17 +453,19 @@ class CheckSummary:
     problems: int
     lines: tuple[str, ...]
     verdicts: Mapping[str, str]  # per agent label, as `sessionfs status` tabulates it
+    source: Path
 
     @classmethod
-    def of(cls, checks: list[AgentCheck]) -> CheckSummary:
+    def of(cls, checks: list[AgentCheck], source: Path) -> CheckSummary:
         lines = tuple(line for check in checks for line in check.lines())
         verdicts = {check.label: check.verdict() for check in checks}
-        return cls(time.time(), sum(len(c.findings) for c in checks), lines, verdicts)
+        return cls(time.time(), sum(len(c.findings) for c in checks), lines, verdicts, source)
 
     def render(self) -> bytes:
         when = dt.datetime.fromtimestamp(self.finished, dt.UTC).isoformat(timespec="seconds")
         head = f"last background check: {when}; {self.problems} problem(s)"
-        hint = " (details: sessionfs fsck SOURCE)" if self.problems else ""
+        details = f"sessionfs fsck {shlex.quote(str(self.source))}"
+        hint = f" (details: {details})" if self.problems else ""
         return "\n".join([head + hint, *self.lines, ""]).encode()
 
 

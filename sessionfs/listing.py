@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import Any
@@ -43,16 +44,21 @@ class Row:
 
     @property
     def tokens(self) -> int | None:
-        total = self.entry.get("totalTokens")
-        if isinstance(total, int):
+        total = _count(self.entry.get("totalTokens"))
+        if total is not None:
             return total
-        parts = [self.entry.get(k) for k in ("inputTokens", "outputTokens")]
-        numbers = [p for p in parts if isinstance(p, int) and not isinstance(p, bool)]
+        parts = [_count(self.entry.get(k)) for k in ("inputTokens", "outputTokens")]
+        numbers = [p for p in parts if p is not None]
         return sum(numbers) if numbers else None
 
     def field(self, name: str) -> str:
         value = self.entry.get(name)
         return value if isinstance(value, str) else "-"
+
+
+def _count(value: object) -> int | None:
+    """*value* if it is a count (a JSON true is no number of tokens)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass
@@ -80,8 +86,11 @@ def list_source(source: Source, *, agent_id: str | None = None) -> Listing:
                     except (SessionFSError, OSError, ValueError) as exc:
                         out.problems.append(f"{agent.label}: {key!r} not read: {exc}")
                         continue
+                    if not isinstance(value, dict):
+                        out.problems.append(f"{agent.label}: {key!r} is not a JSON object")
+                        continue
                     count += 1
-                    out.rows.append(Row(key, label, value if isinstance(value, dict) else {}))
+                    out.rows.append(Row(key, label, value))
         out.summaries.append(f"{agent.label}: {count} sessions ({era.value}, {ERA_ACCESS[era]})")
     out.problems += [f"{name}: skipped: {why}" for name, why in source.skipped]
     return out
@@ -128,16 +137,40 @@ def table(rows: list[Row], now: float | None = None) -> list[str]:
 def columns(
     header: Sequence[str], cells: Sequence[Sequence[str]], *, numeric: Set[int] = frozenset()
 ) -> list[str]:
-    """Aligned text columns under *header*; the *numeric* ones right-aligned."""
-    rows = [header, *cells]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return [
-        "  ".join(
-            cell.rjust(width) if i in numeric else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    ]
+    """Aligned text columns under *header*; the *numeric* ones right-aligned.
+
+    Cells come from keys and entries anyone may have written: control characters
+    are shown escaped (a newline or an escape sequence in a key must not forge a
+    row or drive the terminal), and wide characters count as two columns.
+    """
+    rows = [[printable(cell) for cell in row] for row in [header, *cells]]
+    widths = [[width(cell) for cell in row] for row in rows]
+    most = [max(row[i] for row in widths) for i in range(len(header))]
+    lines = []
+    for row, row_widths in zip(rows, widths, strict=True):
+        padded = [
+            " " * (most[i] - w) + cell if i in numeric else cell + " " * (most[i] - w)
+            for i, (cell, w) in enumerate(zip(row, row_widths, strict=True))
+        ]
+        lines.append("  ".join(padded).rstrip())
+    return lines
+
+
+def printable(text: str) -> str:
+    """*text* with every character a terminal would act on written as an escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def width(text: str) -> int:
+    """How many terminal columns *text* takes (East Asian wide characters: two)."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
 
 
 def count_sessions(agent: AgentStore) -> int | None:
@@ -153,7 +186,9 @@ def json_lines(rows: list[Row]) -> list[bytes]:
     """One object per session: ``key``, ``agent``, then the entry's top-level fields."""
     out = []
     for r in rows:
-        value = {"key": r.key, "agent": r.agent, **r.entry}
+        # key and agent are the session's, whatever fields of those names the entry holds
+        value = {"key": r.key, "agent": r.agent}
+        value.update((k, v) for k, v in r.entry.items() if k not in value)
         try:
             out.append(orjson.dumps(value))
         except orjson.JSONEncodeError:  # lone surrogates: escaped, as Node writes them

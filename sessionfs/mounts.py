@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,30 +46,57 @@ def absolute(path: Path) -> Path:
     return Path(os.path.realpath(absolute.parent)) / absolute.name
 
 
-def find_mount(path: Path) -> MountEntry | None:
-    """The mount whose mount point is exactly *path* (the newest one), if any."""
-    target = str(absolute(path))
-    found = None
+def mount_table() -> list[MountEntry]:
+    """Every mount this process can see, oldest first (``/proc/self/mountinfo``)."""
+    entries = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
         for line in info:
             before, _, after = line.partition(" - ")
             fields, tail = before.split(), after.split()
-            if len(fields) >= 5 and len(tail) >= 2 and _unescape(fields[4]) == target:
-                read_only = len(fields) >= 6 and "ro" in fields[5].split(",")
-                found = MountEntry(target, tail[0], _unescape(tail[1]), read_only)
+            if len(fields) >= 6 and len(tail) >= 2:
+                read_only = "ro" in fields[5].split(",")
+                entries.append(
+                    MountEntry(_unescape(fields[4]), tail[0], _unescape(tail[1]), read_only)
+                )
+    return entries
+
+
+def find_mount(path: Path) -> MountEntry | None:
+    """The mount whose mount point is exactly *path* (the newest one), if any."""
+    target = str(absolute(path))
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == target:
+            found = entry
     return found
 
 
 def sessionfs_mounts() -> list[Path]:
     """The mountpoints of every sessionfs mount this process can see."""
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
-        for line in info:
-            before, _, after = line.partition(" - ")
-            fields, tail = before.split(), after.split()
-            if len(fields) >= 5 and tail and tail[0] == FS_TYPE:
-                found.append(Path(_unescape(fields[4])))
-    return found
+    return [Path(entry.mountpoint) for entry in mount_table() if entry.fstype == FS_TYPE]
+
+
+# What libfuse's option syntax and pyfuse3 (ASCII) carry as they are; any other
+# byte of a source's path is written %XX in the mount's name.
+_FSNAME_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-+:@~")
+_FSNAME_MAX = 1024
+
+
+def fsname_for(source: Path) -> str:
+    """The name a mount of *source* has in the mount table: its path, readable by
+    every user (``df``, ``findmnt``, another user's commands) without asking the
+    daemon, which may be hung or may not let them in.  ``sessionfs`` when too long."""
+    name = "".join(
+        chr(byte) if byte in _FSNAME_PLAIN else f"%{byte:02X}" for byte in os.fsencode(source)
+    )
+    return name if len(name) <= _FSNAME_MAX else "sessionfs"
+
+
+def source_of(entry: MountEntry) -> Path | None:
+    """The source a sessionfs mount names in the mount table (None: it names none)."""
+    if not entry.source.startswith("/"):
+        return None
+    return Path(os.fsdecode(urllib.parse.unquote_to_bytes(entry.source)))
 
 
 def read_control(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str:

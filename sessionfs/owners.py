@@ -23,3 +23,9 @@ def adopt(fd: int, owner: os.stat_result | None) -> None:
     """Give the file or directory *fd* to *owner* (from :func:`foreign_owner`), if any."""
     if owner is not None:
         os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
+def adopt_path(path: os.PathLike[str] | str, owner: os.stat_result | None) -> None:
+    """:func:`adopt` by path, never through a symlink (for what ``mkdir`` just made)."""
+    if owner is not None:
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)

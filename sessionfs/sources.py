@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import NoStore
-from .mounts import mount_holding, read_control
+from .errors import NoStore, describe_error
+from .mounts import find_mount, mount_holding, read_control, source_of
 
 LEGACY_FILE = "sessions.json"
 ENTRIES_DIR = "sessions.d"
@@ -135,6 +135,13 @@ def resolve(source: str | os.PathLike[str] | None) -> Source:
     """Classify *source*; raises :class:`NoStore` with advice when it holds no store."""
     path = Path(source).expanduser() if source is not None else default_source()
     path = _through_mount(path.absolute())
+    try:
+        return _classify(path)
+    except PermissionError:
+        raise NoStore(f"{path}: permission denied (sessionfs runs as uid {os.geteuid()})") from None
+
+
+def _classify(path: Path) -> Source:
     if path.is_file():
         if path.name == LEGACY_FILE:
             return Source(SourceKind.LEGACY_FILE, path)
@@ -168,10 +175,16 @@ def _through_mount(path: Path) -> Path:
     if held is None:
         return path
     mountpoint, inside = held
-    try:
-        origin = Path(read_control(mountpoint, "source").strip())
-    except OSError as exc:
-        raise NoStore(f"{mountpoint} is a sessionfs mount that does not answer ({exc})") from None
+    entry = find_mount(mountpoint)
+    origin = None if entry is None else source_of(entry)  # the mount table names it
+    if origin is None:
+        try:
+            origin = Path(read_control(mountpoint, "source").strip())
+        except OSError as exc:
+            raise NoStore(
+                f"{mountpoint} is a sessionfs mount whose daemon does not answer "
+                f"({describe_error(exc)}); give its source instead"
+            ) from None
     if not inside.parts:
         return origin
     if len(inside.parts) == 1 and (origin / "agents").is_dir():

@@ -129,3 +129,38 @@ def test_ls_table_is_newest_first_with_relative_times() -> None:
     assert lines[1].endswith("5")
     assert "2 h ago" in lines[2]
     assert relative(None, now) == "-"
+
+
+def test_ls_shows_what_keys_and_entries_hold_without_letting_them_forge_output() -> None:
+    from sessionfs.listing import Row, json_lines, table, width
+
+    now = 1_800_000_000.0
+    forged = "agent:main:evil\nFAKE  main  1 s ago"
+    rows = [
+        Row(forged, "main", {"updatedAt": now * 1000, "model": "\x1b]0;pwned\x07"}),
+        Row("agent:main:webchat:direct:東京", "main", {"updatedAt": now * 1000, "model": "m"}),
+        Row("cron:flag", "main", {"updatedAt": now * 1000, "totalTokens": True}),
+    ]
+    lines = table(rows, now=now)
+    assert len(lines) == 4  # a header and one line per session: no forged row
+    assert "agent:main:evil\\nFAKE" in lines[1]
+    assert "\x1b" not in "".join(lines)
+    assert "\\x1b]0;pwned\\x07" in lines[1]
+    # the wide key takes two columns a character: the AGENT column lines up after it
+    agent_columns = {width(line[: line.rindex(" main ") + 1]) for line in lines[1:]}
+    assert len(agent_columns) == 1
+    assert width("東京") == 4
+    assert lines[3].rstrip().endswith("-")  # true is no token count
+    spoofed = Row("agent:main:real", "main", {"key": "spoofed", "agent": "x", "sessionId": "s"})
+    (line,) = json_lines([spoofed])
+    assert orjson.loads(line) == {"key": "agent:main:real", "agent": "main", "sessionId": "s"}
+
+
+def test_ls_refuses_what_it_cannot_honour(mixed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli(["ls", str(mixed), "--limit", "-1"])
+    assert exited.value.code == 2
+    with pytest.raises(SystemExit) as exited:
+        cli(["ls", str(mixed), "--agent", "nope"])
+    assert exited.value.code == 2
+    assert "no agent 'nope'" in capsys.readouterr().err

@@ -205,7 +205,7 @@ def test_status_shows_what_the_last_background_check_found(migrated: Path, tmp_p
         wait_for(lambda: b"last background check" in control.read_bytes(), what="the check")
         status = sessionfs("status", str(mount.path))
         assert status.returncode == 0, status.stderr
-        assert "problem(s) (details: sessionfs fsck SOURCE)" in status.stdout
+        assert f"problem(s) (details: sessionfs fsck {migrated})" in status.stdout
         assert "cron%3Ahalf.json: not JSON; no gateway can read it" in status.stdout
         assert "background check:" in mount.log_text()
 
@@ -284,3 +284,16 @@ def test_kept_versions_and_the_audit_stay_intact(migrated: Path) -> None:
     assert [entry for entry in after if entry in versions] == versions
     audit = (history / "audit.jsonl").read_bytes()
     assert orjson.loads(audit.splitlines()[0])["program"] == "pytest"  # appended to, only
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_repair_by_root_leaves_the_quarantine_to_the_stores_owner(migrated: Path) -> None:
+    entries = migrated / "agents/main/sessions/sessions.d"
+    (entries / "cron%3Ahalf.json").write_bytes(b"{half")
+    for path in (entries, *entries.rglob("*")):
+        os.chown(path, 1000, 1000, follow_symlinks=False)
+    run_fsck("--repair", str(migrated))
+    (quarantine,) = (entries / ".quarantine").iterdir()
+    for path in (entries / ".quarantine", quarantine, quarantine / "cron%3Ahalf.json"):
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid) == (1000, 1000), path

@@ -484,6 +484,35 @@ def test_a_hung_daemon_cannot_hang_status_or_umount(state_dir: Path, tmp_path: P
         cleanup(mount)
 
 
+def test_only_a_mount_that_may_serve_a_store_stops_a_change_to_it(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """The mount table names each mount's source (readable by every user, and with no
+    daemon to ask): a hung mount of another store stops nothing, a hung mount of this
+    one does, and a dead mount serves nothing."""
+    other = tmp_path / "other"
+    shutil.copytree(state_dir, other)
+    mount = start_mount(other, tmp_path / "mnt", "-o", "no_auto_unmount")
+    try:
+        entry = find_mount(mount.path)
+        assert entry is not None
+        assert entry.source == str(other)
+        os.kill(mount.pid, signal.SIGSTOP)  # alive, but answers nothing
+        refused = sessionfs("migrate", str(other), timeout=30)
+        assert refused.returncode == 1
+        assert f"{other} is mounted at {mount.path}" in refused.stderr
+        unrelated = sessionfs("migrate", str(state_dir), timeout=30)
+        assert unrelated.returncode == 0, unrelated.stderr
+        os.kill(mount.pid, signal.SIGKILL)  # dead: the mount stays, nothing serves it
+        os.kill(mount.pid, signal.SIGCONT)
+        mount.proc.wait()
+        assert find_mount(mount.path) is not None
+        migrated = sessionfs("migrate", str(other), timeout=30)
+        assert migrated.returncode == 0, migrated.stderr
+    finally:
+        cleanup(mount)
+
+
 def test_status_without_a_mountpoint_lists_every_mount(state_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
     mnt = tmp_path / "listed"
@@ -540,9 +569,14 @@ def test_status_tabulates_each_agents_era_access_sessions_rejections_and_check(
         assert table["main"][4] == "1 problem(s)"  # the fixture's entry without updatedAt
         assert table["work"][4] == "not checked (OpenClaw's)"
     with mounted(state_dir, tmp_path / "mnt", "-o", "ro") as mount:
-        result = sessionfs("status", str(mount.path))
+        result = sessionfs("status", str(mount.path / "main"))  # a directory in it will do
         assert f"{mount.path}: read-only sessionfs mount of {state_dir}" in result.stdout
         assert _status_table(result)["main"][:2] == ["directory era", "read-only"]
+        # whoever was handed the read-only mount was not handed the store
+        for command in (["restore"], ["history", "--purge"]):
+            refused = sessionfs(*command, str(mount.path), "agent:main:main")
+            assert refused.returncode == 1
+            assert "is in a read-only mount" in refused.stderr
 
 
 def test_a_read_only_mount_refuses_every_write_and_migrates_nothing(
@@ -587,9 +621,9 @@ def test_a_mountpoint_is_a_source_for_reading_and_refused_for_changing(
         assert "agent:work:main" in exported.stdout
         shown = sessionfs("show", str(mount.path), "agent:main:main", "--format", "jsonl")
         assert shown.returncode == 0, shown.stderr
-        for command in (["migrate"], ["maintain", "--mode", "enforce"]):
+        for command, code in ((["migrate"], 1), (["maintain", "--mode", "enforce"], 3)):
             refused = sessionfs(*command, str(mount.path))
-            assert refused.returncode == 1
+            assert refused.returncode == code  # (maintain's 1 says something was removed)
             assert f"is mounted at {mount.path}" in refused.stderr
         again = sessionfs("mount", str(mount.path), str(tmp_path / "other"))
         assert again.returncode == 1

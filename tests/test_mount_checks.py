@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import orjson
@@ -197,3 +198,104 @@ def test_a_user_without_access_to_the_fuse_device_is_told_the_fix() -> None:
         assert untouched(sessions_dir)
     finally:
         shutil.rmtree(home)
+
+
+def test_a_log_that_cannot_be_written_refuses_before_migrating(
+    legacy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["mount", str(legacy), str(tmp_path / "mnt"), "--log", "/proc/no.log"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the daemon's log /proc/no.log" in err
+    assert "Traceback" not in err
+    assert untouched(legacy)
+
+
+def test_a_mountpoint_inside_its_own_store_is_refused(
+    legacy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon would list and watch its own mount: its requests to itself hang."""
+    inside = legacy / "view"
+    inside.mkdir()
+    assert cli(["mount", str(legacy), str(inside)]) == 1
+    assert "lies inside the store it would show" in capsys.readouterr().err
+    assert not (legacy / "sessions.d").exists()
+    state = tmp_path / "state"
+    (state / "agents" / "loop" / "sessions").mkdir(parents=True)
+    legacy.rename(state / "agents" / "main")
+    assert cli(["mount", str(state), str(state / "agents" / "loop" / "sessions")]) == 1
+    assert "lies inside the store it would show" in capsys.readouterr().err
+
+
+def test_a_symlinked_mountpoint_and_an_impossible_uid_are_refused(
+    legacy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "link").symlink_to(tmp_path / "mnt")
+    assert cli(["mount", str(legacy), str(tmp_path / "link")]) == 1
+    assert "is a symlink" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli(["mount", str(legacy), str(tmp_path / "mnt"), "-o", "uid=9999999999"])
+    assert exited.value.code == 2
+    assert "expected uid=N (0 to 4294967294)" in capsys.readouterr().err
+    assert untouched(legacy)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_store_this_user_cannot_read_is_one_line_never_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    private = Path(tempfile.mkdtemp(prefix="sessionfs-private-"))  # 0700, root's
+    try:
+        state = private / "state"
+        sessions_dir = state / "agents" / "main" / "sessions"
+        sessions_dir.mkdir(parents=True)
+        (sessions_dir / "sessions.json").write_bytes(orjson.dumps({"k": entry("s")}))
+        readable = Path(tempfile.mkdtemp(prefix="sessionfs-readable-"))
+        shutil.copytree(state, readable / "state")
+        entries = readable / "state" / "agents" / "main" / "sessions" / "sessions.d"
+        entries.mkdir(mode=0o700)  # root's: its listing is refused to nobody
+        readable.chmod(0o755)
+        for path in (readable / "state", *(readable / "state").rglob("*")):
+            if path != entries:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        os.seteuid(NOBODY)
+        try:
+            codes = {command: cli([command, str(private / "state")]) for command in ("ls", "fsck")}
+            err = capsys.readouterr().err
+            assert codes == {"ls": 2, "fsck": 2}  # the SOURCE itself: a usage error
+            assert f"{private / 'state'}: permission denied" in err
+            codes = {
+                command: cli([command, str(readable / "state")])
+                for command in ("ls", "fsck", "export")
+            }
+            err = capsys.readouterr().err
+            assert codes == {"ls": 1, "fsck": 3, "export": 1}
+            assert "Permission denied" in err
+        finally:
+            os.seteuid(0)
+        assert "Traceback" not in err
+    finally:
+        shutil.rmtree(private)
+        shutil.rmtree(readable)
+
+
+def test_a_daemon_that_never_serves_cannot_hang_mount(
+    legacy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def stuck(*args: object, **kwargs: object) -> int:
+        time.sleep(3600)  # (in the forked daemon)
+        return 0
+
+    monkeypatch.setattr(daemon, "serve", stuck)
+    monkeypatch.setattr(daemon, "READY_TIMEOUT", 1.0)
+    log = tmp_path / "daemon.log"
+    started = time.monotonic()
+    assert (
+        cli(["mount", "--no-migrate", "--log", str(log), str(legacy), str(tmp_path / "mnt")]) == 1
+    )
+    assert time.monotonic() - started < 30
+    assert f"did not report the mount ready within 1 s and was stopped; see {log}" in (
+        capsys.readouterr().err
+    )

@@ -141,11 +141,20 @@ def test_copy_tools_copying_into_an_agent_directory_exit_0(
     times after filling it; a refusal there made them exit 1 for copies that succeeded.
     """
     before = agent.stat()
+    transcript = next(agent.glob("*.jsonl"))  # (read-only: its size never changes)
+    transcript_before = transcript.stat()
     assert run("chmod", "755", ".", cwd=agent).returncode == 0
     assert run("chown", f"{os.getuid()}:{os.getgid()}", ".", cwd=agent).returncode == 0
     assert run("touch", "-d", "2020-01-01", ".", cwd=agent).returncode == 0
+    for recursive in (["chmod", "-R", "u+rw"], ["chown", "-R", f"{os.getuid()}"]):
+        result = run(*recursive, ".", cwd=agent)
+        assert result.returncode == 0, result.stderr
     after = agent.stat()
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    assert transcript.stat().st_mtime_ns == transcript_before.st_mtime_ns
+    assert (agent.parent / ".sessionfs" / "errors").read_text() == ""  # nothing was refused
+    with raises_errno(errno.EROFS):
+        os.truncate(transcript, 0)
 
     copy = tmp_path / "copy" / "main"
     copy.mkdir(parents=True)

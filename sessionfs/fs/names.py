@@ -20,7 +20,7 @@ from ..catalog import Backing, Catalog
 from ..errors import InvalidKey
 from ..keys import NAME_MAX, display_to_key, key_to_display, key_to_filename
 from ..sqlite_view import SqliteView
-from ..store import ABSENT, Version
+from ..store import Version
 from ..transcripts import parsed, transcript_files, transcript_name, transcript_stat
 from .backings import Backings
 from .handles import is_scratch_name, is_transcript_name
@@ -52,6 +52,10 @@ def session_key(name: str) -> str:
         raise pyfuse3.FUSEError(errno.EINVAL)
     key_to_filename(key)  # ENAMETOOLONG when the backing name would not fit
     return key
+
+
+TranscriptName = tuple[Version, str | None]  # the version an entry named its transcript in
+_SURELY_FITS = 60  # characters of a key: at most 4 bytes each, its names fit NAME_MAX
 
 
 class Names:
@@ -124,7 +128,7 @@ class Names:
         A SQLite-era or legacy key has no length limit of its own; one name the
         kernel cannot take would make the whole directory unlistable.  Said once.
         """
-        if len(key) <= 60:  # at most 4 bytes a character: surely short enough
+        if len(key) <= _SURELY_FITS:
             return True
         try:
             name = key_to_display(key) + suffix
@@ -150,8 +154,10 @@ class Names:
         """The transcript files of *keys* (None where a session has none), in one worker call.
 
         An entry is read for its transcript's name only when its version changed
-        since the last look.  With *sized* the readable size (whole lines) is
-        taken, else the file's size (listings: one ``lstat`` per transcript).
+        since the last look; a SQLite-era agent's transcripts are its events, by
+        session id, summed once per database commit for a listing.  With *sized*
+        the readable size (whole lines) is taken, else the file's size (listings:
+        one ``lstat`` per transcript).
         """
         sessions_dir = self.catalog.sessions_dir(parent.agent_id)
         existing: dict[str, tuple[os.stat_result, int]] | None = None
@@ -166,18 +172,17 @@ class Names:
             if existing is not None and not existing:
                 return [None] * len(keys)
         cached = parent.transcript_names
-        versions = {key: known.version for key in keys if (known := parent.present(key))}
-        stale = [key for key, version in versions.items() if cached.get(key, (None,))[0] != version]
+        versions: dict[str, Version | None] = {}
+        stale: list[str] = []
+        if existing is not None or sized:  # (a database's listing needs no entry's name)
+            versions = {key: known.version for key in keys if (known := parent.present(key))}
+            stale = [k for k, version in versions.items() if cached.get(k, (None,))[0] != version]
 
-        def look(backing: Backing) -> tuple[dict[str, tuple[Version, str | None]], list[Any]]:
-            if isinstance(backing, SqliteView):  # events in the database, by session id
-                found = backing.transcript_stats(keys)
-                by_key = {
-                    k: (ABSENT, None if f is None else f[0])
-                    for k, f in zip(keys, found, strict=True)
-                }
-                return by_key, [None if f is None else f[1:] for f in found]
-            names: dict[str, tuple[Version, str | None]] = {}
+        def look(backing: Backing) -> tuple[dict[str, TranscriptName] | None, list[Any]]:
+            """Per key (file name, stat, size) or None; and the names learnt from entries."""
+            if isinstance(backing, SqliteView):
+                return None, backing.transcript_stats(keys)  # events by session id
+            names: dict[str, TranscriptName] = {}
             for key in stale:
                 try:
                     snap = backing.read(key)
@@ -188,25 +193,29 @@ class Names:
                 names[key] = (version, transcript_name(parsed(snap.data), sessions_dir))
             wanted = [names.get(key, cached.get(key, (None, None)))[1] for key in keys]
             if existing is not None:
-                return names, [
-                    None if name is None or name not in existing else existing[name]
+                found = [None if name is None else existing.get(name) for name in wanted]
+            else:
+                found = [
+                    None if name is None else transcript_stat(sessions_dir, name, sized=sized)
                     for name in wanted
                 ]
             return names, [
-                None if name is None else transcript_stat(sessions_dir, name, sized=sized)
-                for name in wanted
+                None if seen is None else (name, *seen)
+                for name, seen in zip(wanted, found, strict=True)
             ]
 
         learned, stats = await self.backings.run(parent.agent_id, "transcripts", look)
-        cached.update(learned)
+        if learned is not None:
+            cached.update(learned)
         found: list[Transcript | None] = []
+        transcript = self.tree.transcript
         for key, seen in zip(keys, stats, strict=True):
-            entry = cached.get(key)
-            if seen is None or entry is None or entry[1] is None:
+            if seen is None:
                 found.append(None)
                 continue
-            node = self.tree.transcript(parent, key, entry[1], seen[0].st_ino)
-            node.saw(*seen)
+            file_name, st, size = seen
+            node = transcript(parent, key, file_name, st.st_ino)
+            node.saw(st, size)
             found.append(node)
         return found
 
@@ -237,7 +246,9 @@ class Names:
 
     def listed_attributes(self, node: Transcript) -> pyfuse3.EntryAttributes:
         """A transcript's attributes as the listing just saw them (no I/O per name)."""
-        return self._cacheable(node, node.attributes(self.owner))
+        attrs = node.attributes(self.owner)
+        attrs.entry_timeout = attrs.attr_timeout = 0  # it grows: never cached
+        return attrs
 
     def entry_attributes(self, node: File, seen: Entry) -> pyfuse3.EntryAttributes:
         """What ``stat`` shows for session *node* whose committed entry is *seen*."""
@@ -286,10 +297,14 @@ class Names:
         if directory.holds_sessions:
             if not (directory.complete and self.index.trusted(directory)):
                 await self.index.scan(directory)
-            away, session = directory.away, self.tree.session
+            away, session, fits = directory.away, self.tree.session, self._fits
             shown: dict[str, str] = {}  # key -> its name, for the transcripts
             for key, known in directory.known.items():
-                if known.version is not None and key not in away and self._fits(directory, key):
+                if (
+                    known.version is not None
+                    and key not in away
+                    and (len(key) <= _SURELY_FITS or fits(directory, key))
+                ):
                     node = session(directory, key)
                     name = shown[key] = key_to_display(key)
                     if not node.pending:  # (a pending one is listed below)
@@ -299,7 +314,7 @@ class Names:
                 if isinstance(file, File) and file.pending:
                     names.append((file.name, file, file.key))
             names += [(name, self.tree.nodes[ino], None) for name, ino in directory.scratch.items()]
-            present = [key for key in shown if self._fits(directory, key, "l")]
+            present = [k for k in shown if len(k) <= _SURELY_FITS or fits(directory, k, "l")]
             transcripts = await self._transcripts(directory, present, sized=False)
             names += [
                 (shown[key] + "l", t, key)

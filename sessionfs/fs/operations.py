@@ -109,13 +109,14 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if isinstance(node, Dir):
-            # chmod, chown and touch of a directory change nothing and succeed, so
-            # copies into the mount (tar -x, rsync -a, cp -a) do not report failures
-            if fields.update_size:
+        if isinstance(node, Dir | Transcript):
+            # chmod, chown and touch of an agent's directory and what it holds change
+            # nothing and succeed, as on sessions, so copies (tar -x, rsync -a, cp -a)
+            # and chmod -R do not report failures for what they did copy
+            if not fields.update_size:
+                return await self.names.attributes(node)
+            if isinstance(node, Dir):
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            return node.attributes(self.names.owner)
-        if isinstance(node, Transcript):
             raise self.editing.transcript_read_only(node.parent, node.name)
         if isinstance(node, KeptVersion):
             raise pyfuse3.FUSEError(errno.EROFS)  # kept versions never change
@@ -171,34 +172,46 @@ class Operations(pyfuse3.Operations):
             handle.listing = await self.names.listing(handle.node)
         listing, directory = handle.listing, handle.node
         session_attributes = self.names.session_attributes(directory)
+        transcript_attributes = self.names.listed_attributes
+        present = directory.present
         # next_id is a position in this handle's own listing, so entries added or
         # removed meanwhile cannot shift it.
         position = start_id
         while position < len(listing):
             name, node, key = listing[position]
             position += 1
-            if isinstance(node, (File, Transcript)) and (
-                not node.linked
-                or node.parent is not directory
-                or node.key != key
-                or (key is None and node.name != name)
-                or (isinstance(node, Transcript) and directory.present(node.key) is None)
-            ):
-                continue  # renamed, removed or reset since the listing: never a stale name
-            try:
-                if node is None:  # an agent: it may have gone since the listing
-                    node = await self.names.find(directory, name)
-                if isinstance(node, File) and key is not None and not node.pending:
+            # (renamed, removed or reset since the listing: never a stale name)
+            if isinstance(node, File):
+                if not node.linked or node.parent is not directory or node.key != key:
+                    continue
+                if key is not None and not node.pending:
                     seen = node.entry()
                     if seen is None:
                         continue  # removed since the listing was taken
                     attrs = session_attributes(node, seen)
-                elif isinstance(node, Transcript):
-                    attrs = self.names.listed_attributes(node)
+                elif key is None and node.name != name:
+                    continue
                 else:
+                    try:
+                        attrs = await self.names.attributes(node)
+                    except pyfuse3.FUSEError:
+                        continue
+            elif isinstance(node, Transcript):
+                if (
+                    not node.linked
+                    or node.parent is not directory
+                    or node.key != key
+                    or present(key) is None
+                ):
+                    continue
+                attrs = transcript_attributes(node)
+            else:
+                try:
+                    if node is None:  # an agent: it may have gone since the listing
+                        node = await self.names.find(directory, name)
                     attrs = await self.names.attributes(node)
-            except pyfuse3.FUSEError:
-                continue
+                except pyfuse3.FUSEError:
+                    continue
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, position):
                 return
             node.nlookup += 1

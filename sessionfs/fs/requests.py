@@ -108,7 +108,8 @@ class Rejection:
     def line(self) -> str:
         stamp = dt.datetime.fromtimestamp(self.when, dt.UTC).isoformat(timespec="milliseconds")
         name = errno.errorcode.get(self.code, str(self.code))
-        return f"{stamp.replace('+00:00', 'Z')}  {self.path}  {name}  {self.reason}"
+        path = self.path if self.path.isprintable() else ascii(self.path)  # (a terminal reads it)
+        return f"{stamp.replace('+00:00', 'Z')}  {path}  {name}  {self.reason}"
 
 
 class Rejections:
