@@ -101,7 +101,7 @@ class AgentCheck:
             lines = [f"{head} read-only, not checked (OpenClaw's own database)"]
             return lines + [f"  {f.line(base)}" for f in self.findings]
         if self.era is Era.NONE:
-            return [f"{head} no session store"]
+            return [f"{head} no session store", *(f"  {f.line(base)}" for f in self.findings)]
         lines = [f"{head} {len(self.findings) or 'no'} problem(s)"]
         lines += [f"  {f.line(base)}" for f in self.findings]
         lines += [f"  repaired: {what}" for what in self.repaired]
@@ -136,6 +136,9 @@ def check_agent(
             view.close()
         return result
     if result.era is Era.NONE:
+        for planted in (agent.entries, agent.legacy):
+            if planted.is_symlink():  # (what a store would be, pointing elsewhere)
+                result.findings.append(Finding(planted, "is a symlink; never followed"))
         return result
     try:
         _Checker(agent, result, max_entry_bytes).run()

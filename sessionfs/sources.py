@@ -187,8 +187,9 @@ def _through_mount(path: Path) -> Path:
             ) from None
     if not inside.parts:
         return origin
-    if len(inside.parts) == 1 and (origin / "agents").is_dir():
-        return origin / "agents" / inside.parts[0] / "sessions"
+    agent = origin / "agents" / inside.parts[0] / "sessions"
+    if len(inside.parts) == 1 and (origin / "agents").is_dir() and agent.is_dir():
+        return agent
     raise NoStore(f"{path} is inside the sessionfs mount {mountpoint} but is no store of it")
 
 

@@ -297,3 +297,14 @@ def test_a_repair_by_root_leaves_the_quarantine_to_the_stores_owner(migrated: Pa
     for path in (entries / ".quarantine", quarantine, quarantine / "cron%3Ahalf.json"):
         st = os.lstat(path)
         assert (st.st_uid, st.st_gid) == (1000, 1000), path
+
+
+def test_a_symlink_where_a_store_would_be_is_a_finding(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sessions_dir = tmp_path / "sessions"
+    sessions_dir.mkdir()
+    (sessions_dir / "sessions.d").symlink_to(elsewhere)
+    result = run_fsck(str(sessions_dir))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "sessions.d: is a symlink; never followed" in result.stdout

@@ -625,6 +625,10 @@ def test_a_mountpoint_is_a_source_for_reading_and_refused_for_changing(
             refused = sessionfs(*command, str(mount.path))
             assert refused.returncode == code  # (maintain's 1 says something was removed)
             assert f"is mounted at {mount.path}" in refused.stderr
+        for not_a_store in (".sessionfs", "no-such-agent"):
+            missing = sessionfs("ls", str(mount.path / not_a_store))
+            assert missing.returncode == 2
+            assert "is inside the sessionfs mount" in missing.stderr
         again = sessionfs("mount", str(mount.path), str(tmp_path / "other"))
         assert again.returncode == 1
         assert "mount its source instead" in again.stderr
