@@ -810,13 +810,13 @@ def main(argv: list[str] | None = None) -> int:
     except SessionFSError as exc:
         print(f"sessionfs: {exc}", file=sys.stderr)
         return int(getattr(args, "failed", 1))
-    except OSError as exc:  # a store this user may not read, a disk that fails: one line
-        print(f"sessionfs: {describe_error(exc)}", file=sys.stderr)
-        return int(getattr(args, "failed", 1))
-    except BrokenPipeError:
+    except BrokenPipeError:  # (an OSError too: before the catch-all below)
         # `sessionfs ls | head`: the reader left; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a store this user may not read, a disk that fails: one line
+        print(f"sessionfs: {describe_error(exc)}", file=sys.stderr)
+        return int(getattr(args, "failed", 1))
     return code
 
 

@@ -91,9 +91,9 @@ class MountConfig:
     gid: int | None = None
 
 
-def mount_serving(path: Path) -> tuple[Path, bool] | None:
-    """``(mountpoint, whether it is known to serve it)`` of a sessionfs mount whose
-    source contains or lies inside *path*.
+def mount_serving(path: Path) -> tuple[Path, bool, bool] | None:
+    """``(mountpoint, whether it is known to serve it, whether its daemon answers)``
+    of a sessionfs mount whose source contains or lies inside *path*.
 
     A store must not be changed behind its daemon (fsck --repair, maintenance of a
     mounted store).  The mount table names each mount's source; a daemon is asked
@@ -115,9 +115,9 @@ def mount_serving(path: Path) -> tuple[Path, bool] | None:
             if exc.errno == errno.ENOTCONN:
                 continue  # dead: nothing writes behind it, the next mount cleans it
             # hung, or another user's: the table's name says whether it serves *path*
-            return mountpoint, named is not None
+            return mountpoint, named is not None, exc.errno in (errno.EACCES, errno.EPERM)
         if _related(source, target):
-            return mountpoint, True
+            return mountpoint, True, True
     return None
 
 
@@ -204,16 +204,18 @@ def mounted_refusal(path: Path, what: str) -> str | None:
     serving = mount_serving(path)
     if serving is None:
         return None
-    mountpoint, known = serving
+    mountpoint, known, answers = serving
+    umount = (
+        f"sessionfs umount {mountpoint}" if answers else f"sessionfs umount --lazy {mountpoint}"
+    )
     if not known:
         return (
             f"the sessionfs mount at {mountpoint} does not answer and may serve {path}; "
-            f"{what} must not change a store behind a daemon: run "
-            f"`sessionfs umount --lazy {mountpoint}` first"
+            f"{what} must not change a store behind a daemon: run `{umount}` first"
         )
     return (
         f"{path} is mounted at {mountpoint}; {what} must not change it behind the "
-        f"daemon: run it after `sessionfs umount {mountpoint}`"
+        f"daemon: run it after `{umount}`"
     )
 
 
@@ -762,9 +764,12 @@ def status(path: Path) -> str:
         raise MountError(f"{path}: the daemon's statistics are not JSON") from None
     mode = "read-only" if entry.read_only else "read-write"
     lines = [f"{path}: {mode} sessionfs mount of {source} (daemon pid {pid}, log {log_file})"]
-    rejected = stats["since_mount"]["rejected_writes"]["by_agent"]
-    check = stats["last_check"]
-    verdicts = {} if check is None else check["agents"]
+    try:
+        rejected: dict[str, int] | None = stats["since_mount"]["rejected_writes"]["by_agent"]
+        check = stats["last_check"]
+        verdicts = {} if check is None else check["agents"]
+    except (KeyError, TypeError):  # a daemon of an older sessionfs: it keeps no such counts
+        rejected, check, verdicts = None, None, {}  # (its findings are still printed below)
     rows, warnings = [], []
     try:
         resolved = resolve(Path(source))
@@ -786,8 +791,12 @@ def status(path: Path) -> str:
                 era.value,
                 access,
                 "-" if sessions is None else f"{sessions:,}",
-                str(rejected.get(agent.agent_id if agent.agent_id is not None else "", 0)),
-                verdicts.get(agent.label, "not yet" if check is None else "-"),
+                "-"
+                if rejected is None
+                else str(rejected.get(agent.agent_id if agent.agent_id is not None else "", 0)),
+                verdicts.get(
+                    agent.label, "not yet" if check is None and rejected is not None else "-"
+                ),
             )
         )
         if migrate.interrupted_reverts(agent) and resolved is not None:

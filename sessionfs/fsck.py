@@ -467,7 +467,7 @@ class CheckSummary:
     def render(self) -> bytes:
         when = dt.datetime.fromtimestamp(self.finished, dt.UTC).isoformat(timespec="seconds")
         head = f"last background check: {when}; {self.problems} problem(s)"
-        details = f"sessionfs fsck {shlex.quote(str(self.source))}"
+        details = f"sessionfs fsck {shlex.quote(readable(os.fsdecode(self.source)))}"
         hint = f" (details: {details})" if self.problems else ""
         return "\n".join([head + hint, *self.lines, ""]).encode()
 

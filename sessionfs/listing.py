@@ -168,9 +168,16 @@ def width(text: str) -> int:
     if text.isascii():
         return len(text)
     return sum(
-        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        0
+        if unicodedata.category(c) in _ZERO_WIDTH
+        else 2
+        if unicodedata.east_asian_width(c) in "WF"
+        else 1
         for c in text
     )
+
+
+_ZERO_WIDTH = frozenset({"Mn", "Me", "Cf"})  # marks and format characters (U+FE0F, U+200D)
 
 
 def count_sessions(agent: AgentStore) -> int | None:

@@ -109,7 +109,7 @@ def read_control(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str
 
     def read() -> None:
         try:
-            result.append((path / CONTROL_DIR / name).read_text())
+            result.append(os.fsdecode((path / CONTROL_DIR / name).read_bytes()))
         except OSError as exc:
             result.append(exc)
         done.set()

@@ -142,6 +142,8 @@ def resolve(source: str | os.PathLike[str] | None) -> Source:
 
 
 def _classify(path: Path) -> Source:
+    if path.name == "sessions" and AgentStore(path).has_database():
+        return Source(SourceKind.SESSIONS_DIR, path)  # a SQLite-era agent's, made or not
     if path.is_file():
         if path.name == LEGACY_FILE:
             return Source(SourceKind.LEGACY_FILE, path)
@@ -187,9 +189,9 @@ def _through_mount(path: Path) -> Path:
             ) from None
     if not inside.parts:
         return origin
-    agent = origin / "agents" / inside.parts[0] / "sessions"
-    if len(inside.parts) == 1 and (origin / "agents").is_dir() and agent.is_dir():
-        return agent
+    agent = origin / "agents" / inside.parts[0]
+    if len(inside.parts) == 1 and AgentStore(agent / "sessions").has_store():
+        return agent / "sessions"  # (a SQLite-era agent's may not exist: its database does)
     raise NoStore(f"{path} is inside the sessionfs mount {mountpoint} but is no store of it")
 
 

@@ -164,3 +164,31 @@ def test_ls_refuses_what_it_cannot_honour(mixed: Path, capsys: pytest.CaptureFix
         cli(["ls", str(mixed), "--agent", "nope"])
     assert exited.value.code == 2
     assert "no agent 'nope'" in capsys.readouterr().err
+
+
+def test_ls_into_a_pipe_closed_early_is_no_error(tmp_path: Path) -> None:
+    """`sessionfs ls | head -1` under `set -o pipefail`: the reader leaving is not a failure."""
+    import subprocess
+    import sys
+
+    from sessionfs.demo import write_legacy_store
+
+    write_legacy_store(tmp_path / "sessions", "main", 2000, transcripts=False)  # > a pipe's 64 KiB
+    result = subprocess.run(
+        [
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            '"$0" -m sessionfs ls "$1" | head -1',
+            sys.executable,
+            str(tmp_path / "sessions"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.endswith(": 2000 sessions (JSON era, sessions.json, not migrated)\n")

@@ -318,3 +318,13 @@ def test_a_session_created_while_planning_keeps_its_transcript(
     result = run(sessions, max_disk_bytes=1000)
     assert (sessions / "new.jsonl").exists()
     assert "new.jsonl" not in result.deleted
+
+
+def test_maintain_of_a_missing_source_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not 1, which would say that something was removed."""
+    assert cli(["maintain", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli(["maintain", str(tmp_path), "--dry-run"]) == 2
+    assert "holds no session store" in capsys.readouterr().err

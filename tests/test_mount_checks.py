@@ -299,3 +299,36 @@ def test_a_daemon_that_never_serves_cannot_hang_mount(
     assert f"did not report the mount ready within 1 s and was stopped; see {log}" in (
         capsys.readouterr().err
     )
+
+
+def test_status_of_a_daemon_from_an_older_sessionfs_still_prints(
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon keeps its code when sessionfs is upgraded under it: its stats lack the
+    counts the table takes from them, which it then leaves blank."""
+    from sessionfs.mounts import FS_TYPE, MountEntry
+
+    controls = {
+        "source": f"{state_dir}\n",
+        "pid": "4242\n",
+        "log": "stderr\n",
+        "errors": "",
+        "stats": '{"requests": {"lookup": 1}, "rejected_writes": 0, "inodes": 3}',
+        "fsck": "no background check has finished yet\n",
+    }
+    mnt = tmp_path / "mnt"
+    monkeypatch.setattr(
+        daemon, "find_mount", lambda path: MountEntry(str(mnt), FS_TYPE, "sessionfs")
+    )
+    monkeypatch.setattr(daemon, "read_control", lambda path, name, *a: controls[name])
+    lines = daemon.status(mnt).splitlines()
+    assert lines[1].split() == [
+        "AGENT",
+        "ERA",
+        "ACCESS",
+        "SESSIONS",
+        "REJECTED",
+        "BACKGROUND",
+        "CHECK",
+    ]
+    assert lines[2].split()[-2:] == ["-", "-"]

@@ -423,3 +423,15 @@ def test_a_failing_query_is_logged_once_not_only_answered_eio(
             view.open_transcript("s-main")
     assert caplog.text.count("cannot read") == 1
     view.close()
+
+
+@pytest.mark.fuse
+def test_an_agents_directory_in_the_mount_is_a_source(mnt: Mount, sqlite_state: Path) -> None:
+    """MOUNTPOINT/<agent> stands for that agent, whose sessions dir may not exist."""
+    assert not (sqlite_state / "agents" / "main" / "sessions").exists()
+    listed = sessionfs("ls", str(mnt.path / "main"), "--json")
+    assert listed.returncode == 0, listed.stderr
+    keys = {orjson.loads(line)["key"] for line in listed.stdout.splitlines()}
+    assert keys == {
+        n[: -len(".json")] for n in os.listdir(mnt.path / "main") if n.endswith(".json")
+    }

@@ -92,11 +92,11 @@ class ControlFiles:
         self.last_check: CheckSummary | None = None
         self.files = {
             "pid": f"{os.getpid()}\n".encode,
-            "source": f"{source}\n".encode,
+            "source": lambda: os.fsencode(source) + b"\n",  # its bytes, UTF-8 or not
             "stats": lambda: statistics().render(),
             "errors": rejections.render,
             "fsck": self._render_last_check,
-            "log": f"{log}\n".encode,  # where the daemon logs (`sessionfs status`)
+            "log": lambda: os.fsencode(log) + b"\n",  # where the daemon logs (`sessionfs status`)
         }
         for name, render in self.files.items():
             tree.control(self.directory, name, render)
