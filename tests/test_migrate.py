@@ -198,7 +198,12 @@ def test_dry_run_touches_nothing(state_dir: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "main: would migrate 41 entries" in out
     assert "work: would migrate 7 entries" in out
-    assert "folded: 'agent:main:telegram:direct:" in out
+    assert (
+        "folded: 'agent:main:telegram:direct:james' and 'agent:main:telegram:direct:James' are"
+        " one key to the gateway ('agent:main:telegram:direct:james');"
+        " 'agent:main:telegram:direct:James' is newer and was kept,"
+        " 'agent:main:telegram:direct:james''s entry stays in the backup"
+    ) in out
 
 
 def test_merge_into_existing_sessions_d_keeps_live_entries(state_dir: Path) -> None:
