@@ -125,13 +125,25 @@ def read_control(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str
 def mount_holding(path: Path) -> tuple[Path, Path] | None:
     """``(mountpoint, path inside it)`` if *path* is a sessionfs mount or lies in one.
 
-    Decided from the mount table alone: nothing is asked of the mount itself.
+    Decided from the mount table alone: nothing is asked of the mount itself.  A
+    symlink to a mount (or into one) is followed by reading the links, never by a
+    ``stat`` that a hung daemon would have to answer.
     """
+    mountpoints = sessionfs_mounts()
     target = absolute(path)
-    best: Path | None = None
-    for mountpoint in sessionfs_mounts():
-        if (target == mountpoint or mountpoint in target.parents) and (
-            best is None or len(mountpoint.parts) > len(best.parts)
-        ):
-            best = mountpoint
-    return None if best is None else (best, target.relative_to(best))
+    for _ in range(_MAX_LINKS):
+        best: Path | None = None
+        for mountpoint in mountpoints:
+            if (target == mountpoint or mountpoint in target.parents) and (
+                best is None or len(mountpoint.parts) > len(best.parts)
+            ):
+                best = mountpoint
+        if best is not None:
+            return best, target.relative_to(best)
+        if not target.is_symlink():
+            return None
+        target = absolute(target.parent / os.readlink(target))
+    return None
+
+
+_MAX_LINKS = 40  # as the kernel's path walk allows

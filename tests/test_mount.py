@@ -592,8 +592,9 @@ def test_status_tabulates_each_agents_era_access_sessions_rejections_and_check(
         assert f"{mount.path}: read-only sessionfs mount of {state_dir}" in result.stdout
         assert _status_table(result)["main"][:2] == ["directory era", "read-only"]
         # whoever was handed the read-only mount was not handed the store
-        for command in (["restore"], ["history", "--purge"]):
-            refused = sessionfs(*command, str(mount.path), "agent:main:main")
+        (tmp_path / "link").symlink_to(mount.path)
+        for command, source in ((["restore"], mount.path), (["history", "--purge"], "link")):
+            refused = sessionfs(*command, str(tmp_path / source), "agent:main:main")
             assert refused.returncode == 1
             assert "is in a read-only mount" in refused.stderr
 
@@ -644,6 +645,10 @@ def test_a_mountpoint_is_a_source_for_reading_and_refused_for_changing(
             refused = sessionfs(*command, str(mount.path))
             assert refused.returncode == code  # (maintain's 1 says something was removed)
             assert f"is mounted at {mount.path}" in refused.stderr
+        (tmp_path / "link").symlink_to(mount.path)  # a link to the mount is the mount
+        linked = sessionfs("ls", str(tmp_path / "link"), "--agent", "main")
+        assert linked.returncode == 0, linked.stderr
+        assert "agent:main:main" in linked.stdout
         for not_a_store in (".sessionfs", "no-such-agent"):
             missing = sessionfs("ls", str(mount.path / not_a_store))
             assert missing.returncode == 2
