@@ -544,7 +544,8 @@ def _maintenance_options() -> argparse.ArgumentParser:
     return shared
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, frozenset[str]]:
+    """The command line, and the names of its commands."""
     parser = argparse.ArgumentParser(
         prog="sessionfs",
         description="OpenClaw's session store as plain files: sessions.d/ and a FUSE mount.",
@@ -777,17 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--limit", type=count, metavar="N", help="at most N sessions")
     ls.set_defaults(func=_cmd_ls, parser=ls)
-    return parser
+    return parser, frozenset(commands.choices)
 
 
-def _as_mount_helper(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+def _as_mount_helper(commands: frozenset[str], argv: list[str]) -> list[str]:
     """``sessionfs SOURCE MOUNTPOINT -o OPTIONS``, as mount.fuse3 runs it for
     ``mount -t fuse.sessionfs`` and /etc/fstab, is ``sessionfs mount SOURCE MOUNTPOINT``."""
-    commands = {
-        name
-        for action in parser._subparsers._group_actions  # type: ignore[union-attr]
-        for name in getattr(action, "choices", None) or ()
-    }
     positional = [arg for arg in argv[:2] if not arg.startswith("-")]
     if len(positional) == 2 and argv[0] not in commands:
         return ["mount", *argv]
@@ -799,8 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             # keys and file names that are not valid UTF-8 print escaped, never as a traceback
             stream.reconfigure(errors="backslashreplace")
-    parser = build_parser()
-    args = parser.parse_args(_as_mount_helper(parser, sys.argv[1:] if argv is None else argv))
+    parser, commands = build_parser()
+    args = parser.parse_args(_as_mount_helper(commands, sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING, format="sessionfs: %(message)s")
     try:
         code: int = args.func(args)
