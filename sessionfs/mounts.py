@@ -140,9 +140,10 @@ def mount_holding(path: Path) -> tuple[Path, Path] | None:
                 best = mountpoint
         if best is not None:
             return best, target.relative_to(best)
-        if not target.is_symlink():
+        try:
+            target = absolute(target.parent / os.readlink(target))
+        except OSError:  # not a link (EINVAL), or not ours to look at
             return None
-        target = absolute(target.parent / os.readlink(target))
     return None
 
 

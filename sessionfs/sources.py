@@ -134,8 +134,8 @@ def default_source() -> Path:
 def resolve(source: str | os.PathLike[str] | None) -> Source:
     """Classify *source*; raises :class:`NoStore` with advice when it holds no store."""
     path = Path(source).expanduser() if source is not None else default_source()
-    path = _through_mount(path.absolute())
     try:
+        path = _through_mount(path.absolute())
         return _classify(path)
     except PermissionError:
         raise NoStore(f"{path}: permission denied (sessionfs runs as uid {os.geteuid()})") from None
