@@ -785,7 +785,9 @@ def _as_mount_helper(commands: frozenset[str], argv: list[str]) -> list[str]:
     """``sessionfs SOURCE MOUNTPOINT -o OPTIONS``, as mount.fuse3 runs it for
     ``mount -t fuse.sessionfs`` and /etc/fstab, is ``sessionfs mount SOURCE MOUNTPOINT``."""
     positional = [arg for arg in argv[:2] if not arg.startswith("-")]
-    if len(positional) == 2 and argv[0] not in commands:
+    # (a SOURCE is a path: a mistyped command stays one, for argparse to name)
+    looks_like_path = "/" in argv[0] or os.path.lexists(argv[0]) if argv else False
+    if len(positional) == 2 and argv[0] not in commands and looks_like_path:
         return ["mount", *argv]
     return argv
 

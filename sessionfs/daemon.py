@@ -42,6 +42,7 @@ from .mounts import (
     CONTROL_TIMEOUT,
     FS_TYPE,
     absolute,
+    control_line,
     find_mount,
     fsname_for,
     mount_table,
@@ -108,9 +109,12 @@ def mount_serving(path: Path) -> tuple[Path, bool, bool] | None:
         mountpoint = Path(entry.mountpoint)
         named = source_of(entry)  # (from the mount table: nothing to ask, nobody to wait for)
         try:
-            if named is not None and not _related(Path(os.path.realpath(named)), target):
-                continue
-            source = Path(os.path.realpath(read_control(mountpoint, "source").strip()))
+            if named is not None:
+                if not _related(Path(os.path.realpath(named)), target):
+                    continue
+                control_line(mountpoint, "pid")  # alive? (a dead one serves nothing)
+                return mountpoint, True, True
+            source = Path(os.path.realpath(control_line(mountpoint, "source")))
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
                 continue  # dead: nothing writes behind it, the next mount cleans it
@@ -720,6 +724,14 @@ def unmount(path: Path, *, lazy: bool = False, timeout: float = UNMOUNT_WAIT) ->
     return f"unmounted {path}"
 
 
+def _log_of(mountpoint: Path) -> str:
+    """Where the daemon logs (a daemon of an older sessionfs does not say)."""
+    try:
+        return control_line(mountpoint, "log")
+    except FileNotFoundError:
+        return "unknown"
+
+
 def _unanswered(exc: OSError) -> str:
     """Why a mount's control files could not be read, in the user's words."""
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -732,9 +744,9 @@ def list_mounts() -> str:
     lines = []
     for mountpoint in sessionfs_mounts():
         try:
-            source = read_control(mountpoint, "source").strip()
-            pid = read_control(mountpoint, "pid").strip()
-            log_file = read_control(mountpoint, "log").strip()
+            source = control_line(mountpoint, "source")
+            pid = control_line(mountpoint, "pid")
+            log_file = _log_of(mountpoint)
         except OSError as exc:
             lines.append(f"{mountpoint}: {_unanswered(exc)}")
             continue
@@ -752,9 +764,9 @@ def status(path: Path) -> str:
     if entry is None or entry.fstype != FS_TYPE:
         raise MountError(f"{path} is not a sessionfs mount")
     try:
-        source = read_control(path, "source").strip()
-        pid = read_control(path, "pid").strip()
-        log_file = read_control(path, "log").strip()
+        source = control_line(path, "source")
+        pid = control_line(path, "pid")
+        log_file = _log_of(path)
         errors = read_control(path, "errors")
         stats = orjson.loads(read_control(path, "stats"))
         last_check = read_control(path, "fsck").strip()

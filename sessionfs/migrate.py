@@ -120,8 +120,8 @@ class AgentReport:
             for old, new in self.renamed
         ]
         out += [
-            f"  folded: {f.loser!r} and {f.winner!r} are one key to the gateway ({f.key!r});"
-            f" {f.winner!r} is newer and was kept, {f.loser!r}'s entry stays in the backup"
+            f"  folded: {f.loser!r} and {f.winner!r} are one key to the gateway ({f.key!r}):"
+            f" kept the newer entry, that of {f.winner!r}; the other stays in the backup"
             for f in self.folded
         ]
         out += [f"  skipped: {key!r}: {why}; it stays in the backup" for key, why in self.skipped]

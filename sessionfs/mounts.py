@@ -41,9 +41,13 @@ def _unescape(field: str) -> str:
 
 
 def absolute(path: Path) -> Path:
-    # realpath of the parent only: the mount point itself may be a dead mount.
-    absolute = Path(os.path.abspath(path))
-    return Path(os.path.realpath(absolute.parent)) / absolute.name
+    """*path* made absolute as the kernel reads it (links resolved before ``..``), its
+    last component never stat'ed: it may be a dead or hung mount."""
+    joined = os.path.join(os.getcwd(), os.fspath(path))
+    head, tail = os.path.split(joined)
+    if tail in ("", ".", ".."):
+        return Path(os.path.realpath(joined))
+    return Path(os.path.realpath(head)) / tail
 
 
 def mount_table() -> list[MountEntry]:
@@ -99,6 +103,12 @@ def source_of(entry: MountEntry) -> Path | None:
     return Path(os.fsdecode(urllib.parse.unquote_to_bytes(entry.source)))
 
 
+def control_line(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str:
+    """A one-line file of MOUNTPOINT/.sessionfs/ (a path: only its newline is cut, a
+    source may end in a space)."""
+    return read_control(path, name, timeout).removesuffix("\n")
+
+
 def read_control(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str:
     """A file of MOUNTPOINT/.sessionfs/, or ETIMEDOUT if the daemon does not answer.
 
@@ -141,7 +151,7 @@ def mount_holding(path: Path) -> tuple[Path, Path] | None:
         if best is not None:
             return best, target.relative_to(best)
         try:
-            target = absolute(target.parent / os.readlink(target))
+            target = absolute(Path(os.path.join(target.parent, os.readlink(target))))
         except OSError:  # not a link (EINVAL), or not ours to look at
             return None
     return None

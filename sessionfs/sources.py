@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NoStore, describe_error
-from .mounts import find_mount, mount_holding, read_control, source_of
+from .mounts import control_line, find_mount, mount_holding, source_of
 
 LEGACY_FILE = "sessions.json"
 ENTRIES_DIR = "sessions.d"
@@ -142,7 +142,7 @@ def resolve(source: str | os.PathLike[str] | None) -> Source:
 
 
 def _classify(path: Path) -> Source:
-    if path.name == "sessions" and AgentStore(path).has_database():
+    if agent_of(path) is not None and not path.is_file() and AgentStore(path).has_database():
         return Source(SourceKind.SESSIONS_DIR, path)  # a SQLite-era agent's, made or not
     if path.is_file():
         if path.name == LEGACY_FILE:
@@ -181,7 +181,7 @@ def _through_mount(path: Path) -> Path:
     origin = None if entry is None else source_of(entry)  # the mount table names it
     if origin is None:
         try:
-            origin = Path(read_control(mountpoint, "source").strip())
+            origin = Path(control_line(mountpoint, "source"))
         except OSError as exc:
             raise NoStore(
                 f"{mountpoint} is a sessionfs mount whose daemon does not answer "

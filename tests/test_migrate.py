@@ -200,9 +200,9 @@ def test_dry_run_touches_nothing(state_dir: Path, capsys: pytest.CaptureFixture[
     assert "work: would migrate 7 entries" in out
     assert (
         "folded: 'agent:main:telegram:direct:james' and 'agent:main:telegram:direct:James' are"
-        " one key to the gateway ('agent:main:telegram:direct:james');"
-        " 'agent:main:telegram:direct:James' is newer and was kept,"
-        " 'agent:main:telegram:direct:james''s entry stays in the backup"
+        " one key to the gateway ('agent:main:telegram:direct:james'):"
+        " kept the newer entry, that of 'agent:main:telegram:direct:James'; the other stays"
+        " in the backup"
     ) in out
 
 

@@ -517,19 +517,20 @@ def test_only_a_mount_that_may_serve_a_store_stops_a_change_to_it(
 def test_a_source_whose_path_is_not_utf8_is_served_and_named(
     state_dir: Path, tmp_path: Path
 ) -> None:
-    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/state \xff,%"))
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/state \xff,% "))  # (a trailing space)
     shutil.copytree(state_dir, odd)
     with mounted(odd, tmp_path / "mnt") as mount:
         assert (mount.path / ".sessionfs" / "source").read_bytes() == os.fsencode(odd) + b"\n"
         entry = find_mount(mount.path)
         assert entry is not None
-        assert entry.source.endswith("/state%20%FF%2C%25")  # as the mount table has it
+        assert entry.source.endswith("/state%20%FF%2C%25%20")  # as the mount table has it
         status = sessionfs("status", str(mount.path))
         assert status.returncode == 0, status.stderr
         assert "main   directory era" in status.stdout
-        refused = sessionfs("migrate", str(odd))
-        assert refused.returncode == 1
-        assert "is mounted at" in refused.stderr
+        for command, code in (("migrate", 1), ("maintain --mode enforce", 3), ("fsck --repair", 3)):
+            refused = sessionfs(*command.split(), str(odd))
+            assert refused.returncode == code, command
+            assert "is mounted at" in refused.stderr
 
 
 def test_status_without_a_mountpoint_lists_every_mount(state_dir: Path, tmp_path: Path) -> None:

@@ -311,7 +311,6 @@ def test_status_of_a_daemon_from_an_older_sessionfs_still_prints(
     controls = {
         "source": f"{state_dir}\n",
         "pid": "4242\n",
-        "log": "stderr\n",
         "errors": "",
         "stats": '{"requests": {"lookup": 1}, "rejected_writes": 0, "inodes": 3}',
         "fsck": "no background check has finished yet\n",
@@ -320,8 +319,18 @@ def test_status_of_a_daemon_from_an_older_sessionfs_still_prints(
     monkeypatch.setattr(
         daemon, "find_mount", lambda path: MountEntry(str(mnt), FS_TYPE, "sessionfs")
     )
-    monkeypatch.setattr(daemon, "read_control", lambda path, name, *a: controls[name])
+
+    def read_control(path: Path, name: str, *args: object) -> str:
+        if name not in controls:
+            raise FileNotFoundError(2, "No such file or directory")
+        return controls[name]
+
+    from sessionfs import mounts
+
+    monkeypatch.setattr(daemon, "read_control", read_control)
+    monkeypatch.setattr(mounts, "read_control", read_control)
     lines = daemon.status(mnt).splitlines()
+    assert lines[0].endswith("(daemon pid 4242, log unknown)")  # it had no log file to name
     assert lines[1].split() == [
         "AGENT",
         "ERA",
@@ -332,3 +341,45 @@ def test_status_of_a_daemon_from_an_older_sessionfs_still_prints(
         "CHECK",
     ]
     assert lines[2].split()[-2:] == ["-", "-"]
+
+
+def test_paths_are_read_as_the_kernel_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link before ``..`` is followed first (``sub/../x`` is not ``x`` when sub is a
+    link); the last component is never resolved (it may be a hung mount)."""
+    from sessionfs.mounts import absolute
+
+    (tmp_path / "other" / "deep" / "dir").mkdir(parents=True)
+    (tmp_path / "sub").symlink_to(tmp_path / "other" / "deep" / "dir")
+    (tmp_path / "last").symlink_to(tmp_path / "other")
+    monkeypatch.chdir(tmp_path)
+    assert absolute(Path("sub/../mnt")) == tmp_path / "other" / "deep" / "mnt"
+    assert absolute(Path("last")) == tmp_path / "last"
+    assert absolute(Path("sub/..")) == tmp_path / "other" / "deep"
+
+
+def test_a_sessions_dir_is_a_sqlite_agents_only_where_an_agent_keeps_one(
+    tmp_path: Path, legacy: Path
+) -> None:
+    from sessionfs.sources import SourceKind
+
+    database = tmp_path / "box" / "agent" / "openclaw-agent.sqlite"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(b"")
+    state = tmp_path / "box" / "sessions"  # a state dir that happens to be named so
+    (state / "agents").mkdir(parents=True)
+    legacy.rename(state / "agents" / "main")
+    assert sources.resolve(state).kind is SourceKind.STATE_DIR
+    agent_db = tmp_path / "s" / "agents" / "a" / "agent" / "openclaw-agent.sqlite"
+    agent_db.parent.mkdir(parents=True)
+    agent_db.write_bytes(b"")
+    sessions_dir = tmp_path / "s" / "agents" / "a" / "sessions"  # not made: its database is
+    assert sources.resolve(sessions_dir).kind is SourceKind.SESSIONS_DIR
+
+
+def test_a_mistyped_command_is_named_not_mounted(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli(["stauts", "somewhere"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'stauts'" in capsys.readouterr().err
