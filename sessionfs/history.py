@@ -408,15 +408,27 @@ class History:
                     if self._owner is not None and st.st_uid != self._owner.st_uid:
                         adopt(fd, self._owner)
                     os.write(fd, data)
-                    size = os.fstat(fd).st_size
+                    written = os.fstat(fd)
                 finally:
                     os.close(fd)
-                if size > AUDIT_MAX_BYTES:
-                    os.rename(AUDIT_FILE, AUDIT_OLDER, src_dir_fd=history_fd, dst_dir_fd=history_fd)
+                if written.st_size > AUDIT_MAX_BYTES:
+                    self._rotate_audit(history_fd, written)
             finally:
                 os.close(history_fd)
         except OSError as exc:
             self._warn_once(f"cannot append to {HISTORY_DIR}/{AUDIT_FILE}", exc, "its audit line")
+
+    @staticmethod
+    def _rotate_audit(history_fd: int, written: os.stat_result) -> None:
+        """The full audit file becomes the older one, unless another process (the daemon,
+        a ``restore``) rotated it first: then the name holds a new, small file, which
+        must not replace the full one."""
+        try:
+            now = os.stat(AUDIT_FILE, dir_fd=history_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # rotated by the other process a moment ago
+        if (now.st_dev, now.st_ino) == (written.st_dev, written.st_ino):
+            os.rename(AUDIT_FILE, AUDIT_OLDER, src_dir_fd=history_fd, dst_dir_fd=history_fd)
 
     def _warn_once(self, what: str, exc: OSError, without: str) -> None:
         """History is a help, never a reason to refuse a change: one warning per cause."""

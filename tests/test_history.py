@@ -618,3 +618,28 @@ def test_a_restored_session_takes_its_activity_time_as_mtime(store: SessionStore
     store.write("cron:a", entry_bytes("new", day_ms + 1000))
     assert cli(["restore", str(store.path.parent), "cron:a"]) == 0
     assert (store.path / "cron%3Aa.json").stat().st_mtime_ns == day_ms * 1_000_000
+
+
+def test_an_audit_rotated_by_another_process_is_not_rotated_again(tmp_path: Path) -> None:
+    """Two processes fill the audit past its size together; one renames it to
+    audit.1.jsonl and a third starts a new one: the second must not put that small new
+    file over the full older one."""
+    from sessionfs.history import AUDIT_FILE, AUDIT_OLDER, History
+
+    history = tmp_path / HISTORY_DIR
+    history.mkdir()
+    (history / AUDIT_FILE).write_bytes(b"full\n")
+    full = os.stat(history / AUDIT_FILE)
+    os.rename(history / AUDIT_FILE, history / AUDIT_OLDER)  # the other process's rotation
+    (history / AUDIT_FILE).write_bytes(b"new\n")
+    fd = os.open(history, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        History._rotate_audit(fd, full)  # what this process saw when it wrote
+        assert (history / AUDIT_OLDER).read_bytes() == b"full\n"
+        assert (history / AUDIT_FILE).read_bytes() == b"new\n"
+        History._rotate_audit(fd, os.stat(history / AUDIT_FILE))  # its own, full: rotated
+        assert (history / AUDIT_OLDER).read_bytes() == b"new\n"
+        assert not (history / AUDIT_FILE).exists()
+        History._rotate_audit(fd, full)  # nothing there any more: nothing to do
+    finally:
+        os.close(fd)
