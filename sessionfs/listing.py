@@ -164,20 +164,37 @@ def printable(text: str) -> str:
 
 
 def width(text: str) -> int:
-    """How many terminal columns *text* takes (East Asian wide characters: two)."""
+    """How many terminal columns *text* takes, as terminals draw it: East Asian wide
+    characters and emoji two, combining marks none, an emoji sequence joined by
+    U+200D one picture, U+FE0F an emoji's two columns."""
     if text.isascii():
         return len(text)
-    return sum(
-        0
-        if unicodedata.category(c) in _ZERO_WIDTH
-        else 2
-        if unicodedata.east_asian_width(c) in "WF"
-        else 1
-        for c in text
-    )
+    total, previous, joined = 0, 0, False
+    for c in text:
+        if c == _JOINER:
+            joined = True
+            continue
+        if c == _EMOJI_PRESENTATION:
+            total += 2 - previous  # (the character before it is drawn as an emoji)
+            previous = 2
+            continue
+        if joined:  # part of the picture already counted
+            joined = False
+            continue
+        if c == _SOFT_HYPHEN:
+            columns = 1
+        elif unicodedata.category(c) in _ZERO_WIDTH or _HANGUL_VOWELS <= ord(c) <= _HANGUL_END:
+            columns = 0
+        else:
+            columns = 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        total += columns
+        previous = columns
+    return total
 
 
-_ZERO_WIDTH = frozenset({"Mn", "Me", "Cf"})  # marks and format characters (U+FE0F, U+200D)
+_ZERO_WIDTH = frozenset({"Mn", "Me", "Cf"})  # marks and format characters
+_JOINER, _EMOJI_PRESENTATION, _SOFT_HYPHEN = "\u200d", "\ufe0f", "\u00ad"
+_HANGUL_VOWELS, _HANGUL_END = 0x1160, 0x11FF  # conjoining jamo: drawn into the syllable
 
 
 def count_sessions(agent: AgentStore) -> int | None:

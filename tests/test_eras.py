@@ -192,3 +192,21 @@ def test_ls_into_a_pipe_closed_early_is_no_error(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.endswith(": 2000 sessions (JSON era, sessions.json, not migrated)\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "columns"),
+    [
+        ("agent:main:x", 12),
+        ("東京", 4),  # wide
+        ("e\u0301", 1),  # a combining accent
+        ("👨\u200d👩\u200d👧", 2),  # one picture of three joined emoji
+        ("❤\ufe0f", 2),  # drawn as an emoji
+        ("\u1100\u1161", 2),  # conjoining jamo: one syllable
+        ("a\u00adb", 3),  # a soft hyphen is drawn
+    ],
+)
+def test_ls_counts_columns_as_terminals_draw_them(text: str, columns: int) -> None:
+    from sessionfs.listing import width
+
+    assert width(text) == columns
