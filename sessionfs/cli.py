@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import re
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from . import __version__, fsck, maintain, migrate, sources
 from .errors import NoStore, SessionFSError, describe_error
 from .fs.editing import LOCK_TIMEOUT
 from .history import KEEP_NEWEST, KEEP_SECONDS, Retention
+from .shell import quote
 
 log = logging.getLogger("sessionfs")
 
@@ -459,17 +459,17 @@ def _cli_as_typed() -> str:
     """
     invoked = Path(sys.argv[0]).absolute()
     if invoked.name == "__main__.py" or not invoked.is_file():
-        return f"{shlex.quote(sys.executable)} -m sessionfs"
+        return f"{quote(sys.executable)} -m sessionfs"
     on_path = shutil.which("sessionfs")
     if on_path is not None and Path(on_path).resolve() == invoked.resolve():
         return "sessionfs"
-    return shlex.quote(str(invoked))
+    return quote(invoked)
 
 
 def _demo_tour(mountpoint: Path, state: Path, cli: str) -> str:
     """Commands that each work as pasted, on the demo mount and the store behind it."""
-    m = shlex.quote(str(mountpoint))
-    store = shlex.quote(str(state / "agents" / "main" / "sessions" / "sessions.d"))
+    m = quote(mountpoint)
+    store = quote(state / "agents" / "main" / "sessions" / "sessions.d")
     models = (
         f"jq -r .model {m}/main/*.json | sort | uniq -c"
         if shutil.which("jq")

@@ -50,6 +50,7 @@ from .mounts import (
     sessionfs_mounts,
     source_of,
 )
+from .shell import quote
 from .sources import Era, Source, SourceKind, resolve
 
 log = logging.getLogger("sessionfs")
@@ -210,7 +211,9 @@ def mounted_refusal(path: Path, what: str) -> str | None:
         return None
     mountpoint, known, answers = serving
     umount = (
-        f"sessionfs umount {mountpoint}" if answers else f"sessionfs umount --lazy {mountpoint}"
+        f"sessionfs umount {quote(mountpoint)}"
+        if answers
+        else f"sessionfs umount --lazy {quote(mountpoint)}"
     )
     if not known:
         return (
@@ -231,12 +234,12 @@ def prepare_mountpoint(path: Path) -> list[str]:
         state = probe(path)
         if state == "alive":
             raise MountError(
-                f"{path} is already a sessionfs mount; run `sessionfs umount {path}` first"
+                f"{path} is already a sessionfs mount; run `sessionfs umount {quote(path)}` first"
             )
         if state == "hung":
             raise MountError(
                 f"{path} is a sessionfs mount whose daemon does not answer; "
-                f"run `sessionfs umount --lazy {path}` first"
+                f"run `sessionfs umount --lazy {quote(path)}` first"
             )
         result = _fusermount("-u", "-z", entry.mountpoint)
         if result.returncode != 0:
@@ -256,7 +259,7 @@ def prepare_mountpoint(path: Path) -> list[str]:
             ) from None
         if exc.errno == errno.ENOENT:
             raise MountError(
-                f"mountpoint {path} does not exist; create it with: mkdir -p {path}"
+                f"mountpoint {path} does not exist; create it with: mkdir -p {quote(path)}"
             ) from None
         raise MountError(f"mountpoint {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -267,7 +270,7 @@ def prepare_mountpoint(path: Path) -> list[str]:
             "directory you own"
         )
     if is_mounted(path):
-        raise MountError(f"{path} is still a sessionfs mount; run `sessionfs umount {path}`")
+        raise MountError(f"{path} is still a sessionfs mount; run `sessionfs umount {quote(path)}`")
     try:
         with os.scandir(path) as listing:
             occupied = next(iter(listing), None) is not None

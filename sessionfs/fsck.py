@@ -21,7 +21,6 @@ import datetime as dt
 import enum
 import json
 import os
-import shlex
 import shutil
 import stat
 import time
@@ -37,6 +36,7 @@ from .locking import LOCK_FILE, is_stale, remove_stale_lock
 from .maintain import TRANSCRIPT_RE
 from .migrate import MIGRATED_FROM, STAGING_DIR, migrate_store, migration_running, plan, read_legacy
 from .owners import adopt_path, foreign_owner
+from .shell import quote
 from .sources import AgentStore, Era, Source
 from .sqlite_view import SqliteView
 from .store import STRAY_TEMP_AGE, is_temp_name
@@ -467,7 +467,7 @@ class CheckSummary:
     def render(self) -> bytes:
         when = dt.datetime.fromtimestamp(self.finished, dt.UTC).isoformat(timespec="seconds")
         head = f"last background check: {when}; {self.problems} problem(s)"
-        details = f"sessionfs fsck {shlex.quote(readable(os.fsdecode(self.source)))}"
+        details = f"sessionfs fsck {quote(self.source)}"
         hint = f" (details: {details})" if self.problems else ""
         return "\n".join([head + hint, *self.lines, ""]).encode()
 

@@ -52,6 +52,7 @@ from .migrate import (
     recency,
     step,
 )
+from .shell import quote
 from .sources import REVERTED_PREFIX, AgentStore, Era, Source, SourceKind
 from .store import SessionStore, read_small_file, rename_noreplace, write_file_atomically
 
@@ -283,7 +284,7 @@ def revert_source(
 def revert_command(source: Source) -> str:
     """The command that undoes the migration of *source* (a sessions dir for a file)."""
     path = source.path.parent if source.kind is SourceKind.LEGACY_FILE else source.path
-    return f"sessionfs migrate --revert {path}"
+    return f"sessionfs migrate --revert {quote(path)}"
 
 
 @dataclass(frozen=True)

@@ -383,3 +383,18 @@ def test_a_mistyped_command_is_named_not_mounted(capsys: pytest.CaptureFixture[s
         cli(["stauts", "somewhere"])
     assert exited.value.code == 2
     assert "invalid choice: 'stauts'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/tmp/plain", "/tmp/a b", "/tmp/it's", "/tmp/$HOME`x`", "/tmp/new\nline", "/tmp/\udcff\udcfe"],
+)
+def test_paths_in_printed_commands_paste_as_themselves(path: str) -> None:
+    """What `sessionfs umount X`, `migrate --revert X` and `fsck X` advice prints."""
+    from sessionfs.shell import quote
+
+    echoed = subprocess.run(
+        ["bash", "-c", f"printf %s {quote(path)}"], capture_output=True, check=True
+    )
+    assert echoed.stdout == os.fsencode(path)
+    assert quote(path).isprintable()
