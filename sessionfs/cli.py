@@ -213,7 +213,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.mountpoint).expanduser()
     held = mount_holding(path)  # (a directory inside a mount stands for the mount)
-    print(status(path if held is None else held[0]))
+    print(status(path if held is None else Path(held[0].mountpoint)))
     return 0
 
 
@@ -353,11 +353,10 @@ def _source_and_key(
         args.parser.error("expected [SOURCE] KEY")
     source, key = (None, *args.paths) if len(args.paths) == 1 else args.paths
     if changes is not None and source is not None:
-        from .mounts import find_mount, mount_holding
+        from .mounts import mount_holding
 
         held = mount_holding(Path(source).expanduser())
-        entry = None if held is None else find_mount(held[0])
-        if entry is not None and entry.read_only:
+        if held is not None and held[0].read_only:
             raise SessionFSError(
                 f"{source} is in a read-only mount; {changes} changes the store: give the "
                 "store's own path if that is meant"

@@ -349,7 +349,7 @@ def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
         print(notice, file=out)
     check_fuse()
     check_allow_other(config)
-    check_log_file(config)
+    log_file = check_log_file(config)
     migrated = False
     if config.migrate:
         reports = migrate.migrate_source(config.source)
@@ -367,7 +367,7 @@ def mount(config: MountConfig, out: TextIO = sys.stdout) -> int:
             print(f"sessionfs: WARNING: {unread.message(config.source)}", file=sys.stderr)
     code = 1
     try:
-        code = _mount_migrated(config, out)
+        code = _mount_migrated(config, out, log_file)
     finally:
         if code != 0 and migrated:  # never mounted (serving ends with 0)
             _tell_how_to_revert(config)
@@ -382,7 +382,9 @@ def _tell_how_to_revert(config: MountConfig) -> None:
     )
 
 
-def _mount_migrated(config: MountConfig, out: TextIO) -> int:
+def _mount_migrated(config: MountConfig, out: TextIO, log_file: Path | None) -> int:
+    """*log_file*: where the daemon logs (checked by :func:`check_log_file`), None in
+    the foreground."""
     retention = config.maintain_policy.history  # (--history-keep, --history-age, --no-history)
     catalog = Catalog(
         config.source, store_factory=functools.partial(open_store, retention=retention)
@@ -392,7 +394,6 @@ def _mount_migrated(config: MountConfig, out: TextIO) -> int:
         _configure_logging(sys.stderr, config.debug)
         return serve(config, catalog, ready_fd=None)
 
-    log_file = check_log_file(config)
     assert log_file is not None  # (not in the foreground)
     read_end, write_end = os.pipe()
     pid = os.fork()

@@ -18,6 +18,7 @@ import orjson
 from . import entry as entry_rules
 from .errors import SessionFSError
 from .export import era_entries
+from .shell import printable
 from .sources import AgentStore, Era, Source
 from .sqlite_view import SqliteView
 
@@ -154,13 +155,6 @@ def columns(
         ]
         lines.append("  ".join(padded).rstrip())
     return lines
-
-
-def printable(text: str) -> str:
-    """*text* with every character a terminal would act on written as an escape."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def width(text: str) -> int:

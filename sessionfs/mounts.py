@@ -132,24 +132,24 @@ def read_control(path: Path, name: str, timeout: float = CONTROL_TIMEOUT) -> str
     return result[0]
 
 
-def mount_holding(path: Path) -> tuple[Path, Path] | None:
-    """``(mountpoint, path inside it)`` if *path* is a sessionfs mount or lies in one.
+def mount_holding(path: Path) -> tuple[MountEntry, Path] | None:
+    """``(the mount, path inside it)`` if *path* is a sessionfs mount or lies in one.
 
     Decided from the mount table alone: nothing is asked of the mount itself.  A
     symlink to a mount (or into one) is followed by reading the links, never by a
     ``stat`` that a hung daemon would have to answer.
     """
-    mountpoints = sessionfs_mounts()
+    mounts = [(Path(e.mountpoint), e) for e in mount_table() if e.fstype == FS_TYPE]
     target = absolute(path)
     for _ in range(_MAX_LINKS):
-        best: Path | None = None
-        for mountpoint in mountpoints:
+        best: tuple[Path, MountEntry] | None = None
+        for mountpoint, entry in mounts:
             if (target == mountpoint or mountpoint in target.parents) and (
-                best is None or len(mountpoint.parts) > len(best.parts)
+                best is None or len(mountpoint.parts) > len(best[0].parts)
             ):
-                best = mountpoint
+                best = mountpoint, entry
         if best is not None:
-            return best, target.relative_to(best)
+            return best[1], target.relative_to(best[0])
         try:
             target = absolute(Path(os.path.join(target.parent, os.readlink(target))))
         except OSError:  # not a link (EINVAL), or not ours to look at

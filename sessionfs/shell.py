@@ -1,4 +1,6 @@
-"""Paths inside the commands sessionfs prints for pasting, quoted for a POSIX shell."""
+"""Text sessionfs prints to a terminal: paths in commands to paste, quoted for a POSIX
+shell, and keys, names and paths anyone may have written, with what a terminal would act
+on shown escaped."""
 
 from __future__ import annotations
 
@@ -21,3 +23,11 @@ def _escaped(byte: int) -> str:
     if 0x20 <= byte < 0x7F and byte not in b"'\\":
         return chr(byte)
     return f"\\x{byte:02x}"
+
+
+def printable(text: str) -> str:
+    """*text* with every character a terminal would act on written as an escape (a
+    newline or an escape sequence in a key must not forge a line or drive the terminal)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

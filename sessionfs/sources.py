@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NoStore, describe_error
-from .mounts import control_line, find_mount, mount_holding, source_of
+from .mounts import control_line, mount_holding, source_of
 
 LEGACY_FILE = "sessions.json"
 ENTRIES_DIR = "sessions.d"
@@ -176,9 +176,9 @@ def _through_mount(path: Path) -> Path:
     held = mount_holding(path)
     if held is None:
         return path
-    mountpoint, inside = held
-    entry = find_mount(mountpoint)
-    origin = None if entry is None else source_of(entry)  # the mount table names it
+    entry, inside = held
+    mountpoint = Path(entry.mountpoint)
+    origin = source_of(entry)  # the mount table names it
     if origin is None:
         try:
             origin = Path(control_line(mountpoint, "source"))

@@ -22,6 +22,7 @@ import pyfuse3
 
 from ..errors import SessionFSError
 from ..keys import NAME_MAX
+from ..shell import printable
 
 log = logging.getLogger("sessionfs")
 
@@ -108,8 +109,7 @@ class Rejection:
     def line(self) -> str:
         stamp = dt.datetime.fromtimestamp(self.when, dt.UTC).isoformat(timespec="milliseconds")
         name = errno.errorcode.get(self.code, str(self.code))
-        path = self.path if self.path.isprintable() else ascii(self.path)  # (a terminal reads it)
-        return f"{stamp.replace('+00:00', 'Z')}  {path}  {name}  {self.reason}"
+        return f"{stamp.replace('+00:00', 'Z')}  {printable(self.path)}  {name}  {self.reason}"
 
 
 class Rejections:
