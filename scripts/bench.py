@@ -260,8 +260,14 @@ def sessionfs_mount(
 
 
 def null_mount(
-    mountpoint: Path, count: int, size: int, log: Path, mode: str = "cached"
+    mountpoint: Path,
+    count: int,
+    size: int,
+    log: Path,
+    mode: str = "cached",
+    store: Path | None = None,
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """scripts/nullfs.py; *store* (a ``sessions.d/``) for the "commit" mode."""
     argv = [
         sys.executable,
         str(REPO / "scripts" / "nullfs.py"),
@@ -269,6 +275,7 @@ def null_mount(
         str(count),
         str(size),
         mode,
+        *([str(store)] if store is not None else []),
     ]
     return mounted(argv, mountpoint, "fuse.nullfs", log)
 
@@ -281,14 +288,18 @@ def mount_name(i: int) -> str:
 
 
 def bench_updates(plan: Plan, work: Path, figures: dict[str, Any]) -> None:
-    """1. one update: through the mount, through the store API, on the monolithic store."""
+    """1. one update: through the mount, the store API, a null FUSE fs, the monolithic store.
+
+    The null FUSE filesystem (scripts/nullfs.py, "commit") stores each close with the
+    store API in its request handler: the floor for any filesystem in front of it."""
     out: dict[str, Any] = {}
     for size in plan.sizes:
         out[str(size)] = row = _updates_at(plan, work, size)
         mono = f"{row['monolithic']['p50_ms']:.1f} ms" if "monolithic" in row else "not run"
         print(
             f"  update at {size:>7,} sessions: mount {row['mount']['p50_ms']:.2f} ms, "
-            f"store API {row['store_api']['p50_ms']:.2f} ms, monolithic {mono} (p50)",
+            f"store API {row['store_api']['p50_ms']:.2f} ms, "
+            f"null FUSE committing {row['null_fuse']['p50_ms']:.2f} ms, monolithic {mono} (p50)",
             flush=True,
         )
     figures["update"] = out
@@ -309,15 +320,21 @@ def _updates_at(plan: Plan, work: Path, size: int) -> dict[str, Any]:
     native_entries = work / f"store-{size}-native" / "sessions.d"
     shutil.copytree(sessions / "sessions.d", native_entries, symlinks=True)
     os.sync()  # the build's writeback must not land in the samples' fsyncs
+    # the floor of any filesystem in front of the store: a null FUSE filesystem whose
+    # close commits with the same store call (into the store API's copy)
+    null_mnt = work / f"mnt-null-commit-{size}"
     with (
         SessionStore(native_entries) as store,
         sessionfs_mount(sessions, work / f"mnt-{size}", work / f"mount-{size}.log"),
+        null_mount(null_mnt, size, 0, work / f"null-commit-{size}.log", "commit", native_entries),
     ):
         path = str(work / f"mnt-{size}" / mount_name(index))
+        null_path = str(null_mnt / mount_name(index))
         taken = sample_alternately(
             {
                 "store_api": lambda: store.write(key, entry_bytes(index, next(version))),
                 "mount": lambda: write_via_path(path, entry_bytes(index, next(version))),
+                "null_fuse": lambda: write_via_path(null_path, entry_bytes(index, next(version))),
             },
             plan.update_samples,
         )
@@ -648,6 +665,12 @@ def targets(figures: dict[str, Any], plan: Plan) -> list[Target]:
             "<= 1.5",
         ),
         (
+            "the floor: update via null FUSE committing / store API (p50, 10,000 sessions)",
+            up["10000"]["null_fuse"]["p50_ms"] / up["10000"]["store_api"]["p50_ms"],
+            "x",
+            "<= 1.5",
+        ),
+        (
             "monolithic update / mount update (p50, 10,000 sessions)",
             up["10000"]["monolithic"]["p50_ms"] / up["10000"]["mount"]["p50_ms"],
             "x",
@@ -784,6 +807,7 @@ def chart(figures: dict[str, Any], path: Path) -> bool:
     for label, key in (
         ("sessionfs mount", "mount"),
         ("store API (no FUSE)", "store_api"),
+        ("null FUSE committing via the store API", "null_fuse"),
         ("monolithic sessions.json", "monolithic"),
     ):
         shown = [s for s in sizes if key in figures["update"][str(s)]]

@@ -1,10 +1,18 @@
-"""A do-nothing pyfuse3 filesystem: the floor for sessionfs's read path in the benchmarks.
+"""A do-nothing pyfuse3 filesystem: the floor for sessionfs's requests in the benchmarks.
 
 It serves N fixed in-memory files with long entry and attribute timeouts and does no
 I/O at all, so what it costs is the price of a FUSE round trip into Python.  Files are
 opened with keep_cache (reads answered by the page cache), or with direct_io as
 sessionfs opens session files (every read a round trip) when MODE is "direct".
-Usage: nullfs.py MOUNTPOINT COUNT SIZE [cached|direct]
+
+MODE "commit" is the floor for an update: files are also writable (direct_io, a
+buffer per open), and a flush stores the buffer with one ``SessionStore.write`` of
+the file's key into STORE (a ``sessions.d/``), in the request handler itself.  That
+is the least any filesystem in front of the store must do; sessionfs cannot commit
+in the handler (a hung disk would then hang every request of the mount), and does
+everything else a mount needs (validation of the open's version, the index, the
+watcher, the audit).
+Usage: nullfs.py MOUNTPOINT COUNT SIZE [cached|direct|commit STORE]
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from collections.abc import Sequence
 
 import pyfuse3
 import trio
+
+from sessionfs.store import SessionStore
 
 TIMEOUT = 300.0
 
@@ -87,6 +97,35 @@ class NullFS(pyfuse3.Operations):
         return None
 
 
+class CommitFS(NullFS):
+    """NullFS whose files take writes, each close committing them to a store."""
+
+    def __init__(self, count: int, size: int, store: SessionStore) -> None:
+        super().__init__(count, size, direct_io=True)
+        self.store = store
+        self.keys = {ino: name.decode()[: -len(".json")] for name, ino in self.inodes.items()}
+        self.buffers: dict[int, tuple[int, bytearray]] = {}
+        self.next_fh = 1
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh, self.next_fh = self.next_fh, self.next_fh + 1
+        self.buffers[fh] = (inode, bytearray())
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        data = self.buffers[fh][1]
+        data[off : off + len(buf)] = buf
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        inode, data = self.buffers[fh]
+        if data:
+            self.store.write(self.keys[inode], bytes(data))
+
+    async def release(self, fh: int) -> None:
+        del self.buffers[fh]
+
+
 async def _serve() -> None:
     async with trio.open_nursery() as nursery:
 
@@ -103,9 +142,12 @@ async def _serve() -> None:
 
 def main(argv: list[str]) -> None:
     mountpoint, count, size = argv[0], int(argv[1]), int(argv[2])
-    direct_io = argv[3:] == ["direct"]
+    if argv[3:4] == ["commit"]:
+        fs: NullFS = CommitFS(count, size, SessionStore(argv[4], create=False))
+    else:
+        fs = NullFS(count, size, direct_io=argv[3:] == ["direct"])
     pyfuse3.init(
-        NullFS(count, size, direct_io),
+        fs,
         mountpoint,
         {"fsname=nullfs", "subtype=nullfs", "auto_unmount"},
     )
