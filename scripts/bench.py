@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import multiprocessing
 import os
 import platform
@@ -101,31 +102,43 @@ def pct(samples: list[float], p: float) -> float:
 
 
 def sample(fn: Callable[[], object], count: int, warmup: int = 5) -> list[float]:
+    return sample_prepared(lambda: fn, count, warmup)
+
+
+def sample_prepared(
+    prepare: Callable[[], Callable[[], object]], count: int, warmup: int = 5
+) -> list[float]:
+    """Times of *count* calls, each made by *prepare* untimed just before (the data
+    a writer has ready when it starts an update is not part of the update)."""
     for _ in range(warmup):
-        fn()
+        prepare()()
     out = []
     for _ in range(count):
+        call = prepare()
         start = time.perf_counter()
-        fn()
+        call()
         out.append(time.perf_counter() - start)
     return out
 
 
 def sample_alternately(
-    fns: dict[str, Callable[[], object]], count: int, block: int = 25, warmup: int = 3
+    prepares: dict[str, Callable[[], Callable[[], object]]],
+    count: int,
+    block: int = 25,
+    warmup: int = 3,
 ) -> dict[str, list[float]]:
-    """Like :func:`sample` for each of *fns*, taken in alternating blocks of *block*
-    calls: a ratio of two of them then compares calls made under the same conditions
-    (a VM's fsync latency drifts by 2x within seconds), not two stretches of time.
-    Calls run back to back as in :func:`sample` (a pause before each one makes every
-    fsync pay for waking an idle CPU); the first *warmup* calls of each block are
-    not timed, so no call pays for what the other kind left running."""
-    out: dict[str, list[float]] = {name: [] for name in fns}
+    """Like :func:`sample_prepared` for each of *prepares*, taken in alternating blocks
+    of *block* calls: a ratio of two of them then compares calls made under the same
+    conditions (a VM's fsync latency drifts by 2x within seconds), not two stretches
+    of time.  Calls follow each other as in :func:`sample_prepared` (a pause before
+    each one makes every fsync pay for waking an idle CPU); the first *warmup* calls
+    of each block are not timed, so no call pays for what the other kind left running."""
+    out: dict[str, list[float]] = {name: [] for name in prepares}
     while any(len(times) < count for times in out.values()):
-        for name, fn in fns.items():
+        for name, prepare in prepares.items():
             left = count - len(out[name])
             if left > 0:
-                out[name] += sample(fn, min(block, left), warmup=warmup)
+                out[name] += sample_prepared(prepare, min(block, left), warmup=warmup)
     return out
 
 
@@ -332,9 +345,15 @@ def _updates_at(plan: Plan, work: Path, size: int) -> dict[str, Any]:
         null_path = str(null_mnt / mount_name(index))
         taken = sample_alternately(
             {
-                "store_api": lambda: store.write(key, entry_bytes(index, next(version))),
-                "mount": lambda: write_via_path(path, entry_bytes(index, next(version))),
-                "null_fuse": lambda: write_via_path(null_path, entry_bytes(index, next(version))),
+                "store_api": lambda: functools.partial(
+                    store.write, key, entry_bytes(index, next(version))
+                ),
+                "mount": lambda: functools.partial(
+                    write_via_path, path, entry_bytes(index, next(version))
+                ),
+                "null_fuse": lambda: functools.partial(
+                    write_via_path, null_path, entry_bytes(index, next(version))
+                ),
             },
             plan.update_samples,
         )

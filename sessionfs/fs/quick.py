@@ -1,13 +1,14 @@
 """The two store calls of every update, answered without trio's thread hop, never stalling.
 
-An update through the mount makes two small store calls: the commit of one entry
+An update through the mount makes one small store call, the commit of one entry
 (lock try, temp file, fsync, rename, fsync of the directory: ~0.6 ms on a healthy
-disk) and the stat that follows its inotify event.  A ``trio.to_thread`` round
-trip costs 0.1-0.25 ms each way on top (the result comes back through trio's
-wakeup socket and scheduler), a third of the update (``scripts/bench``).
+disk), and an outside change one more, the stat that follows its inotify event.  A
+``trio.to_thread`` round trip costs 0.1-0.25 ms each way on top (the result comes
+back through trio's wakeup socket and scheduler), a third of the update
+(``scripts/bench``).
 
 Here one dedicated thread takes such a call, and the trio thread waits for it on a
-plain :class:`threading.Event`, which costs ~50 us instead, but at most
+bare lock, which costs ~30 us there and back (~65 us in the daemon), but at most
 :data:`WAIT_SECONDS`: the trio thread serves every request of the mount, so it is
 never held longer than that, even by an fsync that never returns (a frozen or
 dead disk) or a store being reopened.  A call that outlives the wait is awaited
@@ -85,13 +86,20 @@ class _Call(Generic[_T]):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Whether the call finished, waiting up to *timeout* seconds (None: for ever).
-        Any number of waiters, one after another, all learn it."""
+
+        Waiters take the lock in turn and hand it on.  A call has one waiter at a time:
+        the trio thread, then, if it gave up, a worker thread (and later checks read
+        :meth:`finished`), so a waiter that a raising signal handler interrupted
+        while holding the lock can keep no other waiting.
+        """
         if self._finished:
             return True
-        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+        if not self._done.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
             return self._finished
-        self._done.release()  # for the next waiter
-        return True
+        try:
+            return True
+        finally:
+            self._done.release()  # for the next waiter
 
     def outcome(self) -> _T:
         if self._error is not None:
