@@ -155,7 +155,9 @@ class Backings:
             for ident in idents:
                 if self.stopping or trio.current_time() >= deadline:
                     raise self._gave_up(agent_id, keys)
-                queue = self._queues.setdefault(ident, _Queue())
+                queue = self._queues.get(ident)
+                if queue is None:
+                    queue = self._queues[ident] = _Queue()
                 if queue.try_enter():  # the common case: nobody else works on the key
                     held.append(queue)
                     continue
@@ -204,6 +206,7 @@ class _Queue:
         self._lock = trio.Lock()
         self._owner: trio.lowlevel.Task | None = None
         self._depth = 0
+        self._waiting = 0  # tasks in enter(), cheaper to keep than the lock's statistics()
 
     def try_enter(self) -> bool:
         """Enter without waiting, if nobody else holds it (no checkpoint)."""
@@ -221,7 +224,11 @@ class _Queue:
     async def enter(self) -> None:
         if self.try_enter():
             return
-        await self._lock.acquire()
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
         self._owner, self._depth = trio.lowlevel.current_task(), 1
 
     def leave(self) -> None:
@@ -231,4 +238,4 @@ class _Queue:
             self._lock.release()
 
     def idle(self) -> bool:
-        return not self._lock.locked() and not self._lock.statistics().tasks_waiting
+        return not self._lock.locked() and not self._waiting

@@ -354,7 +354,8 @@ class Editing:
         kernel_refreshes = handle.kernel_refreshes
         handle.committed(commit.version)
         self._committed(parent, node, commit.version, data, kernel_refreshes=kernel_refreshes)
-        log.debug("committed %s (%d bytes)", self._path(node), len(data))
+        if log.isEnabledFor(logging.DEBUG):  # (the path is not free to make)
+            log.debug("committed %s (%d bytes)", self._path(node), len(data))
 
     def _into_scratch(self, handle: Handle, node: File) -> None:
         """The session was renamed to a scratch name while open: its scratch file gets the data."""
