@@ -1317,3 +1317,28 @@ async def test_a_rename_read_before_its_commit_returned_is_never_taken_for_ours(
     await drive.write(NAME, entry_bytes("mine"))
     await fs.watcher.handle(our_rename(9))  # someone renames a file of that name later
     assert refreshed == [[KEY], [KEY]]
+
+
+async def test_an_open_renamed_to_a_scratch_name_meanwhile_still_reads_in_place(
+    fs: Filesystem, drive: Driver, store: SessionStore, gates: Gates
+) -> None:
+    """vim renames the session to a backup while a reader's open waits for the store:
+    the reader's handle holds the session's snapshot, which the page cache would cut
+    at an older version's size, so it is still read in place."""
+    await drive.listdir()
+    newer = entry_bytes("newer", pad="n" * 300)
+    store.write(KEY, newer)  # not yet seen by the watcher: the open reads the store
+    ino = (await drive.lookup(NAME)).st_ino
+    opened: list[pyfuse3.FileInfo] = []
+
+    async def reader_opens() -> None:
+        opened.append(await fs.operations.open(ino, os.O_RDONLY, CTX))
+
+    async def editor_renames_it_away() -> None:
+        await drive.rename(NAME, f"{NAME}~")
+
+    await while_paused(gates, "after read", reader_opens, editor_renames_it_away)
+    (info,) = opened
+    assert info.direct_io
+    assert await fs.operations.read(info.fh, 0, 1 << 20) == newer
+    await fs.operations.release(info.fh)

@@ -21,6 +21,7 @@ from ..history import Actor
 from ..keys import NAME_MAX
 from .backings import Backings
 from .editing import Editing
+from .handles import Handle
 from .names import Listed, Names, text
 from .requests import Requests, guarded
 from .tree import Control, Dir, File, KeptVersion, Node, Transcript, Tree
@@ -272,7 +273,7 @@ class Operations(pyfuse3.Operations):
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         handle = await self.editing.open(node, flags, actor=_writer(flags, ctx))
-        return _file_info(node, handle.fh)
+        return _file_info(handle)
 
     @guarded
     async def create(
@@ -288,7 +289,7 @@ class Operations(pyfuse3.Operations):
         )
         attrs = await self.names.attributes(node)
         node.nlookup += 1
-        return _file_info(node, handle.fh), attrs
+        return _file_info(handle), attrs
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -365,8 +366,15 @@ def _read_in_place(fh: int) -> pyfuse3.FileInfo:
     return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
 
-def _file_info(node: File, fh: int) -> pyfuse3.FileInfo:
-    """Session files bypass the page cache (see :mod:`.index`); scratch files share theirs."""
-    if node.is_session:
-        return _read_in_place(fh)
-    return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+def _file_info(handle: Handle) -> pyfuse3.FileInfo:
+    """A handle with bytes of its own (a session's snapshot) bypasses the page cache (see
+    :mod:`.index`); one on a scratch file's shared buffer shares the cache too.
+
+    Decided by the handle, not by the file: an editor may rename the session to a
+    scratch name while its open waits for the store, and the snapshot taken must
+    still be read in place (the page cache would cut it at an older version's size).
+    """
+    node = handle.node
+    if isinstance(node, File) and isinstance(node.data, bytearray) and handle.data is node.data:
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False)
+    return _read_in_place(handle.fh)
