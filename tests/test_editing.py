@@ -1342,3 +1342,27 @@ async def test_an_open_renamed_to_a_scratch_name_meanwhile_still_reads_in_place(
     assert info.direct_io
     assert await fs.operations.read(info.fh, 0, 1 << 20) == newer
     await fs.operations.release(info.fh)
+
+
+@pytest.mark.parametrize("first_look", ["read", "rename to a backup"])
+async def test_an_outside_change_found_before_the_watcher_reaches_the_kernel(
+    fs: Filesystem,
+    drive: Driver,
+    store: SessionStore,
+    monkeypatch: pytest.MonkeyPatch,
+    first_look: str,
+) -> None:
+    """An open (or an editor's rename) reads the gateway's new version before the
+    watcher stats it: the watcher then finds nothing new, so the kernel must have been
+    told by whoever found it, or stat keeps the old size while reads serve the new."""
+    kernel = KernelCalls(fs, monkeypatch)
+    await drive.listdir()
+    ino = (await drive.lookup(NAME)).st_ino
+    newer = entry_bytes("outside", pad="x" * 500)
+    store.write(KEY, newer)
+    if first_look == "read":
+        assert await drive.read(NAME) == newer
+    else:
+        await drive.rename(NAME, f"{NAME}~")
+    await settled(fs)
+    assert ino in kernel.inodes

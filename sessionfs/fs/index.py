@@ -342,26 +342,32 @@ class Index:
         return await self.stat(parent, key)
 
     async def stat(self, parent: Dir, key: str) -> Seen | None:
-        """Ask the store about *key*, learn the answer, and return what is known now."""
+        """Ask the store about *key*, learn the answer, and return what is known now.
+
+        A change found this way (before the watcher's event of it is read) is told to
+        the kernel here, as the watcher would: the watcher's own look then finds
+        nothing new, and ``stat`` would keep the old size while reads serve the new.
+        """
         with self._looking(parent) as stamp:
             try:
                 st = await self.backings.run(parent.agent_id, "stat", lambda b: b.stat(key))
             except EntryNotFound:
-                self.learn(parent, key, None, stamp)
+                self._learned_outside(parent, key, None, stamp)
             else:
-                self.learn(parent, key, Seen.of(st), stamp)
+                self._learned_outside(parent, key, Seen.of(st), stamp)
         known = parent.present(key)
         return None if known is None else known.seen()
 
     async def read(self, parent: Dir, key: str) -> Snapshot:
-        """Read *key*'s current version (the bytes an open serves) and learn its stat."""
+        """Read *key*'s current version (the bytes an open serves) and learn its stat
+        (a change found so is told to the kernel, as in :meth:`stat`)."""
         with self._looking(parent) as stamp:
             try:
                 snap = await self.backings.run(parent.agent_id, "read", lambda b: b.read(key))
             except EntryNotFound:
-                self.learn(parent, key, None, stamp)
+                self._learned_outside(parent, key, None, stamp)
                 raise
-            self.learn(parent, key, Seen.of(snap.stat), stamp)
+            self._learned_outside(parent, key, Seen.of(snap.stat), stamp)
             return snap
 
     async def scan(self, parent: Dir) -> None:
