@@ -1366,3 +1366,20 @@ async def test_an_outside_change_found_before_the_watcher_reaches_the_kernel(
         await drive.rename(NAME, f"{NAME}~")
     await settled(fs)
     assert ino in kernel.inodes
+
+
+async def test_install_over_an_existing_key_of_another_spelling_keeps_it(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    """`install` (or `tar -x`) of a session the gateway would look up under another
+    spelling: its unlink went through, so the create that follows is of a key that went
+    within its grace period, and may come back; refusing it lost the session."""
+    odd_key = "agent:main:Upper"  # the gateway looks it up lower-cased
+    odd_name = f"{odd_key}.json"
+    data = entry_bytes("upper")
+    store.write(odd_key, data, validate=False)
+    await drive.listdir()
+    await drive.unlink(odd_name)
+    await drive.write(odd_name, data, flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    assert store.read(odd_key).data == data
+    await shows(drive, odd_name, data)

@@ -228,7 +228,7 @@ class Editing:
         A key that went within its grace period may come back as it was (an
         ``install`` or ``tar -x`` of the mount's own files).
         """
-        if self.graces.replaced_version(parent, key) is not None:
+        if self.graces.went_recently(parent, key):
             return
         problem = lookup_problem(key, self.names.catalog.owning_agent(parent.agent_id))
         if problem is not None:

@@ -152,6 +152,10 @@ class GracePeriods:
             return grace.snapshot.version  # the store still holds it
         return None
 
+    def went_recently(self, parent: Dir, key: str) -> bool:
+        """Whether *key* went (unlinked, or renamed to a backup) within its grace period."""
+        return (parent.ino, key) in self.records
+
     def holds(self, parent: Dir, key: str, data: bytes) -> bool:
         """Whether *data* is exactly the version of *key* that just went away."""
         grace = self.records.get((parent.ino, key))
