@@ -922,10 +922,10 @@ async def test_grace_task_spins_while_a_handler_concludes(
     calls = 0
     real = fs.graces.expire
 
-    async def counting() -> None:
+    async def counting(nursery: trio.Nursery | None = None) -> None:
         nonlocal calls
         calls += 1
-        await real()
+        await real(nursery)
 
     monkeypatch.setattr(fs.graces, "expire", counting)
 
@@ -1383,3 +1383,22 @@ async def test_install_over_an_existing_key_of_another_spelling_keeps_it(
     await drive.write(odd_name, data, flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     assert store.read(odd_key).data == data
     await shows(drive, odd_name, data)
+
+
+async def test_a_stuck_key_holds_up_no_other_grace_period(
+    fs: Filesystem, drive: Driver, store: SessionStore, clock: Clock
+) -> None:
+    """Another process holds one renamed-away key's lock: the other's grace period
+    still ends on time (they ended one after another, each waiting up to the lock
+    timeout behind the one before)."""
+    await drive.rename(NAME, f"{NAME}~")
+    await drive.rename(OTHER_NAME, f"{OTHER_NAME}~")
+    with store.locks.hold(KEY):
+        clock.now += 10
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.graces.run)
+            with trio.fail_after(5):
+                while store.exists(OTHER):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert store.exists(KEY)  # its end waits for the lock

@@ -242,8 +242,13 @@ class GracePeriods:
                 del self.records[ident]
             self._drop(grace)
 
-    async def expire(self) -> None:
-        """End every grace period that is over (a new file still being written gets longer)."""
+    async def expire(self, nursery: trio.Nursery | None = None) -> None:
+        """End every grace period that is over (a new file still being written gets longer).
+
+        With *nursery*, each ends in a task of its own there, not awaited: one key
+        whose lock another process holds (for up to the lock timeout) must not hold
+        up the end of every other grace period behind it.
+        """
         now = self.clock()
         for grace in list(self.records.values()):
             if grace.deadline > now or grace.finishing:
@@ -252,7 +257,18 @@ class GracePeriods:
             if writer is not None and writer.pending and writer.open_handles:
                 grace.deadline = self._deadline()
                 continue
+            if nursery is None:
+                await self.conclude(grace)
+            else:
+                grace.finishing = True  # (the next look for due ones skips it at once)
+                nursery.start_soon(self._conclude_guarded, grace)
+
+    async def _conclude_guarded(self, grace: Grace) -> None:
+        grace.finishing = False  # conclude() marks it again, as the one ending it
+        try:
             await self.conclude(grace)
+        except Exception:  # never expected (conclude guards its store calls)
+            log.exception("internal error while ending a grace period")
 
     async def _finish(self, grace: Grace) -> None:
         """The session did not come back: the removal is final.
@@ -296,18 +312,20 @@ class GracePeriods:
             log.info("kept session %s: it changed after it was renamed to %s", where, backup)
 
     async def run(self) -> None:
-        """Background task: end grace periods when they are due."""
-        while True:
-            deadline = min(
-                (g.deadline for g in self.records.values() if not g.finishing), default=math.inf
-            )
-            with trio.move_on_after(max(0.0, deadline - self.clock())):
-                await self._added.wait()
-            self._added = trio.Event()
-            try:
-                await self.expire()
-            except Exception:  # never expected (conclude guards each); never fatal either
-                log.exception("internal error while ending grace periods; will retry")
+        """Background task: end grace periods when they are due, each in its own task."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                deadline = min(
+                    (g.deadline for g in self.records.values() if not g.finishing),
+                    default=math.inf,
+                )
+                with trio.move_on_after(max(0.0, deadline - self.clock())):
+                    await self._added.wait()
+                self._added = trio.Event()
+                try:
+                    await self.expire(nursery)
+                except Exception:  # never expected (conclude guards each); never fatal either
+                    log.exception("internal error while ending grace periods; will retry")
 
     @staticmethod
     def _archiver(grace: Grace) -> Callable[[Backing], None]:
