@@ -1402,3 +1402,39 @@ async def test_a_stuck_key_holds_up_no_other_grace_period(
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         assert store.exists(KEY)  # its end waits for the lock
+
+
+async def test_an_outside_version_that_looks_like_an_earlier_one_is_read_anew(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    """The gateway replaces the entry twice (temp + rename, no kept versions): ext4
+    gives the second new file the first one's freed inode, and with coarse timestamps
+    it gets its mtime too, so (inode, mtime, size) repeats.  The event of the change
+    must still make the mount read the entry anew rather than serve cached bytes."""
+    backing = store.path / key_to_filename(KEY)
+    first = entry_bytes("first", pad="1" * 100)
+    _gateway_writes(backing, first)
+    await settled(fs)
+    assert await drive.read(NAME) == first  # cached now
+    was = os.stat(backing)
+    third = first.replace(b"1" * 100, b"3" * 100)
+    for _attempt in range(20):
+        _gateway_writes(backing, entry_bytes("second", pad="2" * 100))
+        _gateway_writes(backing, third)
+        if os.stat(backing).st_ino == was.st_ino:
+            break
+        _gateway_writes(backing, first)
+        await settled(fs)
+        await drive.read(NAME)
+        was = os.stat(backing)
+    assert os.stat(backing).st_ino == was.st_ino, "ext4 reuses a freed inode number at once"
+    os.utime(backing, ns=(was.st_atime_ns, was.st_mtime_ns))  # a coarse clock's tick
+    await settled(fs)  # the watcher's look at the key's event
+    assert await drive.read(NAME) == third
+
+
+def _gateway_writes(backing: Path, data: bytes) -> None:
+    """Replace *backing* as the gateway does: a temp file renamed over it."""
+    temp = backing.with_name(f"{backing.name}.gw.tmp")
+    temp.write_bytes(data)
+    os.rename(temp, backing)

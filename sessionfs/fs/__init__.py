@@ -88,7 +88,8 @@ def assemble(
     tree.root.holds_sessions = not catalog.per_agent
     kernel = Kernel()
     backings = Backings(catalog, limiter, quick)
-    index = Index(tree, backings, kernel)
+    content = ContentCache()
+    index = Index(tree, backings, kernel, content)
     owner = Owner.current(cache_timeout, uid, gid)  # who owns what the mount shows
     rejections = Rejections()
 
@@ -131,7 +132,7 @@ def assemble(
         names,
         backings,
         kernel,
-        ContentCache(),
+        content,
         rejections,
         graces,
         limits,

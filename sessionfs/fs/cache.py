@@ -1,8 +1,12 @@
 """Bytes of recently read entry versions, so reopening an unchanged session needs no I/O.
 
-Keyed by (directory inode, key) and checked against the version: a new version never
-matches an old one, so nothing here can be served stale; the index only makes
-entries useless, never wrong.
+Keyed by (directory inode, key) and checked against the version.  A version (inode,
+mtime, size) can repeat: ext4 hands a freed inode number straight back, and where
+timestamps are coarse (before Linux 6.13's multigrain timestamps, and on filesystems
+without them) a writer replacing an entry three times within one clock tick with
+same-sized content makes the third look like the first.  So the index also drops a
+key's bytes whenever the store tells of an outside change of it (an inotify event),
+whatever the new stat says.
 """
 
 from __future__ import annotations

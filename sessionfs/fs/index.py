@@ -67,6 +67,7 @@ from ..errors import EntryNotFound
 from ..keys import key_to_display
 from ..store import Commit, Snapshot, Version, is_temp_name
 from .backings import Backings
+from .cache import ContentCache
 from .kernel import Kernel
 from .tree import Dir, Entry, File, Known, Seen, Tree
 
@@ -97,10 +98,13 @@ class OwnChange:
 class Index:
     """The knowledge of every key; see the module docstring for its rules."""
 
-    def __init__(self, tree: Tree, backings: Backings, kernel: Kernel) -> None:
+    def __init__(
+        self, tree: Tree, backings: Backings, kernel: Kernel, content: ContentCache
+    ) -> None:
         self.tree = tree
         self.backings = backings
         self.kernel = kernel
+        self.content = content
         self._watched: set[str | None] = set()
         self._busy: collections.Counter[tuple[int, str]] = collections.Counter()
         self._deferred: set[tuple[int, str]] = set()
@@ -443,6 +447,10 @@ class Index:
             self._unknown(parent, keys, exc)
             return
         for key, st in zip(keys, stats, strict=True):
+            # Whatever the stat says: a version can repeat (ext4 hands a freed inode
+            # number straight back, and without fine-grained timestamps three
+            # same-sized writes within one clock tick give the first one's mtime)
+            self.content.drop((parent.ino, key))
             if st is None and key not in parent.known and parent.complete:
                 continue  # a temp or unknown name that came and went
             self._learned_outside(parent, key, None if st is None else Seen.of(st), stamp)
