@@ -1438,3 +1438,35 @@ def _gateway_writes(backing: Path, data: bytes) -> None:
     temp = backing.with_name(f"{backing.name}.gw.tmp")
     temp.write_bytes(data)
     os.rename(temp, backing)
+
+
+async def test_a_reader_during_an_editor_save_gets_the_committed_version(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    """vim's save: the session renamed to a backup (the store still holds it), a new
+    file created and written, then closed.  A reader in between gets the version the
+    store holds, in stat and in its bytes, not the new file's uncommitted (empty) state;
+    after the close, the new version."""
+    await drive.listdir()
+    await drive.rename(NAME, f"{NAME}~")
+    saved = entry_bytes("saved", pad="s" * 200)
+    writer = await drive.open(NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    await shows(drive, NAME, ORIGINAL)
+    await fs.operations.write(writer, 0, saved)
+    await shows(drive, NAME, ORIGINAL)  # written, not committed
+    await drive.close(writer)
+    await shows(drive, NAME, saved)
+    assert store.read(KEY).data == saved
+
+
+async def test_a_file_created_after_rm_is_empty_until_written(
+    fs: Filesystem, drive: Driver, store: SessionStore
+) -> None:
+    """`rm f.json; touch f.json`: the session is gone from the store, so the new file
+    stands in for nothing."""
+    await drive.listdir()
+    await drive.unlink(NAME)
+    writer = await drive.open(NAME, os.O_WRONLY | os.O_CREAT)
+    assert (await drive.lookup(NAME)).st_size == 0
+    assert await drive.read(NAME) == b""
+    await drive.close(writer)

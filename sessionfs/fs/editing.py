@@ -21,6 +21,7 @@ a mount.  The rules, in the order a user meets them:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import itertools
@@ -37,6 +38,7 @@ import trio
 from ..catalog import Backing
 from ..errors import (
     EntryExists,
+    EntryNotFound,
     InvalidEntry,
     InvalidKey,
     LockBusy,
@@ -163,6 +165,11 @@ class Editing:
         parent, key = node.parent, node.key
         assert parent is not None and key is not None
         if node.pending:
+            stand_in = None if writable else node.stands_in()
+            if stand_in is not None and stand_in.version is not None:
+                with contextlib.suppress(EntryNotFound):  # (removed meanwhile: empty)
+                    version, data = await self._committed_bytes(parent, key, stand_in.version)
+                    return self.new_handle(node, flags, data, version=version)
             return self.new_handle(
                 node,
                 flags,
@@ -179,18 +186,25 @@ class Editing:
         truncating = writable and bool(flags & os.O_TRUNC)
         version, data = seen.version, b""
         if not truncating:
-            cached = self.content.get((parent.ino, key), seen.version)
-            if cached is None:
-                snap = await self.index.read(parent, key)
-                self.content.put((parent.ino, key), snap.version, snap.data)
-                version, cached = snap.version, snap.data
-            data = cached
+            version, data = await self._committed_bytes(parent, key, seen.version)
         handle = self.new_handle(
             node, flags, data, version=version, key=key if writable else None, actor=actor
         )
         if truncating:
             handle.truncate_at_open()
         return handle
+
+    async def _committed_bytes(
+        self, parent: Dir, key: str, version: Version
+    ) -> tuple[Version, bytes]:
+        """The bytes of *key*'s committed *version* (from the cache), or of the one the
+        store holds now; EntryNotFound if it holds none."""
+        cached = self.content.get((parent.ino, key), version)
+        if cached is not None:
+            return version, cached
+        snap = await self.index.read(parent, key)
+        self.content.put((parent.ino, key), snap.version, snap.data)
+        return snap.version, snap.data
 
     async def create(
         self, parent: Dir, name: str, mode: int, flags: int, *, actor: Actor | None = None

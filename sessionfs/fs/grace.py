@@ -305,6 +305,8 @@ class GracePeriods:
             node = self.tree.known_session(parent, key)
             if node is not None and not node.pending:
                 self.kernel.forget_name(parent.ino, node.name)
+            elif node is not None:  # a new file still pending showed the version removed
+                self.kernel.forget_attributes(node.ino)
             log.info("removed session %s: renamed to %s and not written anew", where, backup)
             await self.backings.run(parent.agent_id, "archive", self._archiver(grace))
         else:

@@ -225,9 +225,20 @@ class File(Node):
         known = self.parent.known.get(self.key)
         return None if known is None or known.version is None else known
 
+    def stands_in(self) -> Known | None:
+        """While an editor saves a session it renamed to a backup (the store still holds
+        it there), the new file, pending until its close, shows that committed version:
+        a reader meanwhile gets the entry the gateway reads, not an empty file."""
+        if not self.pending or self.parent is None or self.key not in self.parent.away:
+            return None
+        known = self.parent.known.get(self.key)
+        return known if known is not None and known.version is not None else None
+
     def attributes(self, owner: Owner) -> pyfuse3.EntryAttributes:
         """What ``stat`` shows: a session's committed entry, never uncommitted bytes."""
-        seen = self.entry()
+        seen: Entry | None = self.entry()
+        if seen is None:
+            seen = self.stands_in()
         if seen is not None:
             return self.entry_attributes(owner, seen)
         nlink = 1 if self.linked else 0
