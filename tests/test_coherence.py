@@ -64,7 +64,8 @@ def _read_whole(path: Path) -> bytes:
 
 
 def test_readers_see_only_whole_committed_versions(mnt: Mount, state_dir: Path) -> None:
-    """An outside writer, a writer through the mount and two readers on one entry."""
+    """An outside writer, a writer through the mount, an editor saving as vim does and
+    two readers on one entry."""
     store_dir = state_dir / "agents/main/sessions/sessions.d"
     path = mnt.path / "main" / NAME
     versions = Versions(path.read_bytes())
@@ -80,23 +81,48 @@ def test_readers_see_only_whole_committed_versions(mnt: Mount, state_dir: Path) 
                 store.write(KEY, versions.add(_version("outside", n)), durable=False)
                 n += 1
 
+    # The two writers through the mount take turns: an O_TRUNC open racing the
+    # editor's rename may open the backup and truncate it, as on any filesystem
+    writing = threading.Lock()
+
     def through_mount() -> None:
         n = 0
         while time.monotonic() < stop:
             data = versions.add(_version("inside", n))
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-            try:
-                half = len(data) // 2
-                os.write(fd, data[:half])
-                os.write(fd, data[half:])
-            finally:
-                os.close(fd)
+            with writing:
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+                try:
+                    half = len(data) // 2
+                    os.write(fd, data[:half])
+                    os.write(fd, data[half:])
+                finally:
+                    os.close(fd)
             n += 1
+
+    def editor() -> None:
+        """vim's default save: the entry renamed to a backup, written anew, backup removed."""
+        backup = path.with_name(f"{NAME}~")
+        n = 0
+        while time.monotonic() < stop:
+            data = versions.add(_version("editor", n))
+            with writing:
+                os.rename(path, backup)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                os.unlink(backup)
+            n += 1
+            time.sleep(0.005)
 
     def reader() -> None:
         while time.monotonic() < stop:
-            size = os.stat(path).st_size
-            data = _read_whole(path)
+            try:
+                size = os.stat(path).st_size
+                data = _read_whole(path)
+            except FileNotFoundError:  # between the editor's rename and its create
+                continue
             reads[0] += 1
             with versions.lock:
                 if data not in versions.contents:
@@ -109,7 +135,8 @@ def test_readers_see_only_whole_committed_versions(mnt: Mount, state_dir: Path) 
                 elif size not in versions.sizes:
                     bad.append(f"stat said {size} bytes, the size of no committed version")
 
-    threads = [threading.Thread(target=fn) for fn in (outside, through_mount, reader, reader)]
+    participants = (outside, through_mount, editor, reader, reader)
+    threads = [threading.Thread(target=fn) for fn in participants]
     for thread in threads:
         thread.start()
     for thread in threads:

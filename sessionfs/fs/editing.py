@@ -579,6 +579,9 @@ class Editing:
             )
             source.origin_key, source.origin_version = key, snap.version
             self.graces.renamed_away(parent, key, snap, source)
+            # A backup is read through the page cache, which stops at the size the
+            # kernel holds: that of whichever version it last asked about
+            self.kernel.forget_attributes(source.ino)
             return
         source.pending = False
         self.tree.move(source, parent, new, None)
