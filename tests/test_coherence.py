@@ -114,7 +114,6 @@ def test_readers_see_only_whole_committed_versions(mnt: Mount, state_dir: Path) 
                     os.close(fd)
                 os.unlink(backup)
             n += 1
-            time.sleep(0.005)
 
     def reader() -> None:
         while time.monotonic() < stop:
