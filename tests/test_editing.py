@@ -1470,3 +1470,53 @@ async def test_a_file_created_after_rm_is_empty_until_written(
     assert (await drive.lookup(NAME)).st_size == 0
     assert await drive.read(NAME) == b""
     await drive.close(writer)
+
+
+async def test_an_outside_change_during_an_editor_save_reaches_the_kernel(
+    fs: Filesystem, drive: Driver, store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new file of an editor's save shows the stored version: when the gateway
+    changes it meanwhile, the kernel must ask for the new file's attributes again."""
+    kernel = KernelCalls(fs, monkeypatch)
+    await drive.listdir()
+    await drive.rename(NAME, f"{NAME}~")
+    writer = await drive.open(NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    ino = (await drive.lookup(NAME)).st_ino
+    newer = entry_bytes("outside", pad="x" * 700)
+    store.write(KEY, newer)
+    await settled(fs)
+    assert ino in kernel.inodes
+    await shows(drive, NAME, newer)
+    await fs.operations.release(writer)
+
+
+async def test_a_refused_replacement_tells_the_kernel_after_the_session_is_back(
+    fs: Filesystem,
+    drive: Driver,
+    store: SessionStore,
+    gates: Gates,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """install of a broken file: the unlink went through, the content is refused and the
+    session is written back.  A stat while it is written back sees the file as it was
+    then; the kernel must be told to ask again after, not before."""
+    kernel = KernelCalls(fs, monkeypatch)
+    await drive.listdir()
+    await drive.unlink(NAME)
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    await fs.operations.write(fh, 0, b"not json")
+    ino = (await drive.lookup(NAME)).st_ino
+    told_before: list[int] = []
+
+    async def refused_close() -> None:
+        with pytest.raises(pyfuse3.FUSEError):
+            await fs.operations.flush(fh)
+
+    async def stat_meanwhile() -> None:
+        await drive.lookup(NAME)
+        told_before.append(len(kernel.inodes))
+
+    await while_paused(gates, "after write", refused_close, stat_meanwhile)
+    assert ino in kernel.inodes[told_before[0] :]
+    await fs.operations.release(fh)
+    await shows(drive, NAME, ORIGINAL)

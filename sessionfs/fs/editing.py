@@ -426,19 +426,23 @@ class Editing:
         node = handle.node
         assert isinstance(node, File)
         handle.dirty = False  # reported once; the next change tries again
-        self.kernel.forget_attributes(node.ino)
         error = self.rejections.add(self._path(node), exc)
         parent, key = node.parent, node.key
-        if (
-            node.pending
-            and parent is not None
-            and key is not None
-            and await self.graces.undo(parent, key)
-        ):
-            known = parent.present(key)
-            if known is not None:
-                node.pending = False  # the session shows again, under this file's number
-                handle.version = known.version
+        try:
+            if (
+                node.pending
+                and parent is not None
+                and key is not None
+                and await self.graces.undo(parent, key)
+            ):
+                known = parent.present(key)
+                if known is not None:
+                    node.pending = False  # the session shows again, under this file's number
+                    handle.version = known.version
+        finally:
+            # last: a stat while the session was brought back would otherwise keep
+            # what it saw in between
+            self.kernel.forget_attributes(node.ino)
         return error
 
     async def _abandon(self, node: File) -> None:

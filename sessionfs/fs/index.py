@@ -327,8 +327,12 @@ class Index:
     def _tell_kernel(self, parent: Dir, key: str) -> None:
         self.outside_changes += 1
         node = self.tree.known_session(parent, key)
-        if node is None or node.pending:
-            return  # the kernel holds nothing of this key (or the mount's new file stands)
+        if node is None:
+            return  # the kernel holds nothing of this key
+        if node.pending:  # the mount's new file stands, showing the stored version if away
+            if key in parent.away:
+                self.kernel.forget_attributes(node.ino, outside=True)
+            return
         self.kernel.forget_attributes(node.ino, outside=True)
         if parent.present(key) is None:
             self.kernel.forget_name(parent.ino, node.name)
