@@ -226,21 +226,27 @@ class GracePeriods:
         if self.records.get(ident) is not grace or grace.finishing:
             return
         grace.finishing = True
+        ended = False
         try:
             deadline = trio.current_time() + self.lock_timeout
             async with self.backings.serialized(grace.parent.agent_id, (grace.key,), deadline):
                 if self.records.get(ident) is grace:  # not ended while this waited its turn
                     await self._finish(grace)
+            ended = True
         except Exception as exc:  # any store error: keep the session, report, go on
+            ended = True
             log.error(
                 "could not end the grace period of %s (%s); the session stays in the store",
                 user_path(grace.parent, grace.key),
                 exc,
             )
         finally:
-            if self.records.get(ident) is grace:
-                del self.records[ident]
-            self._drop(grace)
+            if ended:
+                if self.records.get(ident) is grace:
+                    del self.records[ident]
+                self._drop(grace)
+            else:  # cancelled (the mount ends): the record stays for keep_all()
+                grace.finishing = False
 
     async def expire(self, nursery: trio.Nursery | None = None) -> None:
         """End every grace period that is over (a new file still being written gets longer).
