@@ -1544,3 +1544,15 @@ async def test_a_grace_period_cut_short_by_the_unmount_is_left_to_keep_all(
         nursery.cancel_scope.cancel()  # the mount ends
     assert [grace.key for grace in fs.graces.records.values()] == [KEY]
     assert not any(grace.finishing for grace in fs.graces.records.values())
+
+
+@pytest.mark.parametrize("target", ["cron:Upper.json", "%zz.json"])
+async def test_a_rename_to_a_refused_name_answers_eperm(
+    fs: Filesystem, drive: Driver, target: str
+) -> None:
+    """A key the gateway would never look up, or a name that spells no key: mv reads
+    EINVAL from rename(2) as "cannot move ... to a subdirectory of itself"."""
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await drive.rename(NAME, target)
+    assert raised.value.errno == errno.EPERM
+    await shows(drive, NAME, ORIGINAL)

@@ -657,10 +657,6 @@ class Editing:
             where = user_path(parent, new)
             error = self.rejections.add(f"{where} (renamed from {source.name})", exc)
             await self.graces.undo(parent, key)  # `sed -i.bak` with a bad edit: it stays
-            if error.errno == errno.EINVAL:
-                # rename(2) callers read EINVAL as a directory moved into itself (`mv`:
-                # "cannot move ... to a subdirectory of itself")
-                error = pyfuse3.FUSEError(errno.EPERM)
             raise error from None
         origin = self.graces.of_backup(source)
         self.tree.move(source, parent, new, key, replaced_seen=replaced)

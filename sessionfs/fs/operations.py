@@ -345,13 +345,20 @@ class Operations(pyfuse3.Operations):
         parent = self._sessions_dir(parent_inode_old)
         if self._sessions_dir(parent_inode_new) is not parent:
             raise pyfuse3.FUSEError(errno.EXDEV)  # mv copies and unlinks instead
-        await self.editing.rename(
-            parent,
-            text(name_old),
-            text(name_new),
-            replace=not flags & pyfuse3.RENAME_NOREPLACE,
-            actor=Actor.of_process(ctx.pid, ctx.uid),
-        )
+        try:
+            await self.editing.rename(
+                parent,
+                text(name_old),
+                text(name_new),
+                replace=not flags & pyfuse3.RENAME_NOREPLACE,
+                actor=Actor.of_process(ctx.pid, ctx.uid),
+            )
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # a refused name or content: rename(2) callers read EINVAL as a directory
+            # moved into itself (`mv`: "cannot move ... to a subdirectory of itself")
+            raise pyfuse3.FUSEError(errno.EPERM) from None
 
 
 def _writer(flags: int, ctx: pyfuse3.RequestContext) -> Actor | None:
