@@ -1556,3 +1556,30 @@ async def test_a_rename_to_a_refused_name_answers_eperm(
         await drive.rename(NAME, target)
     assert raised.value.errno == errno.EPERM
     await shows(drive, NAME, ORIGINAL)
+
+
+async def test_a_stat_between_the_last_write_and_the_close_is_corrected(
+    fs: Filesystem, drive: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After write() the kernel asks for the attributes again by itself, so a commit
+    needs no invalidation; unless a stat came in between, whose answer (the committed
+    version then) the kernel keeps."""
+    kernel = KernelCalls(fs, monkeypatch)
+    await drive.listdir()
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    newer = entry_bytes("newer", pad="n" * 300)
+    await fs.operations.write(fh, 0, newer)
+    ino = (await drive.lookup(NAME)).st_ino  # still the committed version's size
+    await drive.close(fh)
+    assert ino in kernel.inodes
+    await shows(drive, NAME, newer)
+
+
+async def test_an_update_without_a_stat_needs_no_invalidation(
+    fs: Filesystem, drive: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = KernelCalls(fs, monkeypatch)
+    await drive.listdir()
+    await drive.lookup(NAME)
+    await drive.write(NAME, entry_bytes("newer"))
+    assert kernel.inodes == []

@@ -365,7 +365,9 @@ class Editing:
                 describe_version(opened),
                 describe_version(commit.replaced),
             )
-        kernel_refreshes = handle.kernel_refreshes
+        # The kernel asks for size and mtime again after a write() or an O_TRUNC open,
+        # unless it was given attributes since (a stat before the close)
+        kernel_refreshes = handle.kernel_refreshes and node.attributes_given_ns < handle.changed_ns
         handle.committed(commit.version)
         self._committed(parent, node, commit.version, data, kernel_refreshes=kernel_refreshes)
         if log.isEnabledFor(logging.DEBUG):  # (the path is not free to make)
