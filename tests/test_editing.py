@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -1583,3 +1584,73 @@ async def test_an_update_without_a_stat_needs_no_invalidation(
     await drive.lookup(NAME)
     await drive.write(NAME, entry_bytes("newer"))
     assert kernel.inodes == []
+
+
+async def test_a_stat_after_a_clock_step_back_is_still_corrected(
+    fs: Filesystem, drive: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock steps back (NTP) between the last write and a stat: the order of
+    the two is still known, so the commit still tells the kernel."""
+    kernel = KernelCalls(fs, monkeypatch)
+    await drive.listdir()
+    fh = await drive.open(NAME, os.O_WRONLY | os.O_TRUNC)
+    await fs.operations.write(fh, 0, entry_bytes("newer", pad="n" * 300))
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() - 10**9)
+    ino = (await drive.lookup(NAME)).st_ino
+    await drive.close(fh)
+    assert ino in kernel.inodes
+
+
+@pytest.mark.parametrize("ends", ["by a signal", "by fusermount"])
+async def test_an_unlinked_session_whose_end_waits_is_archived_at_unmount(
+    fs: Filesystem, drive: Driver, clock: Clock, ends: str
+) -> None:
+    """The mount ends (a signal stops every wait for a key with EBUSY first; fusermount
+    cancels) while an unlinked session's grace period waits for its key: the record
+    stays for keep_all(), which archives its transcripts."""
+    await drive.unlink(NAME)
+    held = trio.Event()
+
+    async def another_operation_on_the_key() -> None:
+        async with fs.editing.backings.serialized(None, (KEY,), trio.current_time() + 60):
+            held.set()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(another_operation_on_the_key)
+        await held.wait()
+        clock.now += 10
+        nursery.start_soon(fs.graces.run)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        if ends == "by a signal":
+            fs.stop()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        nursery.cancel_scope.cancel()
+    assert [grace.key for grace in fs.graces.records.values()] == [KEY]
+
+
+async def test_a_removal_cut_short_by_the_unmount_is_not_called_kept(
+    fs: Filesystem,
+    drive: Driver,
+    store: SessionStore,
+    gates: Gates,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The end of a renamed-away session's grace period removed it, and the unmount
+    cancelled the archive that follows: keep_all() archives, never says it kept it."""
+    await drive.listdir()
+    await drive.rename(NAME, f"{NAME}~")
+    gate = gates.arm("after remove")
+    async with trio.open_nursery() as nursery:
+        clock.now += 10
+        nursery.start_soon(fs.graces.run)
+        await trio.to_thread.run_sync(gate.reached.wait)
+        nursery.cancel_scope.cancel()
+        gate.go.set()
+    fs.stop()
+    with caplog.at_level(logging.INFO, logger="sessionfs"):
+        fs.graces.keep_all()
+    assert not store.exists(KEY)
+    assert "kept session" not in caplog.text

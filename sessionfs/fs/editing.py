@@ -367,7 +367,7 @@ class Editing:
             )
         # The kernel asks for size and mtime again after a write() or an O_TRUNC open,
         # unless it was given attributes since (a stat before the close)
-        kernel_refreshes = handle.kernel_refreshes and node.attributes_given_ns < handle.changed_ns
+        kernel_refreshes = handle.kernel_refreshes and node.attributes_given_ns < handle.changed_at
         handle.committed(commit.version)
         self._committed(parent, node, commit.version, data, kernel_refreshes=kernel_refreshes)
         if log.isEnabledFor(logging.DEBUG):  # (the path is not free to make)

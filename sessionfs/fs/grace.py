@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import trio
 
 from ..catalog import Backing
-from ..errors import EntryNotFound, describe_error
+from ..errors import EntryNotFound, LockBusy, describe_error
 from ..history import Actor
 from ..maintain import archive_transcripts_of
 from ..store import ABSENT, EntryChanged, SessionStore, Snapshot, Version
@@ -74,6 +74,7 @@ class Grace:
     # removed.  Read by the removal's worker thread, under the key's lock.
     claimed: bool = False
     finishing: bool = False
+    removed: bool = False  # its end removed the renamed-away session; only the archive is left
 
 
 class GracePeriods:
@@ -234,12 +235,14 @@ class GracePeriods:
                     await self._finish(grace)
             ended = True
         except Exception as exc:  # any store error: keep the session, report, go on
-            ended = True
-            log.error(
-                "could not end the grace period of %s (%s); the session stays in the store",
-                user_path(grace.parent, grace.key),
-                exc,
-            )
+            if not (isinstance(exc, LockBusy) and self.backings.stopping):
+                ended = True
+                log.error(
+                    "could not end the grace period of %s (%s); the session stays in the store",
+                    user_path(grace.parent, grace.key),
+                    exc,
+                )
+            # else the mount ends while this waited for the key: kept for keep_all()
         finally:
             if ended:
                 if self.records.get(ident) is grace:
@@ -302,7 +305,7 @@ class GracePeriods:
                 ),
                 deadline=trio.current_time() + self.lock_timeout,
             )
-            removed = True
+            removed = grace.removed = True
         except (EntryNotFound, EntryChanged):
             pass  # gone already, written anew, or changed behind the mount: not ours to remove
         self._drop(grace)
@@ -362,7 +365,7 @@ class GracePeriods:
         """The mount ends: sessions renamed away stay in the store (nothing is lost);
         the transcripts of unlinked ones, whose removal is final, are archived."""
         for grace in self.records.values():
-            if grace.backup is not None:
+            if grace.backup is not None and not grace.removed:
                 log.info(
                     "kept session %s: the mount ended within its grace period",
                     user_path(grace.parent, grace.key),

@@ -58,7 +58,8 @@ class Handle:
     kernel_refreshes: bool = True
     truncated_at_open: bool = False
     error: InvalidEntry | None = None  # sticky: e.g. the buffer outgrew the entry limit
-    changed_ns: int = 0
+    changed_ns: int = 0  # wall clock: a scratch file's mtime
+    changed_at: int = 0  # time.monotonic_ns() of the same change (compared, never shown)
     stream: TranscriptStream | None = None  # an open transcript (read in place)
     actor: Actor | None = None  # who opened it for writing: the audit names them
 
@@ -108,6 +109,7 @@ class Handle:
         self.dirty = True
         self.wrote = self.wrote or wrote
         self.changed_ns = time.time_ns()
+        self.changed_at = time.monotonic_ns()
         if isinstance(self.node, File) and self.shares_file_data:
             self.node.mtime_ns = self.node.ctime_ns = self.changed_ns
 
@@ -116,6 +118,7 @@ class Handle:
         self.data = bytearray()
         self.dirty = self.truncated_at_open = self.kernel_refreshes = True
         self.changed_ns = time.time_ns()
+        self.changed_at = time.monotonic_ns()
 
     def should_commit(self, *, final: bool) -> bool:
         """Whether a flush (or, with *final*, the release) commits this handle now.

@@ -199,8 +199,8 @@ class File(Node):
     # it came from, and the version it held then.
     origin_key: str | None = None
     origin_version: Version | None = None
-    # When attributes were last given to the kernel while the file was open (the
-    # kernel keeps them: a commit after that must tell it they went stale)
+    # When (time.monotonic_ns) attributes were last given to the kernel while the file
+    # was open (the kernel keeps them: a commit after that must tell it they went stale)
     attributes_given_ns: int = 0
 
     @property
@@ -245,7 +245,7 @@ class File(Node):
         if seen is not None:
             return self.entry_attributes(owner, seen)
         if self.open_handles:
-            self.attributes_given_ns = time.time_ns()
+            self.attributes_given_ns = time.monotonic_ns()
         nlink = 1 if self.linked else 0
         size = 0 if self.key is not None else len(self.data)
         return _attributes(
@@ -257,7 +257,7 @@ class File(Node):
         version = seen.version
         assert version is not None
         if self.open_handles:
-            self.attributes_given_ns = time.time_ns()
+            self.attributes_given_ns = time.monotonic_ns()
         return _attributes(
             owner,
             self.ino,
