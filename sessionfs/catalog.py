@@ -339,8 +339,14 @@ class Catalog:
                 if self.per_agent:
                     found = [{**line, "agent": agent_id} for line in found]
                 lines += found
-        newest = heapq.nlargest(RECENT_AUDIT_LINES, lines, key=lambda line: str(line["time"]))
-        return newest[::-1]
+        # lines of one time stamp (two agents' writes within its precision) keep the
+        # order they were read in, as an oldest-first list should
+        newest = heapq.nlargest(
+            RECENT_AUDIT_LINES,
+            enumerate(lines),
+            key=lambda item: (str(item[1]["time"]), item[0]),
+        )
+        return [line for _, line in reversed(newest)]
 
     def close(self) -> None:
         """At unmount: every store is retired (and closed once its last user leaves)."""

@@ -1523,30 +1523,6 @@ async def test_a_refused_replacement_tells_the_kernel_after_the_session_is_back(
     await shows(drive, NAME, ORIGINAL)
 
 
-async def test_a_grace_period_cut_short_by_the_unmount_is_left_to_keep_all(
-    fs: Filesystem, drive: Driver, clock: Clock
-) -> None:
-    """The mount ends while a grace period's end waits for its key: its record stays,
-    so keep_all() still archives the unlinked session's transcripts (and says so)."""
-    await drive.unlink(NAME)
-    held = trio.Event()
-
-    async def another_operation_on_the_key() -> None:
-        async with fs.editing.backings.serialized(None, (KEY,), trio.current_time() + 60):
-            held.set()
-            await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(another_operation_on_the_key)
-        await held.wait()
-        clock.now += 10
-        nursery.start_soon(fs.graces.run)
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-        nursery.cancel_scope.cancel()  # the mount ends
-    assert [grace.key for grace in fs.graces.records.values()] == [KEY]
-    assert not any(grace.finishing for grace in fs.graces.records.values())
-
-
 @pytest.mark.parametrize("target", ["cron:Upper.json", "%zz.json"])
 async def test_a_rename_to_a_refused_name_answers_eperm(
     fs: Filesystem, drive: Driver, target: str
@@ -1628,6 +1604,7 @@ async def test_an_unlinked_session_whose_end_waits_is_archived_at_unmount(
             await trio.testing.wait_all_tasks_blocked(cushion=0.05)
         nursery.cancel_scope.cancel()
     assert [grace.key for grace in fs.graces.records.values()] == [KEY]
+    assert not any(grace.finishing for grace in fs.graces.records.values())
 
 
 async def test_a_removal_cut_short_by_the_unmount_is_not_called_kept(

@@ -570,10 +570,16 @@ def test_a_partly_read_history_listing_leaves_no_nodes_behind(
         assert after - inodes < 1500  # not one per version (3000)
 
 
-def test_recent_audit_reads_files_without_opening_stores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("same_millisecond", [False, True])
+def test_recent_audit_reads_files_without_opening_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_millisecond: bool
+) -> None:
     """``.sessionfs/audit`` of a state dir: every agent's newest lines, each with its real
     agent (not one a line claims), never a store opened for it; lines whose time is not a
-    stamp are skipped (one could otherwise sort after every real line)."""
+    stamp are skipped (one could otherwise sort after every real line).  Two agents'
+    lines of one millisecond keep the order they were read in."""
+    if same_millisecond:
+        monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
     state = tmp_path / "state"
     for agent in ("a", "b"):
         (state / "agents" / agent / "sessions").mkdir(parents=True)
