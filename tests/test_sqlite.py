@@ -18,7 +18,7 @@ import pytest
 import zstandard
 
 from sessionfs import entry as entry_rules
-from sessionfs import sources
+from sessionfs import sources, sqlite_view
 from sessionfs.errors import SessionFSError
 from sessionfs.keys import key_to_display
 from sessionfs.migrate import migrate_source
@@ -435,3 +435,28 @@ def test_an_agents_directory_in_the_mount_is_a_source(mnt: Mount, sqlite_state: 
     assert keys == {
         n[: -len(".json")] for n in os.listdir(mnt.path / "main") if n.endswith(".json")
     }
+
+
+def test_stat_many_holds_a_chunk_of_rows_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher's full look stats every key of a store: holding every row's JSON at
+    once (~50 MB for 10,000 sessions) raised the daemon's resident memory for good."""
+    count = 2 * sqlite_view.STAT_ROWS_AT_ONCE + 7
+    sessions = {f"agent:main:s{i}": {"sessionId": f"s{i}", "updatedAt": i} for i in range(count)}
+    build_sqlite_state(tmp_path / "s", {"main": sessions})
+    view = SqliteView(database_of(tmp_path / "s", "main"))
+    held: list[int] = []
+    rows = view._rows
+
+    def counting(keys: list[str]) -> list[tuple[str, str, int]]:
+        found = rows(keys)
+        held.append(len(found))
+        return found
+
+    monkeypatch.setattr(view, "_rows", counting)
+    keys = [*sorted(sessions), "agent:main:missing"]
+    stats = view.stat_many(keys)
+    assert [st is not None for st in stats] == [True] * count + [False]
+    assert max(held) <= sqlite_view.STAT_ROWS_AT_ONCE
+    view.close()
