@@ -223,10 +223,14 @@ class GracePeriods:
         A failure is logged and leaves the session in the store: a background
         task must never end the mount, and keeping is the safe side.
         """
-        ident = (grace.parent.ino, grace.key)
-        if self.records.get(ident) is not grace or grace.finishing:
+        if self.records.get((grace.parent.ino, grace.key)) is not grace or grace.finishing:
             return
         grace.finishing = True
+        await self._end(grace)
+
+    async def _end(self, grace: Grace) -> None:
+        """The body of :meth:`conclude`, for a *grace* its caller marked ``finishing``."""
+        ident = (grace.parent.ino, grace.key)
         ended = False
         try:
             deadline = trio.current_time() + self.lock_timeout
@@ -269,14 +273,15 @@ class GracePeriods:
             if nursery is None:
                 await self.conclude(grace)
             else:
-                grace.finishing = True  # (the next look for due ones skips it at once)
-                nursery.start_soon(self._conclude_guarded, grace)
+                grace.finishing = True  # its task ends it; nobody else starts to meanwhile
+                nursery.start_soon(self._end_in_task, grace)
 
-    async def _conclude_guarded(self, grace: Grace) -> None:
-        grace.finishing = False  # conclude() marks it again, as the one ending it
+    async def _end_in_task(self, grace: Grace) -> None:
+        if self.records.get((grace.parent.ino, grace.key)) is not grace:
+            return  # ended before the task ran (a new record of the key is not this one's)
         try:
-            await self.conclude(grace)
-        except Exception:  # never expected (conclude guards its store calls)
+            await self._end(grace)
+        except Exception:  # never expected (_end guards its store calls)
             log.exception("internal error while ending a grace period")
 
     async def _finish(self, grace: Grace) -> None:

@@ -327,14 +327,11 @@ class Index:
     def _tell_kernel(self, parent: Dir, key: str) -> None:
         self.outside_changes += 1
         node = self.tree.known_session(parent, key)
-        if node is None:
-            return  # the kernel holds nothing of this key
-        if node.pending:  # the mount's new file stands, showing the stored version if away
-            if key in parent.away:
-                self.kernel.forget_attributes(node.ino, outside=True)
-            return
+        if node is None or (node.pending and key not in parent.away):
+            return  # the kernel holds nothing of this key (or the mount's new file stands)
+        # (a pending file of an editor's save shows the stored version: File.stands_in)
         self.kernel.forget_attributes(node.ino, outside=True)
-        if parent.present(key) is None:
+        if not node.pending and parent.present(key) is None:
             self.kernel.forget_name(parent.ino, node.name)
 
     # -- knowledge from the disk ---------------------------------------------

@@ -228,6 +228,11 @@ class File(Node):
         known = self.parent.known.get(self.key)
         return None if known is None or known.version is None else known
 
+    def _given_to_kernel(self) -> None:
+        """These attributes go to the kernel, which keeps them (see attributes_given_ns)."""
+        if self.open_handles:
+            self.attributes_given_ns = time.monotonic_ns()
+
     def stands_in(self) -> Known | None:
         """While an editor saves a session it renamed to a backup (the store still holds
         it there), the new file, pending until its close, shows that committed version:
@@ -244,8 +249,7 @@ class File(Node):
             seen = self.stands_in()
         if seen is not None:
             return self.entry_attributes(owner, seen)
-        if self.open_handles:
-            self.attributes_given_ns = time.monotonic_ns()
+        self._given_to_kernel()
         nlink = 1 if self.linked else 0
         size = 0 if self.key is not None else len(self.data)
         return _attributes(
@@ -256,8 +260,7 @@ class File(Node):
         """The attributes of a session whose committed entry is *seen*."""
         version = seen.version
         assert version is not None
-        if self.open_handles:
-            self.attributes_given_ns = time.monotonic_ns()
+        self._given_to_kernel()
         return _attributes(
             owner,
             self.ino,
